@@ -1,0 +1,44 @@
+"""vLLM plugin entry point (`vllm.general_plugins`).
+
+vLLM calls `register()` in every process it starts (API server, engine core, workers), so it
+must be cheap and idempotent: it records the lazy `"module:Class"` path of our model class for
+the architectures that the Qwen2.5-Omni checkpoints declare, and lets our loggers print the way
+vLLM's do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# Both names appear in published Qwen2.5-Omni configs (`architectures`).
+ARCHITECTURES = ("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration")
+MODEL_CLASS = "omni_vllm.thinker:OmniThinkerForConditionalGeneration"
+
+
+def _configure_logging() -> None:
+    """Print `omni_vllm.*` logs the way vLLM prints its own.
+
+    vLLM's logging config covers only the `vllm` logger tree; ours would otherwise fall through
+    to Python's last-resort handler, which drops INFO.
+    """
+    from vllm import envs
+    from vllm.logging_utils import NewLineFormatter
+
+    ours = logging.getLogger("omni_vllm")
+    if ours.handlers or not envs.VLLM_CONFIGURE_LOGGING:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        NewLineFormatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", datefmt="%m-%d %H:%M:%S")
+    )
+    ours.addHandler(handler)
+    ours.setLevel(envs.VLLM_LOGGING_LEVEL)
+    ours.propagate = False
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    _configure_logging()
+    for arch in ARCHITECTURES:
+        ModelRegistry.register_model(arch, MODEL_CLASS)
