@@ -1,0 +1,24 @@
+"""Shared fixtures: one tiny random-weight Qwen2.5-Omni checkpoint per test session.
+
+Threads are pinned so that fp32 results are reproducible run to run, and vLLM engines started by
+tests run in-process (no EngineCore subprocess) unless a test starts a server on purpose.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tmp_path_factory):
+    """A full tiny Qwen2.5-Omni checkpoint (thinker, talker, token2wav, spk_dict.pt)."""
+    from omni_vllm.testing.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-omni", seed=0)
