@@ -1,0 +1,329 @@
+"""Batched Token2Wav: Qwen2.5-Omni codec codes -> 24 kHz waveform, many requests per call.
+
+The networks are transformers' own (`Qwen2_5OmniToken2WavModel`: the DiT flow-matching mel
+generator and the BigVGAN vocoder), built from the checkpoint's `token2wav_config` and loaded with
+the checkpoint's `token2wav.*` tensors unchanged. transformers decodes one request at a time (one
+voice, one length per call, noise drawn inside). What this module adds is batching:
+
+* DiT: requests of different lengths are right-padded into one batch. The only op that mixes time
+  steps is the block attention, whose mask the reference derives from `block_diff` (block index
+  of key minus block index of query, blocks of `block_size` mel frames counted from position 0).
+  Right padding keeps every real frame's block index; we hand the reference decoder layers a
+  `block_diff` in which (real query, padded key) pairs are pushed out of every layer's
+  look-back/look-ahead window, so real rows never see padding (padded rows still see themselves,
+  so no attention row is empty). Everything else is per frame. The speaker encoder (ECAPA) reads
+  only the voice's `ref_mel`, so it is run once per voice and cached instead of once per ODE
+  evaluation; this also lets voices with different `ref_mel` lengths share a batch.
+* BigVGAN: padding alone cannot be exact there: every conv zero-pads and every anti-aliased
+  activation replicate-pads its *own intermediate activations* at the sequence end, and no choice
+  of input padding reproduces those intermediates. Forward pre-hooks on those modules therefore
+  re-impose each row's boundary (zeros beyond the row's length before a conv, the row's last value
+  beyond it before a resampler), which makes the padded batch compute exactly what a lone
+  request computes. The vocoder's own code runs unchanged.
+
+Sampling is the reference's: `num_steps=10` time points (9 RK4 steps) on the cosine-warped
+("sway") schedule, classifier-free guidance 0.5, transformers' `RungeKutta4ODESolver`.
+
+Initial noise is injectable per request (a tensor, a `torch.Generator`, an int seed, or None for
+the global RNG). The reference draws `torch.randn([1, 2 * num_codes, mel_dim])` on the codes'
+device as its first random call, so `noise=seed` here equals `torch.manual_seed(seed)` right
+before the reference call (CPU; on CUDA the default CUDA generator likewise).
+
+Sliding-window streaming can reuse `code2mel` on windows of codes (left context + look-ahead,
+aligned to `block_size / repeats` codes) with the matching slice of a per-request noise tensor,
+then `mel2wav` on the kept mel frames plus vocoder context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_PREFIX = "token2wav."
+SAMPLE_RATE = 24000
+
+NoiseSpec = torch.Tensor | torch.Generator | int | None
+
+
+def load_token2wav_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's `token2wav.*` tensors, prefix stripped, read from only the shards holding them."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for name, f in weight_map.items() if name.startswith(WEIGHT_PREFIX)})
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        with safe_open(str(model_dir / name), framework="pt", device="cpu") as fh:
+            for key in fh.keys():
+                if key.startswith(WEIGHT_PREFIX):
+                    state[key[len(WEIGHT_PREFIX) :]] = fh.get_tensor(key)
+    if not state:
+        raise ValueError(f"{model_dir} holds no {WEIGHT_PREFIX}* weights (a thinker-only checkpoint?)")
+    return state
+
+
+@dataclass
+class _Voice:
+    """Per-voice DiT inputs that never change: `cond`, and the speaker encoder's outputs for
+    `ref_mel` (conditional branch) and for zeros (the guidance's unconditional branch)."""
+
+    cond: torch.Tensor  # (enc_emb_dim,)
+    ref_enc: torch.Tensor  # (enc_dim,)
+    null_enc: torch.Tensor  # (enc_dim,)
+
+
+class Token2Wav:
+    """Qwen2.5-Omni Token2Wav (DiT + BigVGAN) decoding many requests of different lengths at once."""
+
+    def __init__(self, config, state_dict: dict[str, torch.Tensor], speakers: dict, device="cpu"):
+        """`config`: a `Qwen2_5OmniToken2WavConfig`; `state_dict`: its weights without the
+        `token2wav.` prefix; `speakers`: the `spk_dict.pt` table. Always float32 (as the reference)."""
+        from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
+
+        self._ref = ref
+        self.model = ref.Qwen2_5OmniToken2WavModel(config)
+        self.model.load_state_dict(state_dict, strict=True)
+        self.model.float().eval().to(device)
+        self.dit = self.model.code2wav_dit_model
+        self.bigvgan = self.model.code2wav_bigvgan_model
+        self.device = torch.device(device)
+        self.mel_dim = self.dit.mel_dim
+        self.repeats = self.dit.repeats  # mel frames per code
+        self.block_size = self.dit.block_size  # attention block, in mel frames
+        self.hop = 1
+        for rate in self.bigvgan.config.upsample_rates:
+            self.hop *= rate  # waveform samples per mel frame (240)
+
+        self._voices = {}
+        with torch.no_grad():
+            for name, spk in speakers.items():
+                ref_mel = spk["ref_mel"].to(self.device, torch.float32).reshape(1, -1, self.mel_dim)
+                encoder = self.dit.input_embed.spk_encoder
+                self._voices[name] = _Voice(
+                    cond=spk["cond"].to(self.device, torch.float32).reshape(-1),
+                    ref_enc=encoder(ref_mel)[0],
+                    null_enc=encoder(torch.zeros_like(ref_mel))[0],
+                )
+
+        # BigVGAN boundary hooks (see module docstring); active only during a padded call.
+        self._frames: torch.Tensor | None = None  # mel frames per row of the padded batch
+        self._exact_padding = True
+        zero = (nn.Conv1d, nn.ConvTranspose1d)
+        replicate = (ref.Qwen2_5OmniUpSample1d, ref.Qwen2_5OmniDownSample1d)
+        pointwise = (ref.Qwen2_5OmniSnakeBeta,)
+        for module in self.bigvgan.modules():
+            if isinstance(module, zero):
+                module.register_forward_pre_hook(self._zero_tail)
+            elif isinstance(module, replicate):
+                module.register_forward_pre_hook(self._replicate_tail)
+            elif not list(module.children()) and not isinstance(module, pointwise):
+                self._exact_padding = False  # unknown leaf: fall back to one call per length
+        if not self._exact_padding:
+            logger.warning("Unknown BigVGAN layer type: vocoding one batch per distinct length.")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device="cpu") -> Token2Wav:
+        """Load from a Qwen2.5-Omni checkpoint directory (config.json, safetensors, spk_dict.pt)."""
+        from transformers import Qwen2_5OmniConfig
+
+        model_dir = Path(model_dir)
+        config = Qwen2_5OmniConfig.from_pretrained(model_dir).token2wav_config
+        speakers = torch.load(model_dir / "spk_dict.pt", map_location="cpu", weights_only=True)
+        return cls(config, load_token2wav_state_dict(model_dir), speakers, device=device)
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self._voices)
+
+    def _voice(self, name: str) -> _Voice:
+        if name not in self._voices:
+            raise ValueError(f"Unknown voice {name!r}; available voices: {', '.join(self.voices)}")
+        return self._voices[name]
+
+    def noise(self, num_codes: int, noise: NoiseSpec = None) -> torch.Tensor:
+        """Initial ODE state (1, repeats * num_codes, mel_dim) for one request, drawn exactly as the
+        reference draws it, or the given tensor checked and moved to the device."""
+        shape = (1, num_codes * self.repeats, self.mel_dim)
+        if isinstance(noise, torch.Tensor):
+            if noise.numel() != shape[1] * shape[2]:
+                raise ValueError(f"noise for {num_codes} codes must have shape {shape}, got {tuple(noise.shape)}")
+            return noise.to(self.device, torch.float32).reshape(shape)
+        if isinstance(noise, int):
+            noise = torch.Generator(device=self.device).manual_seed(noise)
+        if isinstance(noise, torch.Generator):
+            return torch.randn(shape, generator=noise, device=noise.device).to(self.device)
+        return torch.randn(shape, device=self.device)
+
+    # ----------------------------------------------------------------------------------- DiT
+
+    def _block_diff(self, frames: torch.Tensor, length: int) -> torch.Tensor:
+        """The reference's block_diff, with (real query, padded key) pairs out of every window."""
+        pos = torch.arange(length, device=self.device)
+        block = (pos // self.block_size).to(torch.int16)  # |diff| <= max_position_embeddings / block_size
+        diff = (block[None, :] - block[:, None]).expand(len(frames), length, length)
+        valid = pos[None, :] < frames[:, None]  # (B, T)
+        hide = valid[:, :, None] & ~valid[:, None, :]
+        beyond = 1 + max(layer.look_ahead_block for layer in self.dit.transformer_blocks)
+        # (B, 1, T, T): the layers' masks broadcast over heads instead of materialising them.
+        return diff.masked_fill(hide, beyond)[:, None]
+
+    @torch.no_grad()
+    def code2mel(
+        self,
+        codes: Sequence[torch.Tensor | Sequence[int]],
+        voices: Sequence[str],
+        noise: Sequence[NoiseSpec] | None = None,
+        *,
+        num_steps: int = 10,
+        guidance_scale: float = 0.5,
+        sway_coefficient: float | None = -1.0,
+    ) -> list[torch.Tensor]:
+        """Mel spectrograms (mel_dim, repeats * len(codes[i])), one batched flow-matching solve.
+
+        Defaults are the reference's: 10 time points (9 RK4 steps), guidance 0.5, sway -1."""
+        if len(voices) != len(codes) or (noise is not None and len(noise) != len(codes)):
+            raise ValueError("codes, voices and noise must have one entry per request")
+        batch = len(codes)
+        spk = [self._voice(v) for v in voices]
+        codes = [torch.as_tensor(c, device=self.device).reshape(-1).long() for c in codes]
+        if any(len(c) == 0 for c in codes):
+            raise ValueError("every request needs at least one code")
+        frames = [len(c) * self.repeats for c in codes]
+        length = max(frames)
+        if length > self.dit.config.max_position_embeddings:
+            raise ValueError(
+                f"Requested mel length ({length}) exceeds dit max_position_embeddings "
+                f"({self.dit.config.max_position_embeddings})"
+            )
+        all_codes = torch.cat(codes)
+        if all_codes.min() < 0 or all_codes.max() >= self.dit.text_embed.codec_embed.num_embeddings:
+            raise ValueError("codec code out of range of the DiT codec embedding")
+
+        code_pad = torch.zeros(batch, length // self.repeats, dtype=torch.long, device=self.device)
+        x0 = torch.zeros(batch, length, self.mel_dim, device=self.device)
+        for i, c in enumerate(codes):
+            code_pad[i, : len(c)] = c
+            x0[i, : frames[i]] = self.noise(len(c), None if noise is None else noise[i])[0]
+        frames_t = torch.tensor(frames, device=self.device)
+
+        # Everything but the ODE state is fixed over the solve: build it once. Rows are
+        # [conditional; unconditional] as in the reference's `DiTInputEmbedding` (apply_cfg=True).
+        cfg = guidance_scale >= 1e-5
+        cond = torch.stack([s.cond for s in spk])
+        ref_enc = torch.stack([s.ref_enc for s in spk])
+        code_embed = self.dit.text_embed(code_pad)
+        if cfg:
+            cond = torch.cat([cond, torch.zeros_like(cond)])
+            ref_enc = torch.cat([ref_enc, torch.stack([s.null_enc for s in spk])])
+            code_embed = torch.cat([code_embed, self.dit.text_embed(code_pad, drop_code=True)])
+            frames_t = torch.cat([frames_t, frames_t])
+        rows = len(frames_t)
+        static = torch.cat(
+            (
+                ref_enc[:, None].expand(-1, length, -1),
+                code_embed,
+                cond[:, None].expand(-1, length, -1),
+            ),
+            dim=-1,
+        )
+        position_ids = torch.arange(length, device=self.device)[None].expand(rows, -1)
+        position_embeddings = self.dit.rotary_embed(static, position_ids)
+        block_diff = self._block_diff(frames_t, length)
+
+        def velocity(time_step, x):
+            """The reference's DiT forward (minus the cached speaker encoder) plus guidance."""
+            hidden = torch.cat([x, x]) if cfg else x
+            hidden = self.dit.input_embed.proj(torch.cat((hidden, static), dim=-1))
+            time_embedding = self.dit.time_embed(time_step.repeat(rows))
+            for layer in self.dit.transformer_blocks:
+                hidden = layer(
+                    hidden, time_embedding, position_embeddings=position_embeddings, block_diff=block_diff
+                )
+            out = self.dit.proj_out(self.dit.norm_out(hidden, time_embedding))
+            if not cfg:
+                return out
+            guided, null = torch.chunk(out, 2, dim=0)
+            return guided + (guided - null) * guidance_scale
+
+        time_points = torch.linspace(0, 1, num_steps, device=self.device, dtype=torch.float32)
+        if sway_coefficient is not None:
+            time_points += sway_coefficient * (torch.cos(torch.pi / 2 * time_points) - 1 + time_points)
+        solver = self._ref.RungeKutta4ODESolver(function=velocity, initial_value=x0)
+        mel = solver.integrate(time_points)[-1]  # (B, T, mel_dim)
+        return [mel[i, : frames[i]].T.contiguous() for i in range(batch)]
+
+    # ------------------------------------------------------------------------------- BigVGAN
+
+    def _tail(self, x: torch.Tensor):
+        """(keep mask, per-row length) at this layer's time resolution, or None if not padded."""
+        if self._frames is None:
+            return None
+        scale, rest = divmod(x.shape[-1], self._max_frames)
+        assert rest == 0, "BigVGAN layer length is not a multiple of the mel length"
+        lengths = self._frames * scale
+        keep = torch.arange(x.shape[-1], device=x.device)[None, None, :] < lengths[:, None, None]
+        return keep, lengths
+
+    def _zero_tail(self, module, args):
+        tail = self._tail(args[0])
+        if tail is not None:
+            return (torch.where(tail[0], args[0], 0.0), *args[1:])
+
+    def _replicate_tail(self, module, args):
+        tail = self._tail(args[0])
+        if tail is not None:
+            x = args[0]
+            index = (tail[1] - 1)[:, None, None].expand(-1, x.shape[1], 1)
+            return (torch.where(tail[0], x, x.gather(-1, index)), *args[1:])
+
+    @torch.no_grad()
+    def mel2wav(self, mels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Float32 waveforms (hop * frames_i,) at 24 kHz, one batched BigVGAN call; returned on the
+        CPU (transformers' vocoder moves its output there)."""
+        frames = [m.shape[-1] for m in mels]
+        if not self._exact_padding and len(set(frames)) > 1:
+            out = [None] * len(mels)
+            for n in sorted(set(frames)):
+                idx = [i for i, f in enumerate(frames) if f == n]
+                for i, wav in zip(idx, self.mel2wav([mels[i] for i in idx])):
+                    out[i] = wav
+            return out
+        length = max(frames)
+        batch = torch.zeros(len(mels), self.mel_dim, length, device=self.device)
+        for i, m in enumerate(mels):
+            batch[i, :, : frames[i]] = m.reshape(self.mel_dim, -1)
+        padded = len(set(frames)) > 1
+        if padded:
+            self._frames = torch.tensor(frames, device=self.device)
+            self._max_frames = length
+        try:
+            wav = self.bigvgan(batch).reshape(len(mels), -1)
+        finally:
+            self._frames = None
+        return [wav[i, : frames[i] * self.hop].float() for i in range(len(mels))]
+
+    @torch.no_grad()
+    def decode(
+        self,
+        codes: Sequence[torch.Tensor | Sequence[int]],
+        voices: Sequence[str],
+        noise: Sequence[NoiseSpec] | None = None,
+        **sampling,
+    ) -> list[torch.Tensor]:
+        """Codes -> waveforms for a batch of requests (`code2mel` then `mel2wav`)."""
+        return self.mel2wav(self.code2mel(codes, voices, noise, **sampling))
+
+    __call__ = decode
