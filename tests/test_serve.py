@@ -1,0 +1,133 @@
+"""`python -m api.serve` end to end: a real server process driven with the `openai` SDK."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from api.serve import vllm_args
+
+ROOT = Path(__file__).resolve().parents[1]
+HEALTH_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(log: Path, n: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    cmd = [sys.executable, "-m", "api.serve", str(tiny_checkpoint_dir), "--port", str(port),
+           "--max-model-len", "2048", "--enforce-eager", "--kv-cache-memory-bytes", str(2**28),
+           "--dtype", "float32", "--served-model-name", "tiny-omni"]
+    # Serve the way users do: conftest makes test engines in-process, a server keeps its own processes.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        t0, deadline = time.monotonic(), time.monotonic() + HEALTH_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {HEALTH_TIMEOUT_S} s:\n{_tail(log)}")
+            time.sleep(0.5)
+        print(f"server healthy after {time.monotonic() - t0:.1f} s")
+        yield {"base_url": f"http://127.0.0.1:{port}/v1", "log": log, "model": "tiny-omni"}
+    finally:
+        # SIGTERM the API server (it stops its engine processes), then kill whatever is left of the group.
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base_url"], api_key="unused", timeout=120)
+
+
+MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
+
+
+def test_models_list(client, server):
+    assert server["model"] in [m.id for m in client.models.list().data]
+
+
+def test_chat_completion(client, server):
+    resp = client.chat.completions.create(model=server["model"], messages=MESSAGES, max_tokens=8,
+                                          temperature=0)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert resp.usage.prompt_tokens > 0
+    assert 0 < resp.usage.completion_tokens <= 8
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_chat_completion_stream(client, server):
+    stream = client.chat.completions.create(model=server["model"], messages=MESSAGES, max_tokens=8,
+                                            temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 2 and text
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_our_model_class_served(server):
+    log = server["log"].read_text(errors="replace")
+    assert "omni-vllm thinker:" in log, _tail(server["log"])
+    assert "vLLM API server args:" in log  # the request went through our wrapper
+
+
+def test_args_defaults_and_overrides(tmp_path):
+    """Defaults are added only where the user gave no flag; the demo gets its extra defaults."""
+    env_kv = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    try:
+        assert vllm_args(["Qwen/Qwen2.5-Omni-7B"], cpu=True) == [
+            "--model", "Qwen/Qwen2.5-Omni-7B", "--host", "127.0.0.1", "--port", "8000",
+            "--kv-cache-memory-bytes", str(4 * 2**30)]
+        assert vllm_args(["m", "--port=9000", "--host", "0.0.0.0", "--kv_cache_memory_bytes", "5"],
+                         cpu=True) == ["--model", "m", "--port=9000", "--host", "0.0.0.0",
+                                       "--kv_cache_memory_bytes", "5"]
+        assert vllm_args(["m"], cpu=False) == ["--model", "m", "--host", "127.0.0.1", "--port", "8000"]
+        demo = vllm_args(["--port", "1234", "--no-enforce-eager"], cpu=True, demo_dir=tmp_path)
+        assert demo == ["--model", str(tmp_path), "--port", "1234", "--no-enforce-eager",
+                        "--host", "127.0.0.1", "--kv-cache-memory-bytes", str(2**28),
+                        "--max-model-len", "2048", "--dtype", "float32"]
+        assert vllm_args([], cpu=True, demo_dir=tmp_path)[-1] == "--enforce-eager"
+        assert vllm_args(["--model", "m"], cpu=False)[:2] == ["--model", "m"]
+    finally:
+        if env_kv is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = env_kv
