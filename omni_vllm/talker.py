@@ -40,7 +40,6 @@ aborts one early.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,9 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniTalkerForConditionalGeneration,
 )
 
-__all__ = ["Talker", "TalkerSampling", "TalkerOutput", "load_checkpoint_tensors"]
+from omni_vllm.checkpoint import load_embedding_rows, load_prefixed
+
+__all__ = ["Talker", "TalkerSampling", "TalkerOutput"]
 
 
 @dataclass(frozen=True)
@@ -105,49 +106,6 @@ class _Request:
     thinker_done: bool = False
     last_code: int | None = None
     num_codes: int = 0
-
-
-def _safetensors_files(model_dir: Path) -> dict[str, Path]:
-    """Map tensor name -> file, for single-file and sharded checkpoints."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / fname for name, fname in weight_map.items()}
-    from safetensors import safe_open
-
-    single = model_dir / "model.safetensors"
-    with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def load_checkpoint_tensors(model_dir: str | Path, token_ids: list[int]):
-    """Read the `talker.*` tensors (prefix stripped) and the given rows of the thinker's token
-    embedding (only those rows are read, not the whole table)."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    files = _safetensors_files(model_dir)
-    embed_name = "thinker.model.embed_tokens.weight"
-    if embed_name not in files:
-        raise ValueError(f"{model_dir}: no {embed_name} in the checkpoint")
-    by_file: dict[Path, list[str]] = {}
-    for name, path in files.items():
-        if name.startswith("talker.") or name == embed_name:
-            by_file.setdefault(path, []).append(name)
-    talker: dict[str, torch.Tensor] = {}
-    rows: dict[int, torch.Tensor] = {}
-    for path, names in by_file.items():
-        with safe_open(str(path), "pt") as f:
-            for name in names:
-                if name == embed_name:
-                    table = f.get_slice(name)
-                    for tid in token_ids:
-                        rows[tid] = table[tid : tid + 1][0]
-                else:
-                    talker[name[len("talker.") :]] = f.get_tensor(name)
-    if not talker:
-        raise ValueError(f"{model_dir}: the checkpoint has no talker.* tensors (text-only export?)")
-    return talker, rows
 
 
 class _SlotCache:
@@ -233,7 +191,8 @@ class Talker:
         voices = {name: int(params["bos_token"]) for name, params in speakers.items()}
         tc = config.talker_config
         token_ids = sorted({*voices.values(), tc.tts_text_end_token_id, tc.tts_text_pad_token_id})
-        talker_state, rows = load_checkpoint_tensors(model_dir, token_ids)
+        talker_state = load_prefixed(model_dir, "talker.")
+        rows = load_embedding_rows(model_dir, token_ids)
         return cls(config, talker_state, rows, voices, **kwargs)
 
     # ------------------------------------------------------------------ requests

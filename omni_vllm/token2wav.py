@@ -36,7 +36,6 @@ then `mel2wav` on the kept mel frames plus vocoder context.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,34 +44,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni_vllm.checkpoint import load_prefixed
+
 logger = logging.getLogger(__name__)
 
-WEIGHT_PREFIX = "token2wav."
 SAMPLE_RATE = 24000
 
 NoiseSpec = torch.Tensor | torch.Generator | int | None
-
-
-def load_token2wav_state_dict(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's `token2wav.*` tensors, prefix stripped, read from only the shards holding them."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({f for name, f in weight_map.items() if name.startswith(WEIGHT_PREFIX)})
-    else:
-        files = ["model.safetensors"]
-    state = {}
-    for name in files:
-        with safe_open(str(model_dir / name), framework="pt", device="cpu") as fh:
-            for key in fh.keys():
-                if key.startswith(WEIGHT_PREFIX):
-                    state[key[len(WEIGHT_PREFIX) :]] = fh.get_tensor(key)
-    if not state:
-        raise ValueError(f"{model_dir} holds no {WEIGHT_PREFIX}* weights (a thinker-only checkpoint?)")
-    return state
 
 
 @dataclass
@@ -142,7 +120,7 @@ class Token2Wav:
         model_dir = Path(model_dir)
         config = Qwen2_5OmniConfig.from_pretrained(model_dir).token2wav_config
         speakers = torch.load(model_dir / "spk_dict.pt", map_location="cpu", weights_only=True)
-        return cls(config, load_token2wav_state_dict(model_dir), speakers, device=device)
+        return cls(config, load_prefixed(model_dir, "token2wav."), speakers, device=device)
 
     @property
     def voices(self) -> list[str]:

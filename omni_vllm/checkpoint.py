@@ -1,0 +1,62 @@
+"""Reading the speech path's tensors straight from a Hugging Face Qwen2.5-Omni checkpoint.
+
+vLLM loads `thinker.*`; the talker and Token2Wav live outside vLLM and read their own tensors
+(`talker.*`, `token2wav.*`, a few rows of the thinker's token embedding) from the same files,
+under the checkpoint's own names, reading only the shards that hold them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+THINKER_EMBEDDING = "thinker.model.embed_tokens.weight"
+
+
+def tensor_files(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for single-file and sharded checkpoints."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / fname for name, fname in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    with safe_open(str(single), "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_prefixed(model_dir: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """All tensors named `prefix*`, with the prefix stripped. Raises if there are none."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, path in tensor_files(model_dir).items():
+        if name.startswith(prefix):
+            by_file.setdefault(path, []).append(name)
+    if not by_file:
+        raise ValueError(
+            f"{model_dir} holds no {prefix}* weights: a checkpoint without the speech modules "
+            "(thinker only) cannot produce audio"
+        )
+    state = {}
+    for path, names in by_file.items():
+        with safe_open(str(path), "pt") as f:
+            for name in names:
+                state[name[len(prefix) :]] = f.get_tensor(name)
+    return state
+
+
+def load_embedding_rows(model_dir: str | Path, token_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Rows of the thinker's token embedding, read without loading the whole table."""
+    from safetensors import safe_open
+
+    path = tensor_files(model_dir).get(THINKER_EMBEDDING)
+    if path is None:
+        raise ValueError(f"{model_dir}: no {THINKER_EMBEDDING} in the checkpoint")
+    with safe_open(str(path), "pt") as f:
+        table = f.get_slice(THINKER_EMBEDDING)
+        return {tid: table[tid : tid + 1][0] for tid in token_ids}
