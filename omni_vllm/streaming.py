@@ -1,0 +1,490 @@
+"""Sliding-window (streaming) Token2Wav, batched across requests.
+
+A request's codec codes arrive a few at a time from the talker. Its audio is cut into *chunks* of
+codes at fixed boundaries ``0, first_chunk, first_chunk + chunk, ...``. Chunk ``k`` = codes
+``[b_k, b_k+1)`` is decoded as soon as ``look_ahead`` more codes exist (or the code stream is
+finished):
+
+* **DiT**: one flow-matching solve over the *window* of codes ``[b_k - left_context, b_k+1 +
+  look_ahead)`` (clipped to the stream), with the matching slice of the request's one fixed noise
+  tensor; the mel frames of the chunk itself are kept, the context frames are thrown away.
+* **BigVGAN**: the kept (final) mel frames are vocoded with ``vocoder_left`` frames of final mel
+  before them; ``vocoder_right`` frames at the end of each chunk are held back until the next chunk
+  has supplied their right context (or, with ``vocoder_right_from_dit``, the DiT's own look-ahead
+  frames are used as right context and nothing is held back).
+
+Every boundary is a function of the code positions and of the stream's final length only, so the
+audio a request gets does not depend on how its codes arrive, on which other requests share a batch
+(beyond float rounding of padded batched matmuls, < 1e-7), or on how many windows a call decodes.
+
+Receptive fields (why streamed audio cannot be bit-exact with the real sampler, and the defaults):
+
+* One DiT evaluation is *block-local*: every op is per frame except the block attention, and a
+  layer with look-back (look-ahead) lets a 24-frame block see one block before (after) it. The real
+  config has look-back in layers 0 and 20 and look-ahead in layer 10: one evaluation reaches 2
+  blocks back and 1 block ahead (24 and 12 codes). The speaker encoder (ECAPA) reads only the
+  voice's ``ref_mel``; ``cond`` and the time embedding are global constants: neither couples frames.
+* But the ODE is solved over the whole window: 9 RK4 steps of 4 sequential evaluations each, and
+  every evaluation widens the dependency cone again. The mel of a frame therefore depends on codes
+  and noise ``36 * 2`` blocks back and ``36 * 1`` block ahead (864 / 432 codes, 17 s / 9 s). No
+  practical window covers that, so streamed mel differs from one-shot mel; the difference decays
+  with the distance to the window edge and is measured in ``benchmarks/streaming_quality.py``.
+  With a 2-point sampler (1 RK4 step) the cone is 96 / 48 codes and a window covering it makes
+  streaming equal to one-shot up to float rounding (tested), which is what shows the windowing is
+  right. :func:`dit_receptive_field` computes these numbers from the config.
+* BigVGAN is a finite convolution stack: :func:`bigvgan_receptive_field` walks it (convs, transposed
+  convs, anti-aliased activations) and gives 34 mel frames each side for the real config (most of it
+  from the 11-tap dilated resblocks at 5 samples per frame). Its effective field is shorter: 16
+  frames of context each side already reach the float32 floor on random weights.
+
+Noise: one per-request noise tensor, frames ``[0, 2 * num_codes)``, sliced by absolute frame. Given
+as a tensor it must cover the stream; given as a seed / generator (or None: a seed drawn from
+torch's global RNG at open) it is drawn lazily, one DiT block (24 frames) at a time from a CPU
+generator, so it is the same tensor however long the stream turns out to be.
+
+Scheduler use (one engine iteration)::
+
+    streamer = StreamingToken2Wav(t2w)            # once
+    streamer.open(req_id, voice, noise=seed)      # when a request starts speaking
+    streamer.push(req_id, new_codes, finished)    # after each talker step
+    for req_id, out in streamer.step().items():   # one batched DiT + one BigVGAN call
+        send(req_id, out.audio, out.done)         # done streams are closed by step()
+    streamer.cancel(req_id)                       # client went away: state freed
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from omni_vllm.token2wav import Token2Wav
+
+NoiseSource = torch.Tensor | torch.Generator | int | None
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Window settings. Code counts must be multiples of the DiT block in codes (12 for
+    Qwen2.5-Omni: 24 mel frames / 2 frames per code), so that every window starts on a block
+    boundary and its attention blocks are the one-shot decode's blocks; vocoder contexts are in
+    mel frames.
+
+    Defaults, from the receptive fields and ``benchmarks/streaming_quality.py`` (random weights):
+
+    * left 24 / ahead 12 codes = exactly one DiT evaluation's field. Covering it is the knee:
+      mel RMS error vs one-shot falls ~300-1000x (4e-3 -> 1e-5 tiny, 3e-3 -> 3e-6 22-layer DiT);
+      each further block gains another ~30x but costs compute (left) or latency (ahead), and the
+      waveform is already at the float32 SNR floor. These are also Qwen's own streaming windows.
+    * chunk 36 codes (0.72 s): window overhead (chunk + left + ahead) / chunk = 1.9x DiT compute
+      (12: 3.8x, 24: 2.35x); the edge error is spread over longer chunks (1.5e-5 -> 2e-6 mel L1
+      from 12 to 72). The first chunk is as long: a shorter one starts sooner but leaves only
+      (2 * first_chunk - vocoder_right) frames of audio to cover the next 36 codes, i.e. the
+      talker must run > 2x real time to avoid a gap.
+    * vocoder left 34 frames = BigVGAN's whole field (left edges exact; costs only vocoder compute,
+      ~6% of the DiT's at the real widths); right 16 frames: SNR at the float floor on both random
+      vocoders (8: 80 dB, 12: 108 dB, 16: 129 dB), held back until the next chunk, which adds no
+      latency to the first samples but shortens the first emission by 160 ms.
+      ``vocoder_right_from_dit`` (no hold-back) measured 102 dB.
+    """
+
+    chunk: int = 36  # codes per chunk after the first
+    first_chunk: int | None = None  # codes in the first chunk (None: `chunk`); smaller starts sooner
+    left_context: int = 24  # DiT left context, codes
+    look_ahead: int = 12  # DiT look-ahead, codes
+    vocoder_left: int = 34  # BigVGAN left context, mel frames of final mel (its whole field)
+    vocoder_right: int = 16  # BigVGAN right context, mel frames (held back until the next chunk)
+    vocoder_right_from_dit: bool = False  # right context from the DiT look-ahead (no hold-back)
+    # Sampling, as Token2Wav.code2mel (the reference's defaults).
+    num_steps: int = 10
+    guidance_scale: float = 0.5
+    sway_coefficient: float | None = -1.0
+
+    @property
+    def first(self) -> int:
+        return self.chunk if self.first_chunk is None else self.first_chunk
+
+    def sampling(self) -> dict:
+        return dict(
+            num_steps=self.num_steps, guidance_scale=self.guidance_scale, sway_coefficient=self.sway_coefficient
+        )
+
+    def validate(self, t2w: Token2Wav) -> None:
+        block = t2w.block_size // t2w.repeats
+        for name in ("chunk", "first", "left_context", "look_ahead"):
+            value = getattr(self, name)
+            positive = name in ("chunk", "first")
+            if value < 0 or value % block or (positive and value == 0):
+                kind = "positive multiple" if positive else "multiple"
+                raise ValueError(f"StreamConfig.{name}={value} must be a {kind} of the DiT block ({block} codes)")
+        if self.vocoder_left < 0 or self.vocoder_right < 0:
+            raise ValueError("vocoder contexts must be >= 0")
+        if not self.vocoder_right_from_dit and self.vocoder_right >= t2w.repeats * min(self.chunk, self.first):
+            raise ValueError("vocoder_right must be shorter than a chunk's mel frames")
+
+    def first_audio_codes(self) -> int:
+        """Codes that must exist before the first audio leaves (a finished stream goes sooner)."""
+        return self.first + self.look_ahead
+
+
+def dit_receptive_field(t2w: Token2Wav, num_steps: int = 10) -> tuple[int, int]:
+    """(codes back, codes ahead) that a mel frame of a full `num_steps` solve depends on:
+    4 sequential evaluations per RK4 step, each reaching as many blocks back (ahead) as there are
+    layers with look-back (look-ahead)."""
+    layers = t2w.dit.transformer_blocks
+    back = sum(layer.look_backward_block for layer in layers)
+    ahead = sum(layer.look_ahead_block for layer in layers)
+    evaluations = 4 * (num_steps - 1)
+    block = t2w.block_size // t2w.repeats
+    return evaluations * back * block, evaluations * ahead * block
+
+
+def bigvgan_receptive_field(t2w: Token2Wav) -> tuple[int, int]:
+    """(mel frames back, mel frames ahead) that any output sample of the vocoder depends on.
+
+    Exact index arithmetic through the vocoder's layers on an unbounded signal, for every one of
+    the `hop` output phases within a frame; the residual/averaged branches take the union."""
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
+
+    voc = t2w.bigvgan
+
+    def conv(m, lo, hi):  # nn.Conv1d, stride 1
+        (k,), (d,), (p,) = m.kernel_size, m.dilation, m.padding
+        return lo - p, hi - p + (k - 1) * d
+
+    def conv_t(m, lo, hi):  # nn.ConvTranspose1d: out[i*s + j - p] += in[i] * w[j]
+        (k,), (s,), (p,) = m.kernel_size, m.stride, m.padding
+        return -((-(lo + p - (k - 1))) // s), (hi + p) // s
+
+    def act(m, lo, hi):  # anti-aliased activation: upsample, pointwise, downsample
+        down, up = m.downsample, m.upsample
+        lo, hi = lo * down.stride - down.pad_left, hi * down.stride + down.kernel_size - 1 - down.pad_left
+        lo, hi = lo + up.pad_left, hi + up.pad_left  # crop of the transposed conv's output
+        k, s = up.kernel_size, up.stride
+        return -((-(lo - (k - 1))) // s) - up.pad, hi // s - up.pad  # undo the replicate pad
+
+    def resblock(m, lo, hi):
+        acts1, acts2 = m.activations[::2], m.activations[1::2]
+        for conv1, conv2, act1, act2 in reversed(list(zip(m.convs1, m.convs2, acts1, acts2))):
+            a, b = act(act1, *conv(conv1, *act(act2, *conv(conv2, lo, hi))))
+            lo, hi = min(lo, a), max(hi, b)
+        return lo, hi
+
+    assert isinstance(voc.activation_post, ref.Qwen2_5OmniAntiAliasedActivation1d)
+    back = ahead = 0
+    for phase in range(t2w.hop):
+        lo = hi = phase
+        lo, hi = act(voc.activation_post, *conv(voc.conv_post, lo, hi))
+        for stage in reversed(range(voc.num_upsample_layers)):
+            blocks = voc.resblocks[stage * voc.num_residual_blocks : (stage + 1) * voc.num_residual_blocks]
+            spans = [resblock(b, lo, hi) for b in blocks]
+            lo, hi = conv_t(voc.ups[stage][0], min(s[0] for s in spans), max(s[1] for s in spans))
+        lo, hi = conv(voc.conv_pre, lo, hi)
+        back, ahead = max(back, -lo), max(ahead, hi)  # the output sample lies in mel frame 0
+    return back, ahead
+
+
+class StreamState:
+    """One request's stream: codes so far, its noise, the mel still needed as vocoder context, and
+    how far its audio has been emitted. Fed with :meth:`append`; decoded by :func:`decode_windows`."""
+
+    def __init__(
+        self,
+        voice: str,
+        noise: NoiseSource = None,
+        config: StreamConfig | None = None,
+        repeats: int = 2,
+        record_mel: bool = False,
+    ):
+        self.voice = voice
+        self.mel_chunks: list[torch.Tensor] | None = [] if record_mel else None  # diagnostics
+        self.config = config or StreamConfig()
+        self.repeats = repeats  # mel frames per code (Token2Wav.repeats)
+        self.finished = False
+        self.num_codes = 0
+        self._codes: list[int] = []
+        self._code_base = 0  # absolute index of _codes[0]
+        self.next_chunk = 0  # index of the next chunk to decode
+        self._mel: torch.Tensor | None = None  # final mel frames [_mel_base, frames decoded)
+        self._mel_base = 0
+        self.frames_emitted = 0  # mel frames whose waveform has left
+        self.samples_emitted = 0
+        if isinstance(noise, torch.Tensor):
+            self._noise_full = noise.detach().reshape(-1, noise.shape[-1]).float()
+            self._generator = None
+        else:
+            self._noise_full = None
+            if noise is None:
+                noise = int(torch.randint(2**62, (1,)).item())
+            if isinstance(noise, int):
+                noise = torch.Generator().manual_seed(noise)
+            if noise.device.type != "cpu":
+                raise ValueError("noise generators must be CPU generators (the stream draws on the CPU)")
+            self._generator = noise
+        self._noise: torch.Tensor | None = None  # lazily drawn frames [_noise_base, ...)
+        self._noise_base = 0
+
+    # ------------------------------------------------------------------------------- input
+
+    def append(self, codes: Iterable[int] | torch.Tensor = (), finished: bool = False) -> None:
+        """Add newly generated codes; `finished=True` once the code stream has ended."""
+        new = [int(c) for c in (codes.reshape(-1).tolist() if isinstance(codes, torch.Tensor) else codes)]
+        if self.finished and new:
+            raise ValueError("codes appended to a finished stream")
+        self._codes.extend(new)
+        self.num_codes += len(new)
+        self.finished = self.finished or finished
+
+    def finish(self) -> None:
+        self.finished = True
+
+    # ---------------------------------------------------------------------------- schedule
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        """Codes [start, end) of chunk k, before clipping to the stream's end."""
+        first, chunk = self.config.first, self.config.chunk
+        return (0, first) if k == 0 else (first + (k - 1) * chunk, first + k * chunk)
+
+    def _chunk_ready(self, k: int) -> bool:
+        start, end = self.bounds(k)
+        if self.finished:
+            return start < self.num_codes
+        return self.num_codes >= end + self.config.look_ahead
+
+    def _tail_ready(self) -> bool:
+        """A finished stream whose chunks are all decoded but whose last frames are still held."""
+        return (
+            self.finished
+            and not self._chunk_ready(self.next_chunk)
+            and self.frames_emitted < self.repeats * self.num_codes
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Something can be decoded now."""
+        return self._chunk_ready(self.next_chunk) or self._tail_ready()
+
+    @property
+    def done(self) -> bool:
+        """Finished and every sample emitted."""
+        return self.finished and not self.ready
+
+    # ------------------------------------------------------------------------------ buffers
+
+    def _code_slice(self, start: int, end: int) -> torch.Tensor:
+        return torch.tensor(self._codes[start - self._code_base : end - self._code_base], dtype=torch.long)
+
+    def noise(self, start: int, end: int, mel_dim: int = 80, block: int = 24) -> torch.Tensor:
+        """The request's noise for mel frames [start, end), shape (end - start, mel_dim)."""
+        if self._noise_full is not None:
+            if end > len(self._noise_full):
+                raise ValueError(f"stream needs noise for {end} mel frames, given {len(self._noise_full)}")
+            return self._noise_full[start:end]
+        if start < self._noise_base:
+            raise ValueError("noise before the stream's window was already released")
+        have = self._noise_base + (0 if self._noise is None else len(self._noise))
+        if end > have:
+            draws = [torch.randn(block, mel_dim, generator=self._generator) for _ in range(math.ceil((end - have) / block))]
+            self._noise = torch.cat(([] if self._noise is None else [self._noise]) + draws)
+        return self._noise[start - self._noise_base : end - self._noise_base]
+
+    def _release(self, code_start: int, frame_start: int, mel_start: int) -> None:
+        """Forget codes / noise frames / final mel frames before these positions (never needed again)."""
+        if code_start > self._code_base:
+            del self._codes[: code_start - self._code_base]
+            self._code_base = code_start
+        if self._noise is not None and frame_start > self._noise_base:
+            drop = min(frame_start - self._noise_base, len(self._noise))
+            self._noise = self._noise[drop:]
+            self._noise_base += drop
+        if self._mel is not None and mel_start > self._mel_base:
+            self._mel = self._mel[:, mel_start - self._mel_base :]
+            self._mel_base = mel_start
+
+    def free(self) -> None:
+        """Drop every buffer (cancel); the state is `done` from now on."""
+        self._codes, self._mel, self._noise, self._noise_full, self._generator = [], None, None, None, None
+        self.mel_chunks = None
+        self.finished, self.num_codes, self.frames_emitted = True, 0, 0
+
+
+@dataclass
+class _Window:
+    stream: StreamState
+    chunk: int
+    code_start: int  # window [code_start, code_end)
+    code_end: int
+    keep_start: int  # chunk codes [keep_start, keep_end)
+    keep_end: int
+
+
+@dataclass
+class _Segment:
+    """One BigVGAN input: mel frames [in_start, ...) of which [emit_start, emit_end) are emitted."""
+
+    index: int  # stream position in the call
+    mel: torch.Tensor
+    in_start: int
+    emit_start: int
+    emit_end: int
+
+
+def _windows_for(s: StreamState, max_windows: int) -> list[_Window]:
+    cfg, out, k = s.config, [], s.next_chunk
+    while len(out) < max_windows and s._chunk_ready(k):
+        start, end = s.bounds(k)
+        keep_end = min(end, s.num_codes)
+        out.append(_Window(s, k, max(0, start - cfg.left_context), min(end + cfg.look_ahead, s.num_codes), start, keep_end))
+        k += 1
+    return out
+
+
+@torch.no_grad()
+def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: int = 1) -> list[torch.Tensor]:
+    """Decode the next ready window(s) of every stream in ONE batched DiT solve and ONE batched
+    BigVGAN call; return, per stream, the waveform samples that became final (float32, CPU; empty
+    when the stream had nothing ready). `max_windows` bounds the chunks taken from one stream per
+    call (a stream that fell behind catches up that many chunks at a time); a finished stream's held
+    tail rides along with its last chunk. Streams must share sampling settings."""
+    if not streams:
+        return []
+    sampling = streams[0].config.sampling()
+    if any(s.config.sampling() != sampling for s in streams):
+        raise ValueError("streams decoded together must share num_steps / guidance / sway")
+    repeats, hop = t2w.repeats, t2w.hop
+    if len(set(map(id, streams))) != len(streams):
+        raise ValueError("a stream appears twice in one call")
+    if any(s.repeats != repeats for s in streams):
+        raise ValueError("stream opened with another mel frames per code than this Token2Wav")
+    windows = [_windows_for(s, max_windows) for s in streams]
+
+    # DiT: every window of every stream, one batched solve.
+    flat = [w for ws in windows for w in ws]
+    mels = []
+    if flat:
+        codes = [w.stream._code_slice(w.code_start, w.code_end) for w in flat]
+        noise = [
+            w.stream.noise(repeats * w.code_start, repeats * w.code_end, t2w.mel_dim, t2w.block_size) for w in flat
+        ]
+        mels = t2w.code2mel(codes, [w.stream.voice for w in flat], noise, **sampling)
+    mel_of = {id(w): m for w, m in zip(flat, mels)}
+
+    # BigVGAN: one segment per decoded chunk (plus a finished stream's held tail).
+    segments: list[_Segment] = []
+    for i, (s, ws) in enumerate(zip(streams, windows)):
+        cfg = s.config
+        for w in ws:
+            mel = mel_of[id(w)]
+            a, b = repeats * (w.keep_start - w.code_start), repeats * (w.keep_end - w.code_start)
+            final = mel[:, a:b]
+            if s.mel_chunks is not None:
+                s.mel_chunks.append(final)
+            s._mel = final if s._mel is None else torch.cat([s._mel, final], dim=1)
+            decoded = repeats * w.keep_end  # final mel frames [0, decoded) exist now
+            full = w.keep_end == s.bounds(w.chunk)[1]  # a partial chunk is the stream's last
+            if cfg.vocoder_right_from_dit:
+                emit_end = decoded
+                right = mel[:, b : b + cfg.vocoder_right]  # provisional frames of the look-ahead
+            else:
+                emit_end = decoded - cfg.vocoder_right if full else decoded
+                right = mel[:, :0]
+            segments.append(_segment(i, s, emit_end, decoded, right))
+            s.next_chunk = w.chunk + 1
+        if s._tail_ready():
+            decoded = repeats * s.num_codes
+            segments.append(_segment(i, s, decoded, decoded, s._mel[:, :0]))
+    wavs = t2w.mel2wav([seg.mel for seg in segments]) if segments else []
+
+    out: list[list[torch.Tensor]] = [[] for _ in streams]
+    for seg, wav in zip(segments, wavs):
+        out[seg.index].append(wav[(seg.emit_start - seg.in_start) * hop : (seg.emit_end - seg.in_start) * hop])
+    for s in streams:
+        # Never needed again: codes and noise before the next window, mel before the next segment's context.
+        nxt = max(0, s.bounds(s.next_chunk)[0] - s.config.left_context)
+        s._release(nxt, repeats * nxt, max(0, s.frames_emitted - s.config.vocoder_left))
+    result = []
+    for s, parts in zip(streams, out):
+        audio = torch.cat(parts) if parts else torch.zeros(0)
+        s.samples_emitted += len(audio)
+        result.append(audio)
+    return result
+
+
+def _segment(index: int, s: StreamState, emit_end: int, decoded: int, right: torch.Tensor) -> _Segment:
+    """Vocoder input for emitting final frames [frames_emitted, emit_end): final mel from
+    `vocoder_left` frames before, up to `decoded`, then `right` (provisional) frames."""
+    in_start = max(0, s.frames_emitted - s.config.vocoder_left)
+    mel = torch.cat([s._mel[:, in_start - s._mel_base : decoded - s._mel_base], right], dim=1)
+    seg = _Segment(index, mel, in_start, s.frames_emitted, emit_end)
+    s.frames_emitted = emit_end
+    return seg
+
+
+def stream_decode(
+    t2w: Token2Wav, codes: Sequence[int] | torch.Tensor, voice: str, noise: NoiseSource = None,
+    config: StreamConfig | None = None,
+) -> torch.Tensor:
+    """The streamed waveform of a complete code sequence, one window per call (the reference the
+    incremental, batched path must reproduce)."""
+    s = StreamState(voice, noise, config, t2w.repeats)
+    s.append(codes, finished=True)
+    parts = []
+    while not s.done:
+        parts.append(decode_windows(t2w, [s])[0])
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@dataclass
+class StreamOutput:
+    audio: torch.Tensor  # new samples, float32 24 kHz, possibly empty
+    done: bool  # the stream's last samples (its state is freed)
+
+
+@dataclass
+class StreamingToken2Wav:
+    """Per-request stream states keyed by request id, decoded together by :meth:`step`."""
+
+    t2w: Token2Wav
+    config: StreamConfig = field(default_factory=StreamConfig)
+    streams: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.config.validate(self.t2w)
+
+    def open(self, request_id, voice: str, noise: NoiseSource = None) -> StreamState:
+        if request_id in self.streams:
+            raise ValueError(f"stream {request_id!r} already open")
+        self.t2w._voice(voice)  # unknown voice: fail now, not in a later batch
+        self.streams[request_id] = state = StreamState(voice, noise, self.config, self.t2w.repeats)
+        return state
+
+    def push(self, request_id, codes: Iterable[int] | torch.Tensor = (), finished: bool = False) -> None:
+        self.streams[request_id].append(codes, finished)
+
+    def cancel(self, request_id) -> None:
+        """Forget a stream (client gone, request aborted); unknown ids are ignored."""
+        state = self.streams.pop(request_id, None)
+        if state is not None:
+            state.free()
+
+    def ready(self) -> list:
+        return [rid for rid, s in self.streams.items() if s.ready]
+
+    def step(self, max_windows: int = 1, max_streams: int | None = None) -> dict:
+        """One batched decode of every ready stream (oldest first, at most `max_streams`);
+        returns {request_id: StreamOutput}. Finished streams that emitted their last samples are
+        closed."""
+        ids = self.ready()[:max_streams]
+        wavs = decode_windows(self.t2w, [self.streams[r] for r in ids], max_windows)
+        out = {}
+        for rid, wav in zip(ids, wavs):
+            done = self.streams[rid].done
+            out[rid] = StreamOutput(wav, done)
+            if done:
+                self.cancel(rid)
+        for rid in [r for r, s in self.streams.items() if s.done]:  # empty streams finished with no codes
+            out[rid] = StreamOutput(torch.zeros(0), True)
+            self.cancel(rid)
+        return out
