@@ -42,3 +42,8 @@ def register() -> None:
     _configure_logging()
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
+
+    # Frontend half of the hidden-states route (the runner half is applied by our model class).
+    from patches import output_processor_hidden_states
+
+    output_processor_hidden_states.apply()

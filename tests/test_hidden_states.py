@@ -1,0 +1,267 @@
+"""Thinker hidden states reach the speech path per request, in order, and equal transformers'.
+
+On the tiny checkpoint with the real vLLM CPU engine (fp32): requests that opt in with
+`request_hidden_states` deliver, through the registered sink in the frontend process, one
+(input embedding, final hidden state) row per position the decoder consumed: every prompt
+position (for audio, the merged audio embeddings) and every sampled token fed back. They must
+equal transformers' thinker `generate(output_hidden_states=True)` (hidden_states[0] and [-1] of
+each step), which is what the Qwen2.5-Omni talker consumes. A small token budget forces chunked
+prefill, and the requests run in one batch with one that does not opt in.
+
+The last test does the same with the EngineCore in its own process (AsyncLLM, multiprocessing
+on), in a subprocess so that vLLM's environment is fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from omni_vllm.hidden_states import (
+    HiddenStatesCollector,
+    request_hidden_states,
+    set_hidden_states_sink,
+)
+from omni_vllm.testing import media
+
+MAX_NEW_TOKENS = 6
+ATOL = 1e-4
+TOKEN_BUDGET = 32  # max_num_batched_tokens: the prompts below prefill in several chunks
+
+PROMPTS = {
+    "audio": [{"type": "audio"}, {"type": "text", "text": "What is this sound?"}],
+    "text": [{"type": "text", "text": "Hello, how are you today?"}],
+    "plain": [{"type": "text", "text": "Tell me a short story."}],  # never asks for speech
+}
+
+
+def tone() -> np.ndarray:
+    return media.tone(1.5, freq=440.0)
+
+
+def prompt_text(processor, name: str) -> str:
+    messages = [{"role": "user", "content": PROMPTS[name]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def vllm_prompt(processor, name: str) -> dict:
+    prompt = {"prompt": prompt_text(processor, name)}
+    if name == "audio":
+        prompt["multi_modal_data"] = {"audio": [(tone(), media.AUDIO_SR)]}
+    return prompt
+
+
+def engine_kwargs() -> dict:
+    return dict(
+        dtype="float32",
+        max_model_len=2048,
+        max_num_batched_tokens=TOKEN_BUDGET,
+        kv_cache_memory_bytes=2**28,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        limit_mm_per_prompt={"audio": 1, "image": 1, "video": 1},
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint_dir):
+    from transformers import Qwen2_5OmniProcessor
+
+    return Qwen2_5OmniProcessor.from_pretrained(tiny_checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint_dir, processor):
+    """transformers' greedy ids and per-position (embedding, last hidden) rows, per prompt."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    thinker = (
+        Qwen2_5OmniForConditionalGeneration.from_pretrained(
+            tiny_checkpoint_dir, dtype=torch.float32
+        )
+        .thinker.eval()
+    )
+    refs = {}
+    for name in ("audio", "text"):
+        inputs = processor(
+            text=prompt_text(processor, name),
+            audio=[tone()] if name == "audio" else None,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            out = thinker.generate(
+                **inputs,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+            )
+        # One entry per decoder call: the prompt, then each fed-back sampled token.
+        rows = torch.cat([torch.stack((s[0][0], s[-1][0]), dim=1) for s in out.hidden_states])
+        n_prompt = inputs["input_ids"].shape[1]
+        audio_lens = inputs["feature_attention_mask"].sum(-1) if name == "audio" else None
+        positions, _ = thinker.get_rope_index(
+            inputs["input_ids"], None, None, inputs["attention_mask"], False, audio_lens, None
+        )
+        refs[name] = {
+            "positions": positions[:, 0],
+            "prompt_ids": inputs["input_ids"][0].tolist(),
+            "output_ids": out.sequences[0, n_prompt:].tolist(),
+            "rows": rows,
+        }
+    return refs
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint_dir):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    return LLM(str(tiny_checkpoint_dir), distributed_executor_backend="uni", **engine_kwargs())
+
+
+@pytest.fixture
+def collector():
+    sink = HiddenStatesCollector()
+    previous = set_hidden_states_sink(sink)
+    yield sink
+    set_hidden_states_sink(previous)
+
+
+def check_rows(got: torch.Tensor, ref: dict, name: str) -> float:
+    """`got` rows equal the reference rows; returns the max abs difference."""
+    n_prompt, n_out = len(ref["prompt_ids"]), len(ref["output_ids"])
+    # Every prompt position and every sampled token except the last (never fed back).
+    assert got.shape == ref["rows"].shape == (n_prompt + n_out - 1, 2, got.shape[-1]), name
+    diff = (got - ref["rows"]).abs()
+    # The merged multimodal input embedding (what the decoder consumed) and the hidden states.
+    assert torch.allclose(got, ref["rows"], atol=ATOL, rtol=0), (
+        f"{name}: max abs diff embeds {diff[:, 0].max():.3g}, hidden {diff[:, 1].max():.3g}"
+    )
+    return float(diff.max())
+
+
+def test_rows_match_transformers_per_request(llm, processor, reference, collector):
+    from vllm import SamplingParams
+
+    def params(speech: bool) -> SamplingParams:
+        p = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+        return request_hidden_states(p) if speech else p
+
+    names = ["audio", "plain", "text"]
+    outputs = llm.generate(
+        [vllm_prompt(processor, n) for n in names],
+        [params(n != "plain") for n in names],
+        use_tqdm=False,
+    )
+    ids = {n: o.request_id for n, o in zip(names, outputs, strict=True)}
+    # Tagged by request id; the request that did not ask produced nothing.
+    assert set(collector.chunks) == {ids["audio"], ids["text"]}
+    diffs = {}
+    for name in ("audio", "text"):
+        out, ref = outputs[names.index(name)], reference[name]
+        assert out.prompt_token_ids == ref["prompt_ids"]
+        assert list(out.outputs[0].token_ids) == ref["output_ids"]
+        chunks = collector.chunks[ids[name]]
+        assert all(c.engine_request_id == chunks[0].engine_request_id for c in chunks)
+        assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+        # Chunked prefill: the prompt's rows came in one piece, with the first sampled token.
+        assert len(ref["prompt_ids"]) > TOKEN_BUDGET
+        assert len(chunks[0].rows) == len(ref["prompt_ids"])
+        # ... with the prompt's TMRoPE positions, which the talker reuses.
+        assert torch.equal(chunks[0].prompt_positions, ref["positions"])
+        assert all(c.prompt_positions is None for c in chunks[1:])
+        assert [len(c.rows) for c in chunks[1:]] == [1] * (MAX_NEW_TOKENS - 1)
+        diffs[name] = check_rows(collector.rows(ids[name]), ref, name)
+    print(f"max abs diff vs transformers: {diffs}")
+
+
+def test_text_only_batch_produces_nothing(llm, processor, collector):
+    from vllm import SamplingParams
+
+    outputs = llm.generate(
+        [vllm_prompt(processor, n) for n in ("plain", "audio")],
+        SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS),
+        use_tqdm=False,
+    )
+    assert all(len(o.outputs[0].token_ids) == MAX_NEW_TOKENS for o in outputs)
+    assert collector.chunks == {}
+
+
+MP_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    import numpy as np
+    import torch
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    from tests.test_hidden_states import engine_kwargs, vllm_prompt
+    from omni_vllm.hidden_states import (
+        HiddenStatesCollector, request_hidden_states, set_hidden_states_sink)
+
+    async def main(ckpt, out_path):
+        from transformers import Qwen2_5OmniProcessor
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        processor = Qwen2_5OmniProcessor.from_pretrained(ckpt)
+        sink = HiddenStatesCollector()
+        set_hidden_states_sink(sink)
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=ckpt, **engine_kwargs()))
+        engine_pid = [p.pid for p in engine.engine_core.resources.engine_manager.processes]
+
+        async def run(name, speech):
+            params = SamplingParams(temperature=0.0, max_tokens=6)
+            if speech:
+                request_hidden_states(params)
+            async for out in engine.generate(vllm_prompt(processor, name), params, name):
+                pass
+            return out.outputs[0].token_ids
+
+        try:
+            ids = await asyncio.gather(run("audio", True), run("plain", False), run("text", True))
+        finally:
+            engine.shutdown()
+        torch.save({
+            "main_pid": os.getpid(), "engine_pids": engine_pid,
+            "output_ids": {"audio": list(ids[0]), "text": list(ids[2])},
+            "chunk_ids": sorted(sink.chunks),
+            "rows": {n: sink.rows(n) for n in ("audio", "text")},
+        }, out_path)
+
+    if __name__ == "__main__":
+        asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_rows_cross_the_engine_process_boundary(tiny_checkpoint_dir, reference, tmp_path):
+    """AsyncLLM with the EngineCore in its own process: the same rows reach the frontend."""
+    script = tmp_path / "mp_hidden_states.py"
+    script.write_text(MP_SCRIPT)
+    out_path = tmp_path / "rows.pt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out_path)
+    assert got["engine_pids"] and got["main_pid"] not in got["engine_pids"]
+    assert got["chunk_ids"] == ["audio", "text"]  # tagged; "plain" produced nothing
+    diffs = {}
+    for name in ("audio", "text"):
+        assert got["output_ids"][name] == reference[name]["output_ids"]
+        diffs[name] = check_rows(got["rows"][name], reference[name], name)
+    print(json.dumps({"multiprocess max abs diff": diffs}))
