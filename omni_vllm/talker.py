@@ -217,12 +217,14 @@ class Talker:
         audio_feature_lengths: torch.Tensor | None = None,
         use_audio_in_video: bool = False,
         video_second_per_grid: torch.Tensor | None = None,
+        prompt_positions: torch.Tensor | None = None,
         sampling: TalkerSampling = TalkerSampling(),
         max_codes: int | None = None,
     ) -> None:
         """Register a request from its thinker prompt (ids (L,), input embeddings and last hidden
-        states (L, E)) and media grid info as the processor returns it. It prefills once its
-        first reply element arrives (or the thinker finishes)."""
+        states (L, E)) and either the thinker's TMRoPE positions of the prompt (3, L), as vLLM
+        computed them, or the media grid info as the processor returns it (then the positions are
+        recomputed). It prefills once its first reply element arrives (or the thinker finishes)."""
         if voice not in self.voices:
             raise ValueError(f"unknown voice {voice!r}; available voices: {sorted(self.voices)}")
         if req_id in self.requests:
@@ -242,19 +244,25 @@ class Talker:
         spk = self.text_rows[self.voices[voice]] + self._codec_embed(self.codec_pad)
         prefill = torch.cat([embeds + prompt_hidden.to(self.device, self.dtype), spk[None]])
 
-        # TMRoPE positions of prompt + speaker bos + first reply token, as the talker computes them.
-        text_ids = torch.cat([prompt_ids, torch.tensor([self.voices[voice]] * 2)])[None]
-        cpu = lambda t: None if t is None else torch.as_tensor(t).cpu()  # noqa: E731
-        positions, _ = self.model.get_rope_index(
-            text_ids,
-            cpu(image_grid_thw),
-            cpu(video_grid_thw),
-            torch.ones_like(text_ids),
-            use_audio_in_video,
-            cpu(audio_feature_lengths),
-            cpu(video_second_per_grid),
-        )
-        positions = positions[:, 0]  # (3, L+2)
+        # TMRoPE positions of prompt + speaker bos + first reply token, as the talker computes them:
+        # the prompt's are the thinker's (same rule, same ids), the two text tokens continue them.
+        if prompt_positions is not None:
+            prompt_positions = torch.as_tensor(prompt_positions).cpu().long().reshape(3, n)
+            after = int(prompt_positions.max()) + 1
+            positions = torch.cat([prompt_positions, torch.arange(after, after + 2).expand(3, 2)], 1)
+        else:
+            text_ids = torch.cat([prompt_ids, torch.tensor([self.voices[voice]] * 2)])[None]
+            cpu = lambda t: None if t is None else torch.as_tensor(t).cpu()  # noqa: E731
+            positions, _ = self.model.get_rope_index(
+                text_ids,
+                cpu(image_grid_thw),
+                cpu(video_grid_thw),
+                torch.ones_like(text_ids),
+                use_audio_in_video,
+                cpu(audio_feature_lengths),
+                cpu(video_second_per_grid),
+            )
+            positions = positions[:, 0]  # (3, L+2)
 
         processors = LogitsProcessorList()
         if sampling.repetition_penalty != 1.0:
