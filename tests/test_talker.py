@@ -4,17 +4,11 @@ The reference is the full model's `generate` (thinker greedy, talker greedy or s
 the transformers thinker's outputs (input embeddings and last hidden states) and feed them to our
 Talker the way a scheduler would: prompt first, then generated tokens one by one.
 
-One correction to transformers 5.19 is applied to the reference (`_talker_keeps_its_mask`): its
-`generate` drops an all-ones attention mask before calling the model, and the Qwen2.5-Omni talker's
-forward keys its prefill on that mask: without it the codec pad/bos embeddings are never added to
-the last two prompt positions and the TMRoPE positions of media prompts become plain 0..n-1. So a
-single unpadded request (the normal case) runs a different talker than the model was trained with.
-We hand the mask back to the talker, which restores the behaviour of the original code.
+The reference is transformers with two of its 5.19 bugs corrected (omni_vllm.testing.reference).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from contextlib import contextmanager
@@ -28,7 +22,7 @@ import torch
 torch.set_num_threads(1)
 
 from omni_vllm.talker import Talker, TalkerSampling  # noqa: E402
-from omni_vllm.testing.tiny import build_tiny_checkpoint  # noqa: E402
+from omni_vllm.testing.reference import corrected_reference  # noqa: E402
 
 THINKER_TOKENS = 6
 TALKER_CODES = 20
@@ -36,8 +30,8 @@ STOP_CODES = (8292, 8294)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("talker") / "tiny", seed=0)
+def tiny_dir(tiny_checkpoint_dir):
+    return tiny_checkpoint_dir
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +88,6 @@ def _inputs(processor, kind: str):
     return processor(text=text, return_tensors="pt", padding=True, **media)
 
 
-@contextmanager
-def _talker_keeps_its_mask(model):
-    """Give transformers' talker forward the all-ones attention mask that `generate` drops."""
-    talker = model.talker
-    forward = talker.forward
-
-    @functools.wraps(forward)
-    def forward_with_mask(*args, **kwargs):
-        if kwargs.get("attention_mask") is None:
-            x = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
-            past = kwargs.get("past_key_values")
-            n_past = past.get_seq_length() if past is not None else 0
-            kwargs["attention_mask"] = torch.ones(x.shape[0], n_past + x.shape[1], dtype=torch.long)
-        return forward(*args, **kwargs)
-
-    with mock.patch.object(talker, "forward", forward_with_mask):
-        yield
-
-
 class _SkipToken2Wav(Exception):
     pass
 
@@ -128,6 +103,12 @@ class Reference:
 
 
 def run_reference(model, inputs, *, voice, use_audio_in_video=False, sample_seed=None) -> Reference:
+    with corrected_reference(model):
+        return _run_reference(model, inputs, voice=voice, use_audio_in_video=use_audio_in_video,
+                              sample_seed=sample_seed)
+
+
+def _run_reference(model, inputs, *, voice, use_audio_in_video, sample_seed) -> Reference:
     captured = {}
     thinker_generate, talker_generate = model.thinker.generate, model.talker.generate
 
@@ -136,10 +117,6 @@ def run_reference(model, inputs, *, voice, use_audio_in_video=False, sample_seed
         return captured["thinker"]
 
     def talker_hook(*args, **kwargs):
-        # transformers 5.19 forwards the thinker's pixel inputs to the talker's generate, which
-        # rejects them; the talker never reads them.
-        kwargs.pop("pixel_values", None)
-        kwargs.pop("pixel_values_videos", None)
         captured["talker_kwargs"] = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
         out = talker_generate(*args, **kwargs)
         captured["codes"] = out[0, kwargs["input_ids"].shape[1] :].tolist()
@@ -149,7 +126,7 @@ def run_reference(model, inputs, *, voice, use_audio_in_video=False, sample_seed
         torch.manual_seed(sample_seed)  # transformers samples from the global generator
     with mock.patch.object(model.thinker, "generate", thinker_hook), mock.patch.object(
         model.talker, "generate", talker_hook
-    ), _talker_keeps_its_mask(model), pytest.raises(_SkipToken2Wav):
+    ), pytest.raises(_SkipToken2Wav):
         model.generate(
             **inputs,
             speaker=voice,
@@ -285,7 +262,7 @@ def test_teacher_forced_logits_match_transformers(hf_model, talker, references, 
     kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in ref.talker_kwargs.items()}
     kwargs.update(max_new_tokens=steps, output_logits=True, return_dict_in_generate=True)
     prompt_len = kwargs["input_ids"].shape[1]
-    with _talker_keeps_its_mask(hf_model):
+    with corrected_reference(hf_model):
         force = LogitsProcessorList([_ForceCodes(codes, prompt_len)])
         out = hf_model.talker.generate(**kwargs, logits_processor=force)
     assert out.sequences[0, prompt_len:].tolist() == codes
