@@ -12,50 +12,18 @@ computed from them with the model's own `compute_logits`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
 from omni_vllm.testing import media
+from omni_vllm.testing.cases import cases, hf_inputs, vllm_prompt
 
 MAX_NEW_TOKENS = 8
 LOGITS_ATOL = 1e-4
-
-
-@dataclass
-class Case:
-    name: str
-    content: list[dict]
-    audio: list[np.ndarray] = field(default_factory=list)
-    images: list = field(default_factory=list)
-    videos: list[np.ndarray] = field(default_factory=list)
-    use_audio_in_video: bool = False
-
-
-def _cases() -> dict[str, Case]:
-    q = {"type": "text", "text": "What is this?"}
-    cases = [
-        Case("text", [{"type": "text", "text": "Hello, how are you today?"}]),
-        Case("audio_tone", [{"type": "audio"}, q], audio=[media.tone(2.0)]),
-        Case("image", [{"type": "image"}, q], images=[media.image()]),
-        Case("video", [{"type": "video"}, q], videos=[media.video()]),
-        Case(
-            "video_with_audio",
-            [{"type": "video"}, q],
-            videos=[media.video(seed=1)],
-            audio=[media.tone(3.0, freq=330.0)],
-            use_audio_in_video=True,
-        ),
-    ]
-    speech = media.spoken_phrase()
-    if speech is not None:
-        cases.insert(2, Case("audio_speech", [{"type": "audio"}, q], audio=[speech]))
-    return {c.name: c for c in cases}
-
-
-CASES = _cases()
+CASES = cases()
 
 
 @dataclass
@@ -83,11 +51,6 @@ def hf_thinker(tiny_checkpoint_dir):
     return model.thinker.eval()
 
 
-def _prompt_text(processor, case: Case) -> str:
-    messages = [{"role": "user", "content": case.content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 @pytest.fixture(scope="module")
 def reference(processor, hf_thinker):
     """transformers' positions, logits and greedy ids, computed once per case."""
@@ -97,14 +60,7 @@ def reference(processor, hf_thinker):
         if name in cache:
             return cache[name]
         case = CASES[name]
-        inputs = processor(
-            text=_prompt_text(processor, case),
-            audio=case.audio or None,
-            images=case.images or None,
-            videos=case.videos or None,
-            use_audio_in_video=case.use_audio_in_video,
-            return_tensors="pt",
-        )
+        inputs = hf_inputs(processor, case)
         audio_lens = inputs["feature_attention_mask"].sum(-1) if case.audio else None
         second_per_grid = (
             torch.as_tensor(inputs["video_second_per_grid"]) if case.videos else None
@@ -172,27 +128,13 @@ def llm(tiny_checkpoint_dir):
     return engine
 
 
-def _vllm_prompt(processor, case: Case) -> dict:
-    mm: dict[str, list] = {}
-    if case.audio:
-        mm["audio"] = [(a, media.AUDIO_SR) for a in case.audio]
-    if case.images:
-        mm["image"] = case.images
-    if case.videos:
-        mm["video"] = case.videos
-    prompt = {"prompt": _prompt_text(processor, case), "multi_modal_data": mm}
-    if case.use_audio_in_video:
-        prompt["mm_processor_kwargs"] = {"use_audio_in_video": True}
-    return prompt
-
-
 def _run(llm, processor, names: list[str]):
     """Generate greedily for `names` in one batch; return outputs and the prefill records."""
     from vllm import SamplingParams
 
     llm.apply_model(lambda m: m._omni_test_calls.clear())
     outputs = llm.generate(
-        [_vllm_prompt(processor, CASES[n]) for n in names],
+        [vllm_prompt(processor, CASES[n]) for n in names],
         SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS),
         use_tqdm=False,
     )
