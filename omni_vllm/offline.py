@@ -1,0 +1,165 @@
+"""`OmniLLM`: the offline batch API. vLLM-style prompts in; text, token ids and speech out.
+
+The thinker runs in vLLM (`vllm.LLM`, our registered model class); requests that speak ask the
+engine for their hidden states (omni_vllm.hidden_states). The talker then turns all replies of
+the batch into codec codes together, and Token2Wav decodes all of them in one batched call.
+This is the non-streaming path: the speech engine (omni_vllm.speech) streams instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omni_vllm.errors import SpeechUnavailable, UnknownVoice
+from omni_vllm.hidden_states import HiddenStatesCollector, request_hidden_states, set_hidden_states_sink
+from omni_vllm.talker import Talker, TalkerSampling
+from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
+
+# Engine settings that suit the speech path; any of them can be overridden by the caller.
+ENGINE_DEFAULTS = dict(enable_prefix_caching=False, limit_mm_per_prompt={"audio": 4, "image": 4, "video": 1})
+
+
+@dataclass
+class OmniOutput:
+    """One request's result. `audio` is float32 mono at `sample_rate`, None for text-only."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    audio: np.ndarray | None = None
+    codes: list[int] = field(default_factory=list)
+    sample_rate: int = SAMPLE_RATE
+
+
+def local_checkpoint(model: str) -> Path:
+    """The directory of `model` (a path, or a Hugging Face id already in the local cache)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model))
+
+
+class OmniLLM:
+    """Qwen2.5-Omni offline: `generate(prompts, voice=...)` returns text and speech per prompt."""
+
+    def __init__(self, model: str, *, voice: str = "Chelsie", speech_device: str | None = None, **engine_kwargs):
+        from vllm import LLM
+
+        self.llm = LLM(model, **{**ENGINE_DEFAULTS, **engine_kwargs})
+        self.model_dir = local_checkpoint(model)
+        self.default_voice = voice
+        self.speech_device = speech_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._talker: Talker | None = None
+        self._token2wav: Token2Wav | None = None
+
+    def _speech_modules(self) -> tuple[Talker, Token2Wav]:
+        """Talker and Token2Wav, loaded on first use; a clear error if the checkpoint has none."""
+        if self._talker is None:
+            missing = [f for f in ("spk_dict.pt",) if not (self.model_dir / f).exists()]
+            try:
+                if missing:
+                    raise ValueError(f"{self.model_dir} has no {', '.join(missing)}")
+                self._talker = Talker.from_pretrained(self.model_dir, device=self.speech_device)
+                self._token2wav = Token2Wav.from_pretrained(self.model_dir, device=self.speech_device)
+            except ValueError as e:
+                raise SpeechUnavailable(
+                    f"this checkpoint cannot speak (no talker/token2wav weights or voices): {e}"
+                ) from e
+        return self._talker, self._token2wav
+
+    @property
+    def voices(self) -> list[str]:
+        return self._speech_modules()[1].voices
+
+    def generate(
+        self,
+        prompts,
+        sampling_params=None,
+        *,
+        voice: str | Sequence[str] | None = None,
+        audio: bool = True,
+        talker_sampling: TalkerSampling | Sequence[TalkerSampling] = TalkerSampling(),
+        max_codes: int | None = None,
+        noise: Sequence | None = None,
+    ) -> list[OmniOutput]:
+        """Generate for a batch of prompts (as `vllm.LLM.generate` takes them).
+
+        `voice` and `talker_sampling` may be one value for all or one per prompt; `noise` gives
+        Token2Wav's initial noise per prompt (tensor, generator or seed; see omni_vllm.token2wav).
+        With `audio=False` this is plain vLLM generation.
+        """
+        from vllm import SamplingParams
+
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        n = len(prompts)
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Sequence) else [params] * n
+        if not audio:
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            return [OmniOutput(o.request_id, o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+
+        talker, token2wav = self._speech_modules()
+        voices = [voice or self.default_voice] * n if voice is None or isinstance(voice, str) else list(voice)
+        for v in voices:
+            if v not in token2wav.voices:  # before any work is done
+                raise UnknownVoice(f"unknown voice {v!r}; available voices: {', '.join(token2wav.voices)}")
+        samplings = [talker_sampling] * n if isinstance(talker_sampling, TalkerSampling) else list(talker_sampling)
+
+        collector = HiddenStatesCollector()
+        previous = set_hidden_states_sink(collector)
+        try:
+            outs = self.llm.generate(
+                prompts, [request_hidden_states(copy.copy(p)) for p in params], use_tqdm=False
+            )
+        finally:
+            set_hidden_states_sink(previous)
+
+        codes = self._talk(talker, outs, collector, voices, samplings, max_codes)
+        waves = token2wav.decode([codes[o.request_id] for o in outs], voices, noise)
+        return [
+            OmniOutput(
+                o.request_id,
+                o.outputs[0].text,
+                list(o.outputs[0].token_ids),
+                audio=w.numpy(),
+                codes=codes[o.request_id],
+            )
+            for o, w in zip(outs, waves, strict=True)
+        ]
+
+    @staticmethod
+    def _talk(talker, outs, collector, voices, samplings, max_codes) -> dict[str, list[int]]:
+        """Run the talker over every reply, as many at a time as it has slots."""
+        pending = list(zip(outs, voices, samplings, strict=True))
+        codes: dict[str, list[int]] = {o.request_id: [] for o in outs}
+        while pending or len(talker.ready()):
+            while pending and talker.num_free_slots:
+                out, voice, sampling = pending.pop(0)
+                rid = out.request_id
+                rows = collector.rows(rid)
+                n_prompt = len(out.prompt_token_ids)
+                talker.add_request(
+                    rid,
+                    prompt_ids=torch.tensor(out.prompt_token_ids),
+                    prompt_embeds=rows[:n_prompt, 0],
+                    prompt_hidden=rows[:n_prompt, 1],
+                    prompt_positions=collector.prompt_positions(rid),
+                    voice=voice,
+                    sampling=sampling,
+                    max_codes=max_codes,
+                )
+                for row in rows[n_prompt:]:
+                    talker.add_thinker_token(rid, row[0], row[1])
+                talker.finish_thinker(rid)
+            for rid, step in talker.step().items():
+                if step.code is not None:
+                    codes[rid].append(step.code)
+        return codes
