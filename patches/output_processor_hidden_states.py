@@ -25,20 +25,19 @@ from __future__ import annotations
 import functools
 import inspect
 
-import vllm
+from patches import require_vllm
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 _APPLIED = "_omni_hidden_states_patched"
 
 
 def _check_version() -> None:
-    if vllm.__version__ not in CHECKED_VLLM_VERSIONS:
-        raise RuntimeError(
-            f"omni-vllm patch {__name__} was checked on vLLM {CHECKED_VLLM_VERSIONS} only, "
-            f"but vLLM {vllm.__version__} is installed. Hidden states meant for speech would "
-            "be mistaken for pooling outputs: re-check OutputProcessor.process_outputs, then "
-            "add the version here."
-        )
+    require_vllm(
+        CHECKED_VLLM_VERSIONS,
+        __name__,
+        "Hidden states meant for speech would be mistaken for pooling outputs: re-check "
+        "OutputProcessor.process_outputs.",
+    )
 
 
 def apply() -> None:

@@ -33,21 +33,20 @@ from __future__ import annotations
 import functools
 import inspect
 
-import vllm
+from patches import require_vllm
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 _APPLIED = "_omni_hidden_states_patched"
 
 
 def _check_version() -> None:
-    if vllm.__version__ not in CHECKED_VLLM_VERSIONS:
-        raise RuntimeError(
-            f"omni-vllm patch {__name__} was checked on vLLM {CHECKED_VLLM_VERSIONS} only, "
-            f"but vLLM {vllm.__version__} is installed. The thinker's hidden states for speech "
-            "would silently go missing or be wrong: re-check GPUModelRunner.execute_model / "
-            "_model_forward / sample_tokens and the scheduler's pooler_output pass-through, "
-            "then add the version here."
-        )
+    require_vllm(
+        CHECKED_VLLM_VERSIONS,
+        __name__,
+        "The thinker's hidden states for speech would silently go missing or be wrong: re-"
+        "check GPUModelRunner.execute_model / _model_forward / sample_tokens and the "
+        "scheduler's pooler_output pass-through.",
+    )
 
 
 def apply() -> None:
