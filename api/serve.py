@@ -9,9 +9,9 @@ with no weights should still get a running server. So this wrapper
 - adds defaults that a flag given by the user always overrides: `--host 127.0.0.1 --port 8000`,
   on the CPU platform `--kv-cache-memory-bytes` (4 GiB, 256 MiB for the demo) unless
   VLLM_CPU_KVCACHE_SPACE is set, and for the demo `--max-model-len 2048 --dtype float32 --enforce-eager`;
-- then runs vLLM's own OpenAI API server in this process, every other flag passed through.
-
-Later this module starts our own FastAPI app with audio output; for now it serves vLLM's.
+- then runs vLLM's OpenAI API server with our routes (`api.server`: chat completions that speak,
+  `/v1/audio/speech`) in this process, every other flag passed through. Our own flags
+  (`--default-voice`, `--max-audio-tokens`, limits, ...) are listed by `--help`; see api/README.md.
 """
 
 from __future__ import annotations
@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = vllm_args(argv, cpu=current_platform.is_cpu(), demo_dir=demo_dir or DEMO_DIR)
     _log("vLLM API server args: " + " ".join(args))
-    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+    from api.server import main as serve_main
 
-    sys.argv = ["omni-vllm-serve", *args]
-    vllm_main()
+    serve_main(args)
 
 
 if __name__ == "__main__":

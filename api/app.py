@@ -1,0 +1,549 @@
+"""Our routes on vLLM's OpenAI app: chat completions that speak, and /v1/audio/speech.
+
+`OmniEndpoints` has the shape of a vLLM endpoint plugin (`attach_router` + `init_state`, see
+`vllm.plugins.endpoint_plugins.interface`): `api.server` builds vLLM's own app, lets this replace
+`POST /v1/chat/completions` and add `POST /v1/audio/speech`, and serves it. Everything else
+(`/v1/models`, `/health`, `/metrics`, `/tokenize`, completions, ...) is vLLM's, unchanged.
+
+Chat completions without `"audio"` in `modalities` are handed to vLLM's own handler untouched
+(tools, logprobs, n, beam search, structured output, ... all work as in `vllm serve`). With audio,
+the request is parsed and rendered by vLLM (ChatCompletionRequest, its chat template and media
+loading, `mm_processor_kwargs`), sampled with vLLM's own SamplingParams, and run through the
+SpeechEngine, which streams text and audio together. Details and limits: api/README.md.
+"""
+
+import asyncio
+import base64
+import inspect
+import json
+import time
+import uuid
+from argparse import Namespace
+from collections import OrderedDict
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from openai.types.chat.chat_completion_audio import ChatCompletionAudio
+from pydantic import Field
+from vllm.entrypoints.generate.base.protocol import DeltaMessage
+from vllm.entrypoints.openai.chat_completion import api_router as vllm_chat_router
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+)
+from vllm.entrypoints.serve.engine.protocol import (
+    CompletionTokenUsageInfo,
+    ErrorResponse,
+    OpenAIBaseModel,
+    PromptTokenUsageInfo,
+    UsageInfo,
+)
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.utils.api_utils import (
+    get_max_tokens,
+    load_aware_call,
+    should_include_usage,
+    validate_json_request,
+    with_cancellation,
+)
+from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
+from vllm.logger import init_logger
+
+from api import audio as A
+from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
+from omni_vllm.streaming import StreamConfig
+
+logger = init_logger("omni_vllm.api")
+
+# Qwen2.5-Omni's model card: the talker was trained behind this system prompt; without it the
+# speech of the real checkpoints degrades. Used when audio is asked for and no system message given.
+SPEECH_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+# /v1/audio/speech: Qwen2.5-Omni has no TTS mode, so the model is asked to say the input verbatim.
+TTS_USER_PROMPT = "Repeat the following text exactly as it is written, and say nothing else:\n\n{text}"
+MAX_SPEECH_INPUT_CHARS = 4096
+
+
+@dataclass
+class Settings:
+    """Our server settings (flags of `python -m api.serve`, see api.server)."""
+
+    default_voice: str = "Chelsie"
+    max_audio_tokens: int = 4096  # talker codes per request (50 per second of speech)
+    audio_id_ttl: float = 3600.0  # seconds an `audio.id` can be sent back
+    max_media_mb: float = 25.0
+    max_audio_input_seconds: float = 600.0
+    speech_device: str | None = None
+    max_speaking: int = 32
+    speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> "Settings":
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+
+
+_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
+                422: "UnprocessableEntityError", 503: "ServiceUnavailableError"}  # as vLLM names them
+
+
+class APIError(Exception):
+    """An OpenAI-shaped error answer (vLLM's ErrorResponse) with its HTTP status and `param`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, err_type: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+        self.err_type = err_type or _ERROR_TYPES.get(status, "Error")
+
+    def response(self) -> JSONResponse:
+        err = create_error_response(str(self), err_type=self.err_type, status_code=HTTPStatus(self.status),
+                                    param=self.param)
+        return JSONResponse(err.model_dump(), status_code=self.status)
+
+
+def _error_json(err: ErrorResponse) -> JSONResponse:
+    return JSONResponse(err.model_dump(), status_code=err.error.code)
+
+
+class AudioStore:
+    """Transcripts of audio replies, by `audio.id`, for `audio_id_ttl` seconds (at most `cap`)."""
+
+    def __init__(self, ttl: float, cap: int = 100_000):
+        self.ttl, self.cap, self._items = ttl, cap, OrderedDict()
+
+    @staticmethod
+    def new_id() -> str:
+        return f"audio_{uuid.uuid4().hex}"
+
+    def put(self, transcript: str, audio_id: str | None = None) -> tuple[str, int]:
+        audio_id, expires_at = audio_id or self.new_id(), int(time.time() + self.ttl)
+        self._items[audio_id] = (transcript, expires_at)
+        now = time.time()
+        while self._items and (len(self._items) > self.cap or next(iter(self._items.values()))[1] < now):
+            self._items.popitem(last=False)
+        return audio_id, expires_at
+
+    def get(self, audio_id: str) -> str | None:
+        item = self._items.get(audio_id)
+        if item is None or item[1] < time.time():
+            self._items.pop(audio_id, None)
+            return None
+        return item[0]
+
+
+class Metrics:
+    """Ours, beside vLLM's on /metrics (same Prometheus registry): requests speaking now, seconds of
+    audio produced, time to first audio; and the SpeechEngine's queue gauges (`omni_vllm:speech_*`)."""
+
+    def __init__(self, model_name: str):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.model_name = model_name
+        labels = dict(model_name=model_name)
+        self.speaking = Gauge("omni_vllm:speaking_requests", "Requests producing audio right now.",
+                              ["model_name"], multiprocess_mode="livesum").labels(**labels)
+        self.audio_seconds = Counter("omni_vllm:audio_seconds", "Seconds of audio produced.",
+                                     ["model_name"]).labels(**labels)
+        self.ttfa = Histogram("omni_vllm:time_to_first_audio_seconds",
+                              "From request arrival to its first audio chunk.", ["model_name"],
+                              buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 40, 80)).labels(**labels)
+
+    def attach(self, speech) -> None:
+        """Export `speech.stats()` gauges (waiting requests, talker slots, queued Token2Wav windows)."""
+        from prometheus_client import REGISTRY
+        from prometheus_client.core import GaugeMetricFamily
+
+        model_name = self.model_name
+
+        class _Collector:
+            def collect(self):
+                stats = speech.stats()
+                for key, doc in (("waiting", "Audio requests waiting for a speaking slot."),
+                                 ("talker_slots_used", "Talker KV-cache slots in use."),
+                                 ("queued_windows", "Token2Wav windows ready and waiting to be decoded.")):
+                    g = GaugeMetricFamily(f"omni_vllm:speech_{key}", doc, labels=["model_name"])
+                    g.add_metric([model_name], float(stats.get(key) or 0))
+                    yield g
+
+        REGISTRY.register(_Collector())
+
+
+def _voice_name(voice: Any) -> str | None:
+    return voice.get("id") if isinstance(voice, dict) else voice
+
+
+class SpeechRequest(OpenAIBaseModel):
+    """`POST /v1/audio/speech` (openai.types.audio.SpeechCreateParams)."""
+
+    input: str
+    model: str | None = None
+    voice: str | dict | None = None
+    response_format: str = "mp3"
+    speed: float = 1.0
+    instructions: str | None = None
+    stream_format: Literal["audio", "sse"] = "audio"
+    # extensions (not in OpenAI's API), as in chat completions
+    seed: int | None = Field(default=None, description="Seeds the talker's sampling and the vocoder noise.")
+    max_audio_tokens: int | None = Field(default=None, description="Cap on speech codes (50 per second).")
+
+
+class OmniEndpoints:
+    """Endpoint-plugin-shaped: `attach_router(app)` then `await init_state(engine, app.state, args)`."""
+
+    name = "omni_vllm"
+    required_tasks = ("generate",)
+
+    def __init__(self):
+        self.router = APIRouter()
+        self.router.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"],
+                                  dependencies=[Depends(validate_json_request)])
+        self.router.add_api_route("/v1/audio/speech", self.audio_speech, methods=["POST"],
+                                  dependencies=[Depends(validate_json_request)])
+        self.speech = None
+        self.speech_error: str | None = None
+
+    # ---------------------------------------------------------------- wiring
+
+    def attach_router(self, app: FastAPI) -> None:
+        """Add our routes; they replace vLLM's for the same path and method."""
+        ours = {(r.path, m) for r in self.router.routes for m in r.methods}
+        for route in list(app.router.routes):
+            if isinstance(route, APIRoute) and any((route.path, m) in ours for m in route.methods):
+                app.router.routes.remove(route)
+        app.include_router(self.router)
+        app.openapi_schema = None
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        self.state, self.settings = state, Settings.from_args(args)
+        self.audio_ids = AudioStore(self.settings.audio_id_ttl)
+        self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
+        voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
+        try:
+            self.speech = SpeechEngine(
+                engine_client, _local_checkpoint(engine_client.model_config), device=self.settings.speech_device,
+                max_speaking=self.settings.max_speaking, default_voice=voice,
+                max_codes=self.settings.max_audio_tokens,
+                stream_config=StreamConfig(**self.settings.speech_stream_config or {}))
+        except UnknownVoice as e:
+            raise ValueError(f"--default-voice: {e}") from None
+        self.settings.default_voice = voice
+        if self.speech.has_speech:
+            self.metrics.attach(self.speech)
+        else:
+            self.speech_error = self.speech.unavailable_reason or "no talker / token2wav weights"
+            logger.warning("no speech output (%s); text requests are served as usual", self.speech_error)
+
+    async def shutdown(self) -> None:
+        if self.speech is not None:
+            await self.speech.shutdown()
+
+    # ---------------------------------------------------------------- helpers
+
+    @property
+    def chat(self):
+        return self.state.openai_serving_chat
+
+    def _voice(self, voice: Any, param: str) -> str:
+        name = _voice_name(voice) or self.settings.default_voice
+        for v in self.speech.voices:
+            if v.lower() == str(name).lower():
+                return v
+        raise APIError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}", param=param)
+
+    def _need_speech(self) -> None:
+        if self.speech is None or self.speech_error:
+            raise APIError(f"this model cannot produce audio ({self.speech_error}); ask for "
+                           "modalities [\"text\"] only", param="modalities")
+
+    def _resolve_audio_ids(self, request: ChatCompletionRequest) -> None:
+        """Assistant turns sent back as `audio: {id}` become their transcript (kept audio_id_ttl s)."""
+        for i, msg in enumerate(request.messages):
+            if not (isinstance(msg, dict) and msg.get("role") == "assistant" and msg.get("audio")):
+                continue
+            audio_id = _voice_name(msg["audio"])  # {"id": ...}
+            transcript = self.audio_ids.get(audio_id) if isinstance(audio_id, str) else None
+            if transcript is None:
+                raise APIError(f"audio id {audio_id!r} is unknown or expired (audio ids are kept "
+                               f"{self.settings.audio_id_ttl:g} s); send the assistant turn as text instead",
+                               param=f"messages[{i}].audio.id")
+            msg.pop("audio")
+            if not msg.get("content"):
+                msg["content"] = transcript
+
+    def _check_media(self, request: ChatCompletionRequest) -> None:
+        if (request.mm_processor_kwargs or {}).get("use_audio_in_video") and not _has_pyav():
+            raise APIError("use_audio_in_video needs PyAV on the server to read the video's audio track "
+                           "(pip install av); or send the audio track as its own input_audio part",
+                           param="mm_processor_kwargs.use_audio_in_video")
+        try:
+            A.check_message_media(request.messages, max_bytes=int(self.settings.max_media_mb * 2**20),
+                                  max_audio_seconds=self.settings.max_audio_input_seconds)
+        except A.MediaError as e:
+            raise APIError(str(e), e.status, e.param) from None
+
+    def _max_codes(self, value: Any, param: str) -> int:
+        if value is None:
+            return self.settings.max_audio_tokens
+        if not isinstance(value, int) or value < 1:
+            raise APIError("max_audio_tokens must be a positive integer", param=param)
+        return min(value, self.settings.max_audio_tokens)
+
+    async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int):
+        """Render with vLLM, start the SpeechEngine; returns (request_id, mm token counts, stream,
+        first chunk). Errors before the first chunk are raised here, so they become HTTP errors."""
+        from vllm.entrypoints.openai.chat_completion.serving import _get_mm_token_counts
+
+        if not any(isinstance(m, dict) and m.get("role") == "system" for m in request.messages):
+            request.messages.insert(0, {"role": "system", "content": SPEECH_SYSTEM_PROMPT})
+        rendered = await self.chat.render_chat_request(request)  # model check (404), template, media
+        if isinstance(rendered, ErrorResponse):
+            raise _Rendered(rendered)
+        _, (engine_input,) = rendered
+        max_tokens = get_max_tokens(
+            self.chat.model_config.max_model_len,
+            request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
+            self.chat._extract_prompt_len(engine_input), self.chat.default_sampling_params,
+            self.chat.override_max_tokens, truncate_prompt_tokens=request.truncate_prompt_tokens)
+        params = request.to_sampling_params(max_tokens, self.chat.default_sampling_params)
+        request_id = f"chatcmpl-{self.chat._base_request_id(raw_request, request.request_id)}"
+        kwargs = {}
+        if request.seed is not None:
+            kwargs = dict(talker_sampling=TalkerSampling(seed=request.seed), noise=request.seed)
+        stream = self.speech.generate(engine_input, params, request_id, audio=True, voice=voice,
+                                      max_codes=max_codes, **kwargs)
+        try:
+            first = await anext(stream)
+        except UnknownVoice as e:
+            raise APIError(str(e), param="audio.voice") from None
+        except SpeechUnavailable as e:
+            raise APIError(f"this model cannot produce audio: {e}", param="modalities") from None
+        except SpeechBusy as e:
+            raise APIError(f"too many requests are speaking, retry later ({e})", status=503) from None
+        return request_id, _get_mm_token_counts(engine_input), stream, first
+
+    def _usage(self, final, mm_counts: dict[str, int]) -> UsageInfo:
+        text_tokens = final.completion_tokens
+        return UsageInfo(
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=text_tokens + final.audio_tokens,
+            total_tokens=final.prompt_tokens + text_tokens + final.audio_tokens,
+            prompt_tokens_details=PromptTokenUsageInfo(
+                audio_tokens=mm_counts.get("audio", 0), image_tokens=mm_counts.get("image", 0),
+                multimodal_tokens=mm_counts or None),
+            completion_tokens_details=CompletionTokenUsageInfo(
+                reasoning_tokens=0, audio_tokens=final.audio_tokens, text_tokens=text_tokens),
+        )
+
+    async def _run(self, stream, first, request_id: str, t0: float):
+        """Every chunk of a started request, with metrics; aborts it if the consumer goes away."""
+        self.metrics.speaking.inc()
+        done, got_audio = False, False
+        try:
+            chunk = first
+            while True:
+                if chunk.audio is not None and len(chunk.audio):
+                    if not got_audio:
+                        got_audio = True
+                        self.metrics.ttfa.observe(time.monotonic() - t0)
+                    self.metrics.audio_seconds.inc(len(chunk.audio) / A.SAMPLE_RATE)
+                done = chunk.finished
+                yield chunk
+                if done:
+                    return
+                chunk = await anext(stream)
+        finally:
+            self.metrics.speaking.dec()
+            if not done:  # client disconnected / cancelled: free the engine and speech slots
+                logger.info("aborting %s (client went away)", request_id)
+                await asyncio.shield(self.speech.abort(request_id))
+            await stream.aclose()
+
+    # ---------------------------------------------------------------- /v1/chat/completions
+
+    @with_cancellation
+    @load_aware_call
+    async def chat_completions(self, request: ChatCompletionRequest, raw_request: Request):
+        t0 = time.monotonic()
+        try:
+            extra = request.model_extra or {}
+            modalities = extra.get("modalities") or ["text"]
+            if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"}:
+                raise APIError(f"modalities must be [\"text\"] or [\"text\", \"audio\"], got {modalities!r}",
+                               param="modalities")
+            self._resolve_audio_ids(request)
+            self._check_media(request)
+            if "audio" not in modalities:
+                return await inspect.unwrap(vllm_chat_router.create_chat_completion)(request, raw_request)
+            self._need_speech()
+            opts = extra.get("audio") or {}
+            if not isinstance(opts, dict):
+                raise APIError("audio must be an object {voice, format}", param="audio")
+            voice = self._voice(opts.get("voice"), "audio.voice")
+            fmt = A.check_format(opts.get("format") or ("pcm16" if request.stream else "wav"),
+                                 A.CHAT_FORMATS, "audio.format")
+            if request.stream and fmt != "pcm16":
+                raise APIError("streamed audio is sent as pcm16 (24 kHz, 16-bit, mono): set audio.format "
+                               "to \"pcm16\", or do not stream", param="audio.format")
+            if (request.n or 1) != 1 or request.use_beam_search:
+                raise APIError("audio output supports n=1 without beam search", param="n")
+            max_codes = self._max_codes(extra.get("max_audio_tokens"), "max_audio_tokens")
+            request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes)
+        except APIError as e:
+            return e.response()
+        except A.MediaError as e:
+            return APIError(str(e), e.status, e.param).response()
+        except _Rendered as e:
+            return _error_json(e.err)
+        chunks = self._run(stream, first, request_id, t0)
+        model = self.chat.models.model_name(None) if request.model is None else request.model
+        if request.stream:
+            gen = self._chat_stream(request, chunks, request_id, model, mm_counts)
+            interval = float(getattr(self.state.args, "sse_keep_alive_interval", 0) or 0)
+            return StreamingResponse(with_sse_keep_alive(gen, interval), media_type="text/event-stream")
+        return await self._chat_full(request, chunks, request_id, model, fmt, mm_counts)
+
+    async def _chat_full(self, request, chunks, request_id, model, fmt, mm_counts) -> JSONResponse:
+        text, token_ids, waves, final = [], [], [], None
+        async for c in chunks:
+            text.append(c.text)
+            token_ids += c.token_ids
+            if c.audio is not None:
+                waves.append(c.audio)
+            final = c
+        transcript = "".join(text)
+        wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
+        audio_id, expires_at = self.audio_ids.put(transcript)
+        data = await asyncio.to_thread(A.encode, wave, fmt)
+        message = ChatMessage(role="assistant", content=None, audio=ChatCompletionAudio(
+            id=audio_id, data=base64.b64encode(data).decode(), expires_at=expires_at, transcript=transcript))
+        choice = ChatCompletionResponseChoice(index=0, message=message, finish_reason=final.finish_reason,
+                                              token_ids=token_ids if request.return_token_ids else None)
+        resp = ChatCompletionResponse(id=request_id, model=model, choices=[choice], usage=self._usage(final, mm_counts))
+        return JSONResponse(resp.model_dump())
+
+    async def _chat_stream(self, request, chunks, request_id, model, mm_counts):
+        created = int(time.time())
+        include_usage, _ = should_include_usage(request.stream_options, self.chat.enable_force_include_usage)
+        audio_id = self.audio_ids.new_id()
+
+        def event(delta: DeltaMessage | None, finish_reason=None, usage=None) -> str:
+            choices = [] if delta is None else [ChatCompletionResponseStreamChoice(
+                index=0, delta=delta, finish_reason=finish_reason)]
+            chunk = ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices)
+            if usage is not None:
+                chunk.usage = usage
+            return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+
+        transcript, final = [], None
+        yield event(DeltaMessage(role="assistant", content=None, audio={"id": audio_id, "transcript": ""}))
+        async for c in chunks:
+            part: dict[str, Any] = {}
+            if c.text:
+                transcript.append(c.text)
+                part["transcript"] = c.text
+            if c.audio is not None and len(c.audio):
+                part["data"] = base64.b64encode(A.pcm16(c.audio)).decode()
+            if part:
+                yield event(DeltaMessage(audio={"id": audio_id, **part}))
+            final = c
+        _, expires_at = self.audio_ids.put("".join(transcript), audio_id)
+        yield event(DeltaMessage(audio={"id": audio_id, "expires_at": expires_at}), finish_reason=final.finish_reason)
+        if include_usage:
+            yield event(None, usage=self._usage(final, mm_counts))
+        yield "data: [DONE]\n\n"
+
+    # ---------------------------------------------------------------- /v1/audio/speech
+
+    @with_cancellation
+    async def audio_speech(self, request: SpeechRequest, raw_request: Request):
+        t0 = time.monotonic()
+        try:
+            if (err := await self.chat._check_model(request)) is not None:
+                return _error_json(err)
+            self._need_speech()
+            voice = self._voice(request.voice, "voice")
+            fmt = A.check_format(request.response_format, A.SPEECH_FORMATS, "response_format")
+            if not 0.25 <= request.speed <= 4.0:
+                raise APIError("speed must be between 0.25 and 4.0", param="speed")
+            if not request.input.strip():
+                raise APIError("input is empty", param="input")
+            if len(request.input) > MAX_SPEECH_INPUT_CHARS:
+                raise APIError(f"input is longer than {MAX_SPEECH_INPUT_CHARS} characters", param="input")
+            if request.instructions:
+                logger.debug("speech instructions ignored (Qwen2.5-Omni has no style control): %r",
+                             request.instructions)
+            n_in = len(self.chat.renderer.tokenizer.encode(request.input))
+            chat = ChatCompletionRequest(
+                model=request.model, temperature=0.0, seed=request.seed, max_completion_tokens=2 * n_in + 16,
+                messages=[{"role": "system", "content": SPEECH_SYSTEM_PROMPT},
+                          {"role": "user", "content": TTS_USER_PROMPT.format(text=request.input)}])
+            max_codes = self._max_codes(request.max_audio_tokens, "max_audio_tokens")
+            request_id, _, stream, first = await self._start(chat, raw_request, voice, max_codes)
+        except APIError as e:
+            return e.response()
+        except A.MediaError as e:
+            return APIError(str(e), e.status, e.param).response()
+        except _Rendered as e:
+            return _error_json(e.err)
+        chunks = self._run(stream, first, request_id, t0)
+        final: dict[str, Any] = {}
+        body = self._speech_bytes(chunks, fmt, request.speed, final)
+        if request.stream_format == "sse":
+            return StreamingResponse(self._speech_sse(body, final), media_type="text/event-stream")
+        return StreamingResponse(body, media_type=A.content_type(fmt))
+
+    async def _speech_bytes(self, chunks, fmt: str, speed: float, final: dict):
+        enc, resample = A.StreamEncoder(fmt), A.Resampler(speed)
+        async for c in chunks:
+            if c.audio is not None and len(c.audio):
+                if data := enc.push(resample(c.audio)):
+                    yield data
+            if c.finished:
+                final["chunk"] = c
+        if data := enc.push(resample(np.zeros(0, np.float32), final=True)) + await asyncio.to_thread(enc.finish):
+            yield data
+
+    async def _speech_sse(self, body, final: dict):
+        async for data in body:
+            for piece in A.chunks_of(data, 48_000):
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(piece).decode()}
+                yield f"data: {json.dumps(event)}\n\n"
+        last = final["chunk"]
+        usage = dict(input_tokens=last.prompt_tokens, output_tokens=last.audio_tokens,
+                     total_tokens=last.prompt_tokens + last.audio_tokens)
+        yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
+
+
+class _Rendered(Exception):
+    """vLLM's renderer answered with an ErrorResponse (bad model name, bad media, template error)."""
+
+    def __init__(self, err: ErrorResponse):
+        super().__init__(err.error.message)
+        self.err = err
+
+
+def _has_pyav() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
+
+
+def _local_checkpoint(model_config) -> Path:
+    """The checkpoint folder (a path, or a Hugging Face id: its snapshot, spk_dict.pt included)."""
+    path = Path(model_config.model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_config.model, revision=model_config.revision))

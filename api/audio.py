@@ -1,0 +1,199 @@
+"""Audio in and out of the HTTP API: output encoding, speed change, checks on uploaded media.
+
+Output is 24 kHz mono (Token2Wav's rate). Encoders are libsndfile's (through `soundfile`), which
+writes WAV, FLAC, MP3 and Ogg/Opus; `pcm`/`pcm16` is raw signed 16-bit little-endian. AAC has no
+encoder here (libsndfile has none, PyAV/ffmpeg is not installed), so asking for it is a clear 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+
+SAMPLE_RATE = 24000
+
+# format name -> (libsndfile format, subtype, content type); None: raw pcm16
+_FORMATS: dict[str, tuple[str, str, str] | None] = {
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+    "opus": ("OGG", "OPUS", "audio/ogg"),
+    "pcm": None,
+    "pcm16": None,
+}
+UNAVAILABLE_FORMATS = {"aac": "no AAC encoder is installed on this server (libsndfile has none)"}
+CHAT_FORMATS = ("wav", "mp3", "flac", "opus", "pcm16")  # `audio.format` of chat completions
+SPEECH_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")  # `response_format` of /v1/audio/speech
+
+
+class MediaError(ValueError):
+    """A problem with media in a request; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+def check_format(fmt: str | None, allowed: tuple[str, ...], param: str) -> str:
+    fmt = (fmt or "").lower()
+    if fmt in UNAVAILABLE_FORMATS and fmt not in _FORMATS:
+        raise MediaError(f"audio format {fmt!r} is not supported: {UNAVAILABLE_FORMATS[fmt]}; "
+                         f"use one of {', '.join(allowed)}", param=param)
+    if fmt not in allowed:
+        raise MediaError(f"unknown audio format {fmt!r}; use one of {', '.join(allowed)}", param=param)
+    return fmt
+
+
+def content_type(fmt: str) -> str:
+    spec = _FORMATS[fmt]
+    return "audio/pcm" if spec is None else spec[2]
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    """float32 [-1, 1] -> int16 little-endian bytes (clipped)."""
+    return (np.clip(np.asarray(audio, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+def encode(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """The whole clip as a file of format `fmt`."""
+    spec = _FORMATS[fmt]
+    if spec is None:
+        return pcm16(audio)
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(audio, np.float32), sample_rate, format=spec[0], subtype=spec[1])
+    return buf.getvalue()
+
+
+def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as streamers do)."""
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", 0xFFFFFFFF))
+
+
+class StreamEncoder:
+    """Bytes of format `fmt` as audio arrives: pcm and wav go out chunk by chunk; the compressed
+    containers (mp3, flac, opus) are encoded once the clip is complete, since their headers
+    (FLAC STREAMINFO, the MP3 Xing frame) are rewritten at the end."""
+
+    def __init__(self, fmt: str):
+        self.fmt, self._held, self._started = fmt, [], False
+
+    @property
+    def incremental(self) -> bool:
+        return self.fmt in ("pcm", "pcm16", "wav")
+
+    def _head(self) -> bytes:
+        head = wav_stream_header() if self.fmt == "wav" and not self._started else b""
+        self._started = True
+        return head
+
+    def push(self, audio: np.ndarray) -> bytes:
+        if self.incremental:
+            return self._head() + pcm16(audio)
+        self._held.append(np.asarray(audio, np.float32))
+        return b""
+
+    def finish(self) -> bytes:
+        if self.incremental:
+            return self._head()
+        return encode(np.concatenate(self._held) if self._held else np.zeros(0, np.float32), self.fmt)
+
+
+class Resampler:
+    """Speed change by resampling (linear interpolation), continuous across chunks.
+
+    `speed` 2.0 plays twice as fast: half the samples, and the pitch goes up an octave too (this
+    is a resampler, not a pitch-preserving time stretch)."""
+
+    def __init__(self, speed: float):
+        self.speed, self._pos, self._tail = float(speed), 0.0, np.zeros(0, np.float32)
+
+    def __call__(self, audio: np.ndarray, final: bool = False) -> np.ndarray:
+        if self.speed == 1.0:
+            return np.asarray(audio, np.float32)
+        x = np.concatenate([self._tail, np.asarray(audio, np.float32)])
+        last = len(x) - 1 if final else len(x) - 2  # keep one sample of right context
+        if last < 0:
+            self._tail = x
+            return np.zeros(0, np.float32)
+        pos = np.arange(self._pos, last + 1e-9, self.speed) if self._pos <= last else np.zeros(0)
+        out = np.interp(pos, np.arange(len(x)), x).astype(np.float32)
+        nxt = self._pos + len(pos) * self.speed
+        keep = min(int(np.floor(nxt)), len(x))
+        self._tail, self._pos = x[keep:], nxt - keep
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checks on media in chat messages (before vLLM loads them): size, base64, decodability, length
+# --------------------------------------------------------------------------------------------
+
+
+def _b64decode(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MediaError(f"{param}: invalid base64 data ({e})", param=param) from None
+
+
+def _check_audio_bytes(raw: bytes, param: str, max_seconds: float) -> None:
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(raw))
+    except Exception:  # noqa: BLE001 - libsndfile says only "could not open"
+        raise MediaError(f"{param}: the audio could not be decoded (send WAV, FLAC, MP3 or OGG)",
+                         status=422, param=param) from None
+    if info.duration > max_seconds:
+        raise MediaError(f"{param}: audio is {info.duration:.1f} s long, the limit is {max_seconds:g} s",
+                         status=413, param=param)
+
+
+def check_message_media(messages: list, *, max_bytes: int, max_audio_seconds: float) -> None:
+    """Raise MediaError for inline media (data URLs, `input_audio`) that is malformed or too big.
+
+    Media fetched from http(s) URLs is left to vLLM's own limits (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB,
+    VLLM_MAX_AUDIO_DECODE_DURATION_S, which `api.server` sets from the same settings).
+    """
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            param = f"messages[{i}].content[{j}]"
+            if kind == "input_audio":
+                data = (part.get("input_audio") or {}).get("data") or ""
+                audio = True
+            elif kind in ("audio_url", "image_url", "video_url"):
+                url = part.get(kind)
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url[:5].lower() == "data:":
+                    continue
+                head, _, data = url.partition(",")
+                if not head.endswith(";base64"):
+                    continue  # vLLM answers non-base64 data URLs itself
+                audio = kind == "audio_url"
+            else:
+                continue
+            if len(data) * 3 // 4 > max_bytes:
+                raise MediaError(f"{param}: media is larger than the server's limit of "
+                                 f"{max_bytes / 2**20:g} MiB", status=413, param=param)
+            raw = _b64decode(data, param)
+            if audio:
+                _check_audio_bytes(raw, param, max_audio_seconds)
+
+
+def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]

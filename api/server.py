@@ -1,0 +1,102 @@
+"""Run vLLM's OpenAI server with our routes (`api.app.OmniEndpoints`) on it.
+
+This is vLLM's own `run_server` (vllm/entrypoints/launchers/api_server/entry.py), step for step,
+with two lines added: our routes are attached after `build_app` and initialised after
+`init_app_state`. The command line is vLLM's (`make_arg_parser`) plus the flags of `add_omni_args`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from argparse import Namespace
+
+from api.app import OmniEndpoints, Settings
+
+D = Settings()
+
+
+def add_omni_args(parser):
+    g = parser.add_argument_group("omni-vllm (speech output)")
+    g.add_argument("--default-voice", default=D.default_voice,
+                   help="Voice when a request names none (Chelsie or Ethan, case-insensitive).")
+    g.add_argument("--max-audio-tokens", type=int, default=D.max_audio_tokens,
+                   help="Most talker codec tokens per request (50 per second of speech).")
+    g.add_argument("--audio-id-ttl", type=float, default=D.audio_id_ttl,
+                   help="Seconds an assistant `audio.id` can be sent back in a later turn.")
+    g.add_argument("--max-media-mb", type=float, default=D.max_media_mb,
+                   help="Largest inline media item (data URL / input_audio), MiB; larger is a 413.")
+    g.add_argument("--max-audio-input-seconds", type=float, default=D.max_audio_input_seconds,
+                   help="Longest audio input, seconds; longer is a 413.")
+    g.add_argument("--speech-device", default=D.speech_device,
+                   help="Device of the talker and Token2Wav; unset: cuda if available, else cpu.")
+    g.add_argument("--max-speaking", type=int, default=D.max_speaking,
+                   help="Most requests producing audio at once; more wait for a slot.")
+    g.add_argument("--speech-stream-config", type=json.loads, default=None,
+                   help="Streaming Token2Wav windows, JSON of omni_vllm.streaming.StreamConfig fields, e.g. "
+                        "'{\"first_chunk\": 12}'; unset: its defaults (first audio after 48 codes).")
+    return parser
+
+
+def parse_args(argv: list[str]) -> Namespace:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = add_omni_args(make_arg_parser(FlexibleArgumentParser(
+        description="omni-vllm: vLLM's OpenAI-compatible server with speech output for Qwen2.5-Omni.")))
+    args = parser.parse_args(argv)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    # URL-fetched media gets the same limits, through vLLM's own settings (unless set already).
+    os.environ.setdefault("VLLM_MAX_AUDIO_CLIP_FILESIZE_MB", str(max(1, int(args.max_media_mb))))
+    os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))
+    return args
+
+
+async def run_server(args: Namespace, **uvicorn_kwargs) -> None:
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+    from vllm.utils.system_utils import decorate_logs
+
+    decorate_logs("APIServer", skip_if_decorated=True)
+
+    def _interrupt_init(*_) -> None:  # SIGTERM before uvicorn installs its handlers
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, _interrupt_init)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    if (log_config := get_uvicorn_log_config(args)) is not None:
+        uvicorn_kwargs["log_config"] = log_config
+    omni = OmniEndpoints()
+    async with build_async_engine_client(args) as engine_client:
+        supported_tasks = await engine_client.get_supported_tasks()
+        app = build_app(args, supported_tasks, engine_client.model_config)
+        omni.attach_router(app)
+        await init_app_state(engine_client, app.state, args, supported_tasks)
+        await omni.init_state(engine_client, app.state, args)
+        shutdown_task = await serve_http(
+            app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
+            log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE, ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers, h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count, **uvicorn_kwargs)
+        await omni.shutdown()
+    try:  # as vLLM: await the HTTP server's shutdown only after the engine is gone
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def main(argv: list[str]) -> None:
+    import uvloop
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    uvloop.run(run_server(parse_args(argv)))

@@ -1,0 +1,112 @@
+"""Helpers of tests/test_api.py: start `python -m api.serve` in a subprocess, make test media."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HEALTH_TIMEOUT_S = 300
+SERVER_FLAGS = ["--max-model-len", "2048", "--enforce-eager", "--kv-cache-memory-bytes", str(2**28),
+                "--dtype", "float32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(log: Path, n: int = 80) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+@contextlib.contextmanager
+def running_server(checkpoint: Path, log: Path, *flags: str, name: str = "tiny-omni"):
+    """A real server on `checkpoint` (its own engine processes); yields its base URL and log."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "api.serve", str(checkpoint), "--port", str(port), *SERVER_FLAGS,
+           "--served-model-name", name, *flags]
+    # Serve the way users do: conftest makes test engines in-process, a server keeps its own processes.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        t0, deadline = time.monotonic(), time.monotonic() + HEALTH_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy after {HEALTH_TIMEOUT_S} s:\n{tail(log)}")
+            time.sleep(0.5)
+        print(f"server healthy after {time.monotonic() - t0:.1f} s")
+        yield {"base_url": f"http://127.0.0.1:{port}/v1", "root": f"http://127.0.0.1:{port}", "log": log,
+               "model": name}
+    finally:
+        proc.terminate()  # the API server stops its engine processes; then whatever is left of the group
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def metric(root: str, name: str) -> float | None:
+    """The first sample of Prometheus metric `name` on the server's /metrics."""
+    with urllib.request.urlopen(f"{root}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name) and line[len(name)] in " {":
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+# ------------------------------------------------------------------------------- media
+
+
+def wav_b64(audio: np.ndarray, sr: int = 16000) -> str:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio, sr, format="WAV")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def png_data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def mp4_data_url(frames: np.ndarray, fps: float = 2.0) -> str:
+    """(T, H, W, 3) uint8 RGB frames as an MPEG-4 (mp4v) data URL, written with OpenCV."""
+    import cv2
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "clip.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, frames.shape[2:0:-1])
+        for f in frames:
+            writer.write(np.ascontiguousarray(f[..., ::-1]))
+        writer.release()
+        data = Path(path).read_bytes()
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
