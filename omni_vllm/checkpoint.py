@@ -15,6 +15,17 @@ import torch
 THINKER_EMBEDDING = "thinker.model.embed_tokens.weight"
 
 
+def local_checkpoint(model: str | Path) -> Path:
+    """The directory of `model`: a path, or a Hugging Face id (fetched into the local cache,
+    where vLLM will have put it already)."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model)))
+
+
 def tensor_files(model_dir: str | Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, for single-file and sharded checkpoints."""
     from safetensors import safe_open

@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from omni_vllm.checkpoint import local_checkpoint
 from omni_vllm.errors import SpeechUnavailable, UnknownVoice
 from omni_vllm.hidden_states import HiddenStatesCollector, request_hidden_states, set_hidden_states_sink
 from omni_vllm.talker import Talker, TalkerSampling
@@ -35,16 +35,6 @@ class OmniOutput:
     audio: np.ndarray | None = None
     codes: list[int] = field(default_factory=list)
     sample_rate: int = SAMPLE_RATE
-
-
-def local_checkpoint(model: str) -> Path:
-    """The directory of `model` (a path, or a Hugging Face id already in the local cache)."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model))
 
 
 class OmniLLM:

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from omni_vllm.checkpoint import local_checkpoint
 from omni_vllm.errors import SpeechBusy, SpeechUnavailable, UnknownVoice
 from omni_vllm.hidden_states import HiddenStatesChunk, request_hidden_states, set_hidden_states_sink
 from omni_vllm.streaming import StreamConfig, StreamingToken2Wav, StreamState, decode_windows
@@ -415,15 +416,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _local_dir(model: str) -> Path:
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model))
-
-
 class SpeechEngine:
     """Text and streamed speech for AsyncLLM requests (see the module docstring)."""
 
@@ -526,7 +518,7 @@ class SpeechEngine:
 
         engine = AsyncLLM.from_engine_args(engine_args)
         try:
-            self = cls(engine, _local_dir(engine_args.model), **kwargs)
+            self = cls(engine, local_checkpoint(engine_args.model), **kwargs)
         except BaseException:
             engine.shutdown()
             raise

@@ -3,72 +3,18 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from api.serve import vllm_args
-
-ROOT = Path(__file__).resolve().parents[1]
-HEALTH_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(log: Path, n: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+from api_server import running_server, tail
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "api.serve", str(tiny_checkpoint_dir), "--port", str(port),
-           "--max-model-len", "2048", "--enforce-eager", "--kv-cache-memory-bytes", str(2**28),
-           "--dtype", "float32", "--served-model-name", "tiny-omni"]
-    # Serve the way users do: conftest makes test engines in-process, a server keeps its own processes.
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        t0, deadline = time.monotonic(), time.monotonic() + HEALTH_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {HEALTH_TIMEOUT_S} s:\n{_tail(log)}")
-            time.sleep(0.5)
-        print(f"server healthy after {time.monotonic() - t0:.1f} s")
-        yield {"base_url": f"http://127.0.0.1:{port}/v1", "log": log, "model": "tiny-omni"}
-    finally:
-        # SIGTERM the API server (it stops its engine processes), then kill whatever is left of the group.
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+    with running_server(tiny_checkpoint_dir, log) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +53,7 @@ def test_chat_completion_stream(client, server):
 
 def test_our_model_class_served(server):
     log = server["log"].read_text(errors="replace")
-    assert "omni-vllm thinker:" in log, _tail(server["log"])
+    assert "omni-vllm thinker:" in log, tail(server["log"])
     assert "vLLM API server args:" in log  # the request went through our wrapper
 
 
