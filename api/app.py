@@ -223,6 +223,13 @@ class OmniEndpoints:
                 app.router.routes.remove(route)
         app.include_router(self.router)
         app.openapi_schema = None
+        # A body FastAPI cannot parse (e.g. invalid UTF-8) raises Starlette's HTTPException; vLLM's handler is
+        # registered for FastAPI's subclass only, so that 400 came back as {"detail": ...}: make it OpenAI-shaped.
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+        from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
+        app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+        if app.middleware_stack is not None:  # built already by vLLM's SageMaker bootstrap: rebuild with it
+            app.middleware_stack = app.build_middleware_stack()
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         self.state, self.settings = state, Settings.from_args(args)
@@ -282,10 +289,6 @@ class OmniEndpoints:
                 msg["content"] = transcript
 
     def _check_media(self, request: ChatCompletionRequest) -> None:
-        if (request.mm_processor_kwargs or {}).get("use_audio_in_video") and not _has_pyav():
-            raise APIError("use_audio_in_video needs PyAV on the server to read the video's audio track "
-                           "(pip install av); or send the audio track as its own input_audio part",
-                           param="mm_processor_kwargs.use_audio_in_video")
         try:
             A.check_message_media(request.messages, max_bytes=int(self.settings.max_media_mb * 2**20),
                                   max_audio_seconds=self.settings.max_audio_input_seconds)
@@ -302,8 +305,6 @@ class OmniEndpoints:
     async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int):
         """Render with vLLM, start the SpeechEngine; returns (request_id, mm token counts, stream,
         first chunk). Errors before the first chunk are raised here, so they become HTTP errors."""
-        from vllm.entrypoints.openai.chat_completion.serving import _get_mm_token_counts
-
         if not any(isinstance(m, dict) and m.get("role") == "system" for m in request.messages):
             request.messages.insert(0, {"role": "system", "content": SPEECH_SYSTEM_PROMPT})
         rendered = await self.chat.render_chat_request(request)  # model check (404), template, media
@@ -330,7 +331,7 @@ class OmniEndpoints:
             raise APIError(f"this model cannot produce audio: {e}", param="modalities") from None
         except SpeechBusy as e:
             raise APIError(f"too many requests are speaking, retry later ({e})", status=503) from None
-        return request_id, _get_mm_token_counts(engine_input), stream, first
+        return request_id, _mm_token_counts(engine_input), stream, first
 
     def _usage(self, final, mm_counts: dict[str, int]) -> UsageInfo:
         text_tokens = final.completion_tokens
@@ -533,10 +534,13 @@ class _Rendered(Exception):
         self.err = err
 
 
-def _has_pyav() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("av") is not None
+def _mm_token_counts(engine_input) -> dict[str, int]:
+    """Prompt tokens of each modality. Unlike vLLM's `_get_mm_token_counts` (placeholder spans), this
+    counts the tokens that take the modality's embeddings (`PlaceholderRange.is_embed`): with
+    `use_audio_in_video` the video and its audio share one interleaved span, and each counts only its
+    own tokens in it."""
+    return {modality: sum(p.get_num_embeds() for p in ranges)
+            for modality, ranges in (engine_input.get("mm_placeholders") or {}).items() if ranges}
 
 
 def _local_checkpoint(model_config) -> Path:

@@ -1,8 +1,9 @@
 """Audio in and out of the HTTP API: output encoding, speed change, checks on uploaded media.
 
 Output is 24 kHz mono (Token2Wav's rate). Encoders are libsndfile's (through `soundfile`), which
-writes WAV, FLAC, MP3 and Ogg/Opus; `pcm`/`pcm16` is raw signed 16-bit little-endian. AAC has no
-encoder here (libsndfile has none, PyAV/ffmpeg is not installed), so asking for it is a clear 400.
+writes WAV, FLAC, MP3 and Ogg/Opus, and FFmpeg's native AAC encoder (through PyAV, `av`) for AAC,
+written as a raw ADTS stream (`.aac`, what OpenAI returns); `pcm`/`pcm16` is raw signed 16-bit
+little-endian.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import numpy as np
 
 SAMPLE_RATE = 24000
 
-# format name -> (libsndfile format, subtype, content type); None: raw pcm16
+# format name -> (libsndfile format, subtype, content type); None: raw pcm16; "aac": PyAV's
+# (container, codec, content type)
 _FORMATS: dict[str, tuple[str, str, str] | None] = {
+    "aac": ("adts", "aac", "audio/aac"),
     "wav": ("WAV", "PCM_16", "audio/wav"),
     "flac": ("FLAC", "PCM_16", "audio/flac"),
     "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
@@ -26,9 +29,9 @@ _FORMATS: dict[str, tuple[str, str, str] | None] = {
     "pcm": None,
     "pcm16": None,
 }
-UNAVAILABLE_FORMATS = {"aac": "no AAC encoder is installed on this server (libsndfile has none)"}
-CHAT_FORMATS = ("wav", "mp3", "flac", "opus", "pcm16")  # `audio.format` of chat completions
-SPEECH_FORMATS = ("mp3", "opus", "flac", "wav", "pcm")  # `response_format` of /v1/audio/speech
+CHAT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")  # `audio.format` of chat completions
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # `response_format` of /v1/audio/speech
+AAC_BIT_RATE = 64000  # mono speech at 24 kHz
 
 
 class MediaError(ValueError):
@@ -41,9 +44,6 @@ class MediaError(ValueError):
 
 def check_format(fmt: str | None, allowed: tuple[str, ...], param: str) -> str:
     fmt = (fmt or "").lower()
-    if fmt in UNAVAILABLE_FORMATS and fmt not in _FORMATS:
-        raise MediaError(f"audio format {fmt!r} is not supported: {UNAVAILABLE_FORMATS[fmt]}; "
-                         f"use one of {', '.join(allowed)}", param=param)
     if fmt not in allowed:
         raise MediaError(f"unknown audio format {fmt!r}; use one of {', '.join(allowed)}", param=param)
     return fmt
@@ -64,10 +64,33 @@ def encode(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes
     spec = _FORMATS[fmt]
     if spec is None:
         return pcm16(audio)
+    if fmt == "aac":
+        return encode_aac(audio, sample_rate)
     import soundfile as sf
 
     buf = io.BytesIO()
     sf.write(buf, np.asarray(audio, np.float32), sample_rate, format=spec[0], subtype=spec[1])
+    return buf.getvalue()
+
+
+def encode_aac(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, bit_rate: int = AAC_BIT_RATE) -> bytes:
+    """Mono AAC-LC as an ADTS stream (FFmpeg's native encoder, through PyAV). The decoded clip is
+    longer than the input by the encoder's priming and the padding of its last 1024-sample frame."""
+    import av
+
+    audio = np.clip(np.asarray(audio, np.float32), -1.0, 1.0).reshape(1, -1)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="adts") as out:
+        stream = out.add_stream("aac", rate=sample_rate, layout="mono")
+        stream.bit_rate = bit_rate
+        frames = []
+        if audio.shape[1]:
+            frame = av.AudioFrame.from_ndarray(audio, format="flt", layout="mono")
+            frame.sample_rate = sample_rate
+            frames.append(frame)
+        for frame in [*frames, None]:  # None flushes the encoder
+            for packet in stream.encode(frame):
+                out.mux(packet)
     return buf.getvalue()
 
 
@@ -80,7 +103,7 @@ def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
 
 class StreamEncoder:
     """Bytes of format `fmt` as audio arrives: pcm and wav go out chunk by chunk; the compressed
-    containers (mp3, flac, opus) are encoded once the clip is complete, since their headers
+    formats (mp3, flac, opus, aac) are encoded once the clip is complete, since their headers
     (FLAC STREAMINFO, the MP3 Xing frame) are rewritten at the end."""
 
     def __init__(self, fmt: str):

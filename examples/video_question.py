@@ -1,55 +1,55 @@
-"""A video with its sound, and a question; spoken answer.
+"""A video with its own sound, and a question; spoken answer.
 
-    python examples/video_question.py --video clip.mp4 --use-audio-in-video --out answer.wav
-    python examples/video_question.py --video clip.mp4 --audio-track clip.wav --out answer.wav
+    python examples/video_question.py --video clip.mp4 --out answer.wav
 
-`--use-audio-in-video` lets the server read the clip's own sound track and interleave it with the
-frames as Qwen2.5-Omni was trained (2-second chunks, TMRoPE); the server needs PyAV (`pip install av`)
-and `--trust-request-mm-kwargs`. `--audio-track` sends the sound as its own audio part instead (works
-everywhere; the model then hears it beside the video, not interleaved). Without --video a short clip
-is drawn with OpenCV (pip install opencv-python-headless) and a tone is its sound track.
+The clip goes in as a `video_url` with `mm_processor_kwargs: {"use_audio_in_video": true}`: the server
+reads the clip's own sound track and interleaves it with the frames as Qwen2.5-Omni was trained
+(2-second chunks, video then its audio, TMRoPE). The server must be started with
+`--trust-request-mm-kwargs` (vLLM's flag for per-request `mm_processor_kwargs`). Without --video a
+4-second clip is made with PyAV (`av`): a square moving over 8 frames, and a tone as its sound.
+`--no-audio-in-video` sends the frames only.
 """
 
-import base64
-import os
-import tempfile
+import io
 from pathlib import Path
 
-from common import connect, data_url, parser, speak, tone_wav
+from common import connect, data_url, parser, speak
 
 
-def demo_clip() -> bytes:
-    import cv2
+def demo_clip(seconds: int = 4, fps: int = 2, freq: float = 330.0, sr: int = 16000) -> bytes:
+    """An MP4 (MPEG-4 video, AAC sound) made with PyAV."""
+    import av
     import numpy as np
 
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "demo.mp4")
-        w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 2, (96, 64))
-        for i in range(4):
-            frame = np.full((64, 96, 3), 40 * i, np.uint8)
-            frame[20:44, 10 + 20 * i:34 + 20 * i] = 255
-            w.write(frame)
-        w.release()
-        return Path(path).read_bytes()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        video = out.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = 96, 64, "yuv420p"
+        sound = out.add_stream("aac", rate=sr, layout="mono")
+        for i in range(seconds * fps):
+            frame = np.full((64, 96, 3), 20 * i, np.uint8)
+            frame[20:44, 4 + 8 * i:28 + 8 * i] = 255
+            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        t = np.arange(seconds * sr) / sr
+        tone = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)[None],
+                                          format="flt", layout="mono")
+        tone.sample_rate = sr
+        for stream, frame in ((video, None), (sound, tone), (sound, None)):
+            for packet in stream.encode(frame):
+                out.mux(packet)
+    return buf.getvalue()
 
 
 if __name__ == "__main__":
     p = parser(__doc__, "video_answer.wav")
-    p.add_argument("--video", default=None, help="a video file (mp4, avi, webm, ...)")
-    p.add_argument("--audio-track", default=None, help="the video's sound as an audio file")
-    p.add_argument("--use-audio-in-video", action="store_true", help="the server reads the video's own sound")
+    p.add_argument("--video", default=None, help="a video file (mp4, webm, mkv, ...) with a sound track")
+    p.add_argument("--no-audio-in-video", action="store_true", help="send the frames only")
     p.add_argument("--question", default="What happens in this video, and what do you hear?")
     args = p.parse_args()
     client, model = connect(args)
     video = Path(args.video).read_bytes() if args.video else demo_clip()
-    content = [{"type": "video_url", "video_url": {"url": data_url(video, "video/mp4")}}]
-    kw = {}
-    if args.use_audio_in_video:
-        kw["extra_body"] = {"mm_processor_kwargs": {"use_audio_in_video": True}}
-    else:
-        track = Path(args.audio_track).read_bytes() if args.audio_track else tone_wav(2.0, 330.0)
-        fmt = Path(args.audio_track).suffix.lstrip(".") if args.audio_track else "wav"
-        content.append({"type": "input_audio", "input_audio": {"data": base64.b64encode(track).decode(),
-                                                               "format": fmt}})
-    content.append({"type": "text", "text": args.question})
+    content = [{"type": "video_url", "video_url": {"url": data_url(video, "video/mp4")}},
+               {"type": "text", "text": args.question}]
+    kw = {} if args.no_audio_in_video else {"extra_body": {"mm_processor_kwargs": {"use_audio_in_video": True}}}
     speak(client, model, args, [{"role": "user", "content": content}], **kw)

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -98,15 +97,24 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def mp4_data_url(frames: np.ndarray, fps: float = 2.0) -> str:
-    """(T, H, W, 3) uint8 RGB frames as an MPEG-4 (mp4v) data URL, written with OpenCV."""
-    import cv2
+def mp4_data_url(frames: np.ndarray, fps: int = 2, audio: np.ndarray | None = None, sr: int = 16000) -> str:
+    """(T, H, W, 3) uint8 RGB frames (MPEG-4 part 2) and, if given, a float32 mono sound track (AAC)
+    as an MP4 data URL, written with PyAV."""
+    import av
 
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "clip.mp4")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, frames.shape[2:0:-1])
-        for f in frames:
-            writer.write(np.ascontiguousarray(f[..., ::-1]))
-        writer.release()
-        data = Path(path).read_bytes()
-    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        video = out.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        track = None if audio is None else out.add_stream("aac", rate=sr, layout="mono")  # before muxing
+        for f in [*(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24") for f in frames), None]:
+            for packet in video.encode(f):
+                out.mux(packet)
+        if track is not None:
+            frame = av.AudioFrame.from_ndarray(np.asarray(audio, np.float32).reshape(1, -1), format="flt",
+                                               layout="mono")
+            frame.sample_rate = sr
+            for f in (frame, None):
+                for packet in track.encode(f):
+                    out.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -29,7 +29,7 @@ MAX_AUDIO_S = 5  # --max-audio-input-seconds
 STREAM = '{"first_chunk": 12, "chunk": 24, "left_context": 12, "look_ahead": 12, "num_steps": 4}'
 SERVER_ARGS = ["--max-audio-tokens", "48", "--audio-id-ttl", str(TTL), "--max-media-mb", "0.5",
                "--max-audio-input-seconds", str(MAX_AUDIO_S), "--default-voice", "ethan",
-               "--speech-stream-config", STREAM]
+               "--speech-stream-config", STREAM, "--trust-request-mm-kwargs"]  # use_audio_in_video
 USER = [{"role": "user", "content": "Hello, how are you today?"}]
 
 
@@ -57,6 +57,14 @@ def decode(data: bytes, fmt: str) -> np.ndarray:
     """Check the container's magic bytes, decode, check the rate; float32 samples."""
     if fmt in ("pcm16", "pcm"):
         return np.frombuffer(data, "<i2").astype(np.float32) / 32767
+    if fmt == "aac":  # ADTS: every frame starts with a 12-bit sync word; libsndfile has no AAC, PyAV decodes
+        import av
+
+        assert data[0] == 0xFF and data[1] & 0xF0 == 0xF0, data[:4]
+        with av.open(io.BytesIO(data), format="aac") as c:
+            stream = c.streams.audio[0]
+            assert stream.codec_context.name == "aac" and stream.rate == SR and stream.channels == 1
+            return np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(stream)])
     magic = {"wav": b"RIFF", "flac": b"fLaC", "opus": b"OggS"}.get(fmt)
     if fmt == "mp3":
         assert data[:3] == b"ID3" or (data[0] == 0xFF and data[1] & 0xE0 == 0xE0), data[:4]
@@ -65,6 +73,12 @@ def decode(data: bytes, fmt: str) -> np.ndarray:
     audio, sr = sf.read(io.BytesIO(data), dtype="float32")
     assert sr == SR and audio.ndim == 1
     return audio
+
+
+def check_length(audio: np.ndarray, codes: int, fmt: str) -> None:
+    """SAMPLES_PER_CODE a code; AAC adds the encoder's priming and pads its last 1024-sample frame."""
+    n = codes * SAMPLES_PER_CODE
+    assert (n <= len(audio) <= n + 2048) if fmt == "aac" else len(audio) == n, (len(audio), codes, fmt)
 
 
 def api_error(exc_info, status: int, param: str | None = None, words: str = "") -> dict:
@@ -109,7 +123,7 @@ def test_text_only_is_vllms(client, server):
 
 
 @pytest.mark.parametrize("fmt, voice", [("wav", "Chelsie"), ("mp3", "ethan"), ("flac", "CHELSIE"),
-                                        ("opus", "Ethan"), ("pcm16", "chelsie")])
+                                        ("opus", "Ethan"), ("aac", "Chelsie"), ("pcm16", "chelsie")])
 def test_chat_audio_formats(client, server, fmt, voice):
     resp = speak(client, server, fmt, voice)
     msg, usage = resp.choices[0].message, resp.usage
@@ -118,7 +132,8 @@ def test_chat_audio_formats(client, server, fmt, voice):
     assert msg.audio.expires_at > time.time() + TTL - 30
     audio = decode(base64.b64decode(msg.audio.data), fmt)
     codes = usage.completion_tokens_details.audio_tokens
-    assert 0 < codes <= CODES and len(audio) == codes * SAMPLES_PER_CODE
+    assert 0 < codes <= CODES
+    check_length(audio, codes, fmt)
     assert np.abs(audio).max() > 1e-3  # not silence
     text_tokens = usage.completion_tokens_details.text_tokens
     assert 0 < text_tokens <= 3 and usage.completion_tokens == text_tokens + codes
@@ -203,6 +218,44 @@ def test_input_audio_image_video(client, server):
         assert text.usage.prompt_tokens == resp.usage.prompt_tokens
 
 
+def test_video_with_its_audio(client, server):
+    """`video_url` + `mm_processor_kwargs.use_audio_in_video`: vLLM reads the clip's own sound track
+    (PyAV) and Qwen2.5-Omni's processor interleaves it with the frames in 2-second chunks (video chunk,
+    then its audio), inside one <|vision_bos|><|audio_bos|> ... <|audio_eos|><|vision_eos|> block."""
+    from omni_vllm.testing.tiny import TOKEN_ID
+
+    seconds = 4.0  # 8 frames at 2 fps: two 2-second chunks
+    url = mp4_data_url(media.video(frames=8), fps=2, audio=media.tone(seconds))
+    msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": "What do you see and hear?"}]}]
+    mm = {"mm_processor_kwargs": {"use_audio_in_video": True}}
+    resp = speak(client, server, "wav", messages=msgs, codes=2, max_tokens=1, extra_body=mm)
+    assert decode(base64.b64decode(resp.choices[0].message.audio.data), "wav").size > 0
+    details = resp.usage.prompt_tokens_details
+    assert 100 <= details.audio_tokens <= 104, details  # 25 a second (+ the AAC track's padding)
+    video_tokens = details.model_extra["multimodal_tokens"]["video"]
+    assert video_tokens > 0, details
+    # the same request through vLLM's text handler: same prompt, its ids show the interleaving
+    text = client.chat.completions.create(
+        model=server["model"], max_tokens=1, messages=[{"role": "system", "content": SPEECH_SYSTEM_PROMPT}, *msgs],
+        extra_body={**mm, "return_token_ids": True})
+    ids = text.prompt_token_ids
+    assert text.usage.prompt_tokens == resp.usage.prompt_tokens == len(ids)
+    kinds = {TOKEN_ID["<|VIDEO|>"]: "V", TOKEN_ID["<|AUDIO|>"]: "A", TOKEN_ID["<|vision_bos|>"]: "<v",
+             TOKEN_ID["<|vision_eos|>"]: "v>", TOKEN_ID["<|audio_bos|>"]: "<a", TOKEN_ID["<|audio_eos|>"]: "a>"}
+    runs = []
+    for t in ids:
+        if (k := kinds.get(t)) is not None and not (runs and runs[-1] == k in "VA"):
+            runs.append(k)
+    assert runs == ["<v", "<a", "V", "A", "V", "A", "a>", "v>"], runs
+    assert ids.count(TOKEN_ID["<|AUDIO|>"]) == details.audio_tokens
+    assert ids.count(TOKEN_ID["<|VIDEO|>"]) == video_tokens
+    # without use_audio_in_video the track is not read: fewer prompt tokens, no audio ones
+    plain = speak(client, server, "pcm16", messages=msgs, codes=1, max_tokens=1)
+    assert plain.usage.prompt_tokens_details.audio_tokens == 0
+    assert plain.usage.prompt_tokens < resp.usage.prompt_tokens - 100
+
+
 def test_multi_turn_audio_id(client, server):
     import openai
 
@@ -226,7 +279,7 @@ def test_multi_turn_audio_id(client, server):
 
 
 @pytest.mark.parametrize("case", [
-    "voice", "aac", "format", "stream_wav", "modalities", "n", "b64", "undecodable", "too_long", "too_big", "model",
+    "voice", "format", "stream_wav", "modalities", "n", "b64", "undecodable", "too_long", "too_big", "model",
     "max_audio_tokens"])
 def test_chat_errors(client, server, case):
     import openai
@@ -236,7 +289,6 @@ def test_chat_errors(client, server, case):
     big_image = media.image(width=700, height=700)  # ~1.4 MiB of noisy PNG > --max-media-mb 0.5
     kw, status, param, words = {
         "voice": (dict(audio={"voice": "alloy", "format": "wav"}), 400, "audio.voice", "unknown voice"),
-        "aac": (dict(audio={"voice": "Ethan", "format": "aac"}), 400, "audio.format", "aac"),
         "format": (dict(audio={"voice": "Ethan", "format": "ogg"}), 400, "audio.format", "unknown audio format"),
         "stream_wav": (dict(audio={"voice": "Ethan", "format": "wav"}, stream=True), 400, "audio.format", "pcm16"),
         "modalities": (dict(modalities=["video"]), 400, "modalities", "modalities"),
@@ -286,18 +338,21 @@ def test_disconnect_aborts(client, server):
 # --------------------------------------------------------------------------- /v1/audio/speech
 
 
-@pytest.mark.parametrize("fmt", ["mp3", "opus", "flac", "wav", "pcm"])
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "flac", "wav", "pcm"])
 def test_speech_formats(client, server, fmt):
     with client.audio.speech.with_streaming_response.create(
             model=server["model"], input="Hello there.", voice="Chelsie", response_format=fmt,
             extra_body={"max_audio_tokens": CODES}) as resp:
         data = resp.read()
         ctype = resp.headers["content-type"]
-    assert ctype == {"mp3": "audio/mpeg", "opus": "audio/ogg", "flac": "audio/flac", "wav": "audio/wav",
-                     "pcm": "audio/pcm"}[fmt]
+    assert ctype == {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                     "wav": "audio/wav", "pcm": "audio/pcm"}[fmt]
     audio = decode(data, fmt)
     # unseeded talker sampling may draw a stop code early: whole codes, at most CODES
-    assert 0 < len(audio) <= CODES * SAMPLES_PER_CODE and len(audio) % SAMPLES_PER_CODE == 0
+    if fmt == "aac":
+        assert SAMPLES_PER_CODE <= len(audio) <= CODES * SAMPLES_PER_CODE + 2048
+    else:
+        assert 0 < len(audio) <= CODES * SAMPLES_PER_CODE and len(audio) % SAMPLES_PER_CODE == 0
 
 
 def test_speech_sse_speed_instructions(client, server):
@@ -318,7 +373,7 @@ def test_speech_sse_speed_instructions(client, server):
 
 
 @pytest.mark.parametrize("kw, status, param", [
-    (dict(voice="alloy"), 400, "voice"), (dict(response_format="aac"), 400, "response_format"),
+    (dict(voice="alloy"), 400, "voice"),
     (dict(response_format="ogg"), 400, "response_format"), (dict(speed=5.0), 400, "speed"),
     (dict(input=""), 400, "input"), (dict(input="x" * 4097), 400, "input"), (dict(model="nope"), 404, "model")])
 def test_speech_errors(client, server, kw, status, param):
