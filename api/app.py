@@ -400,12 +400,8 @@ class OmniEndpoints:
                 raise APIError("audio output supports n=1 without beam search", param="n")
             max_codes = self._max_codes(extra.get("max_audio_tokens"), "max_audio_tokens")
             request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes)
-        except APIError as e:
-            return e.response()
-        except A.MediaError as e:
-            return APIError(str(e), e.status, e.param).response()
-        except _Rendered as e:
-            return _error_json(e.err)
+        except (APIError, A.MediaError, _Rendered) as e:
+            return _refusal(e)
         chunks = self._run(stream, first, request_id, t0)
         model = self.chat.models.model_name(None) if request.model is None else request.model
         if request.stream:
@@ -491,12 +487,8 @@ class OmniEndpoints:
                           {"role": "user", "content": TTS_USER_PROMPT.format(text=request.input)}])
             max_codes = self._max_codes(request.max_audio_tokens, "max_audio_tokens")
             request_id, _, stream, first = await self._start(chat, raw_request, voice, max_codes)
-        except APIError as e:
-            return e.response()
-        except A.MediaError as e:
-            return APIError(str(e), e.status, e.param).response()
-        except _Rendered as e:
-            return _error_json(e.err)
+        except (APIError, A.MediaError, _Rendered) as e:
+            return _refusal(e)
         chunks = self._run(stream, first, request_id, t0)
         final: dict[str, Any] = {}
         body = self._speech_bytes(chunks, fmt, request.speed, final)
@@ -524,6 +516,15 @@ class OmniEndpoints:
         usage = dict(input_tokens=last.prompt_tokens, output_tokens=last.audio_tokens,
                      total_tokens=last.prompt_tokens + last.audio_tokens)
         yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n"
+
+
+def _refusal(e: Exception) -> JSONResponse:
+    """The OpenAI-shaped answer to a request refused before it ran."""
+    if isinstance(e, _Rendered):
+        return _error_json(e.err)
+    if isinstance(e, A.MediaError):
+        return APIError(str(e), e.status, e.param).response()
+    return e.response()
 
 
 class _Rendered(Exception):

@@ -22,6 +22,8 @@ WAVE_ATOL = 1e-4
 CASES = cases()
 VOICES = {name: ("Chelsie", "Ethan")[i % 2] for i, name in enumerate(CASES)}
 GREEDY = TalkerSampling(do_sample=False)
+# A small fp32 in-process engine: the settings every OmniLLM of this file uses.
+ENGINE = dict(dtype="float32", enforce_eager=True, distributed_executor_backend="uni")
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +37,7 @@ def processor(tiny_checkpoint_dir):
 def omni(tiny_checkpoint_dir):
     from omni_vllm.offline import OmniLLM
 
-    return OmniLLM(
-        str(tiny_checkpoint_dir),
-        dtype="float32",
-        max_model_len=4096,
-        kv_cache_memory_bytes=2**28,
-        enforce_eager=True,
-        distributed_executor_backend="uni",
-        seed=0,
-    )
+    return OmniLLM(str(tiny_checkpoint_dir), max_model_len=4096, kv_cache_memory_bytes=2**28, seed=0, **ENGINE)
 
 
 def _greedy(n=THINKER_TOKENS, **kwargs):
@@ -139,14 +133,7 @@ def test_checkpoint_without_speech_weights_refuses_audio(tmp_path):
     from omni_vllm.testing.tiny import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "thinker-only", speech=False)
-    omni = OmniLLM(
-        str(path),
-        dtype="float32",
-        max_model_len=1024,
-        kv_cache_memory_bytes=2**26,
-        enforce_eager=True,
-        distributed_executor_backend="uni",
-    )
+    omni = OmniLLM(str(path), max_model_len=1024, kv_cache_memory_bytes=2**26, **ENGINE)
     (out,) = omni.generate(["Hello"], _greedy(4, ignore_eos=True), audio=False)
     assert len(out.token_ids) == 4  # text still works
     with pytest.raises(SpeechUnavailable, match="talker"):
