@@ -60,6 +60,7 @@ from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.logger import init_logger
 
 from api import audio as A
+from api import limits as L
 from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
 from omni_vllm.streaming import StreamConfig
 
@@ -85,6 +86,9 @@ class Settings:
     audio_id_ttl: float = 3600.0  # seconds an `audio.id` can be sent back
     max_media_mb: float = 25.0
     max_audio_input_seconds: float = 600.0
+    max_video_input_seconds: float = 600.0
+    max_image_pixels: int = 36_000_000  # an 8K UHD frame is 33.2 M
+    max_request_mb: float = 100.0
     speech_device: str | None = None
     max_speaking: int = 32
     speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
@@ -223,12 +227,16 @@ class OmniEndpoints:
                 app.router.routes.remove(route)
         app.include_router(self.router)
         app.openapi_schema = None
+        built, app.middleware_stack = app.middleware_stack is not None, None  # built already by vLLM's
+        # SageMaker bootstrap: rebuilt below, with ours in it (Starlette adds none to a built stack)
+        settings = Settings.from_args(getattr(app.state, "args", Namespace()))
+        app.add_middleware(L.BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
         # A body FastAPI cannot parse (e.g. invalid UTF-8) raises Starlette's HTTPException; vLLM's handler is
         # registered for FastAPI's subclass only, so that 400 came back as {"detail": ...}: make it OpenAI-shaped.
         from starlette.exceptions import HTTPException as StarletteHTTPException
         from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
         app.add_exception_handler(StarletteHTTPException, http_exception_handler)
-        if app.middleware_stack is not None:  # built already by vLLM's SageMaker bootstrap: rebuild with it
+        if built:
             app.middleware_stack = app.build_middleware_stack()
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
@@ -289,10 +297,12 @@ class OmniEndpoints:
                 msg["content"] = transcript
 
     def _check_media(self, request: ChatCompletionRequest) -> None:
+        s = self.settings
         try:
-            A.check_message_media(request.messages, max_bytes=int(self.settings.max_media_mb * 2**20),
-                                  max_audio_seconds=self.settings.max_audio_input_seconds)
-        except A.MediaError as e:
+            L.check_message_media(request.messages, L.MediaLimits(
+                max_bytes=int(s.max_media_mb * 2**20), max_audio_seconds=s.max_audio_input_seconds,
+                max_video_seconds=s.max_video_input_seconds, max_image_pixels=s.max_image_pixels))
+        except L.MediaError as e:
             raise APIError(str(e), e.status, e.param) from None
 
     def _max_codes(self, value: Any, param: str) -> int:
@@ -400,7 +410,7 @@ class OmniEndpoints:
                 raise APIError("audio output supports n=1 without beam search", param="n")
             max_codes = self._max_codes(extra.get("max_audio_tokens"), "max_audio_tokens")
             request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes)
-        except (APIError, A.MediaError, _Rendered) as e:
+        except (APIError, L.MediaError, _Rendered) as e:
             return _refusal(e)
         chunks = self._run(stream, first, request_id, t0)
         model = self.chat.models.model_name(None) if request.model is None else request.model
@@ -487,7 +497,7 @@ class OmniEndpoints:
                           {"role": "user", "content": TTS_USER_PROMPT.format(text=request.input)}])
             max_codes = self._max_codes(request.max_audio_tokens, "max_audio_tokens")
             request_id, _, stream, first = await self._start(chat, raw_request, voice, max_codes)
-        except (APIError, A.MediaError, _Rendered) as e:
+        except (APIError, L.MediaError, _Rendered) as e:
             return _refusal(e)
         chunks = self._run(stream, first, request_id, t0)
         final: dict[str, Any] = {}
@@ -522,7 +532,7 @@ def _refusal(e: Exception) -> JSONResponse:
     """The OpenAI-shaped answer to a request refused before it ran."""
     if isinstance(e, _Rendered):
         return _error_json(e.err)
-    if isinstance(e, A.MediaError):
+    if isinstance(e, L.MediaError):
         return APIError(str(e), e.status, e.param).response()
     return e.response()
 

@@ -1,4 +1,4 @@
-"""Audio in and out of the HTTP API: output encoding, speed change, checks on uploaded media.
+"""Audio out of the HTTP API: output encoding and speed change.
 
 Output is 24 kHz mono (Token2Wav's rate). Encoders are libsndfile's (through `soundfile`), which
 writes WAV, FLAC, MP3 and Ogg/Opus, and FFmpeg's native AAC encoder (through PyAV, `av`) for AAC,
@@ -8,13 +8,13 @@ little-endian.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import struct
 from collections.abc import Iterator
 
 import numpy as np
+
+from api.limits import MediaError
 
 SAMPLE_RATE = 24000
 
@@ -32,14 +32,6 @@ _FORMATS: dict[str, tuple[str, str, str] | None] = {
 CHAT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")  # `audio.format` of chat completions
 SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # `response_format` of /v1/audio/speech
 AAC_BIT_RATE = 64000  # mono speech at 24 kHz
-
-
-class MediaError(ValueError):
-    """A problem with media in a request; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
 
 
 def check_format(fmt: str | None, allowed: tuple[str, ...], param: str) -> str:
@@ -153,68 +145,6 @@ class Resampler:
         keep = min(int(np.floor(nxt)), len(x))
         self._tail, self._pos = x[keep:], nxt - keep
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# Checks on media in chat messages (before vLLM loads them): size, base64, decodability, length
-# --------------------------------------------------------------------------------------------
-
-
-def _b64decode(data: str, param: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise MediaError(f"{param}: invalid base64 data ({e})", param=param) from None
-
-
-def _check_audio_bytes(raw: bytes, param: str, max_seconds: float) -> None:
-    import soundfile as sf
-
-    try:
-        info = sf.info(io.BytesIO(raw))
-    except Exception:  # noqa: BLE001 - libsndfile says only "could not open"
-        raise MediaError(f"{param}: the audio could not be decoded (send WAV, FLAC, MP3 or OGG)",
-                         status=422, param=param) from None
-    if info.duration > max_seconds:
-        raise MediaError(f"{param}: audio is {info.duration:.1f} s long, the limit is {max_seconds:g} s",
-                         status=413, param=param)
-
-
-def check_message_media(messages: list, *, max_bytes: int, max_audio_seconds: float) -> None:
-    """Raise MediaError for inline media (data URLs, `input_audio`) that is malformed or too big.
-
-    Media fetched from http(s) URLs is left to vLLM's own limits (VLLM_MAX_AUDIO_CLIP_FILESIZE_MB,
-    VLLM_MAX_AUDIO_DECODE_DURATION_S, which `api.server` sets from the same settings).
-    """
-    for i, msg in enumerate(messages):
-        content = msg.get("content") if isinstance(msg, dict) else None
-        if not isinstance(content, list):
-            continue
-        for j, part in enumerate(content):
-            if not isinstance(part, dict):
-                continue
-            kind = part.get("type")
-            param = f"messages[{i}].content[{j}]"
-            if kind == "input_audio":
-                data = (part.get("input_audio") or {}).get("data") or ""
-                audio = True
-            elif kind in ("audio_url", "image_url", "video_url"):
-                url = part.get(kind)
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str) or not url[:5].lower() == "data:":
-                    continue
-                head, _, data = url.partition(",")
-                if not head.endswith(";base64"):
-                    continue  # vLLM answers non-base64 data URLs itself
-                audio = kind == "audio_url"
-            else:
-                continue
-            if len(data) * 3 // 4 > max_bytes:
-                raise MediaError(f"{param}: media is larger than the server's limit of "
-                                 f"{max_bytes / 2**20:g} MiB", status=413, param=param)
-            raw = _b64decode(data, param)
-            if audio:
-                _check_audio_bytes(raw, param, max_audio_seconds)
 
 
 def chunks_of(data: bytes, size: int) -> Iterator[bytes]:

@@ -29,6 +29,13 @@ def add_omni_args(parser):
                    help="Largest inline media item (data URL / input_audio), MiB; larger is a 413.")
     g.add_argument("--max-audio-input-seconds", type=float, default=D.max_audio_input_seconds,
                    help="Longest audio input, seconds; longer is a 413.")
+    g.add_argument("--max-video-input-seconds", type=float, default=D.max_video_input_seconds,
+                   help="Longest inline video input, seconds; longer is a 413.")
+    g.add_argument("--max-image-pixels", type=int, default=D.max_image_pixels,
+                   help="Most pixels (width x height) of an image or video frame; more is a 413 (inline) or "
+                        "vLLM's 400 (fetched).")
+    g.add_argument("--max-request-mb", type=float, default=D.max_request_mb,
+                   help="Largest request body, MiB; larger is a 413 before it is read.")
     g.add_argument("--speech-device", default=D.speech_device,
                    help="Device of the talker and Token2Wav; unset: cuda if available, else cpu.")
     g.add_argument("--max-speaking", type=int, default=D.max_speaking,
@@ -52,6 +59,7 @@ def parse_args(argv: list[str]) -> Namespace:
     # URL-fetched media gets the same limits, through vLLM's own settings (unless set already).
     os.environ.setdefault("VLLM_MAX_AUDIO_CLIP_FILESIZE_MB", str(max(1, int(args.max_media_mb))))
     os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))
+    os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(args.max_image_pixels))
     return args
 
 

@@ -1,0 +1,172 @@
+"""Request limits of the HTTP API: body size, and inline media size, length and resolution.
+
+Checked before vLLM parses or decodes anything, from headers only where a format has them
+(libsndfile's and PyAV's readers, PIL's lazy open), so that an oversized request costs a few
+milliseconds and a 413 rather than the decoded media in memory. Media that vLLM fetches from
+http(s) URLs gets the same limits through vLLM's own settings (`api.server` sets them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+
+
+class MediaError(ValueError):
+    """A problem with media in a request; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_bytes: int  # one inline item, decoded
+    max_audio_seconds: float
+    max_video_seconds: float
+    max_image_pixels: int  # width x height of an image or of a video frame
+
+
+def _b64decode(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MediaError(f"{param}: invalid base64 data ({e})", param=param) from None
+
+
+def _too_long(param: str, what: str, seconds: float, limit: float) -> MediaError:
+    return MediaError(f"{param}: {what} is {seconds:.1f} s long, the limit is {limit:g} s", status=413, param=param)
+
+
+def _too_large(param: str, what: str, w: int, h: int, limit: int) -> MediaError:
+    return MediaError(f"{param}: {what} is {w}x{h} ({w * h} pixels), the limit is {limit} pixels",
+                      status=413, param=param)
+
+
+def _check_audio(raw: bytes, param: str, limits: MediaLimits) -> None:
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(raw))
+    except Exception:  # noqa: BLE001 - libsndfile says only "could not open"
+        raise MediaError(f"{param}: the audio could not be decoded (send WAV, FLAC, MP3 or OGG)",
+                         status=422, param=param) from None
+    if info.duration > limits.max_audio_seconds:
+        raise _too_long(param, "audio", info.duration, limits.max_audio_seconds)
+
+
+def _check_image(raw: bytes, param: str, limits: MediaLimits) -> None:
+    """Pixels from the header (PIL decodes lazily); undecodable bytes are left to vLLM's 400."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:  # PIL's own limit, far above any sane setting of ours
+        raise MediaError(f"{param}: the image has too many pixels ({e})", status=413, param=param) from None
+    except Exception:  # noqa: BLE001 - any other reader error: vLLM reports it
+        return
+    if w * h > limits.max_image_pixels:
+        raise _too_large(param, "the image", w, h, limits.max_image_pixels)
+
+
+def _check_video(raw: bytes, param: str, limits: MediaLimits) -> None:
+    """Duration and frame size from the container (PyAV reads headers, decodes nothing)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(raw), mode="r") as container:
+            seconds = container.duration / av.time_base if container.duration else None
+            video = container.streams.video[0] if container.streams.video else None
+            if video is not None and seconds is None and video.duration and video.time_base:
+                seconds = float(video.duration * video.time_base)
+            w, h = (video.codec_context.width, video.codec_context.height) if video is not None else (0, 0)
+    except Exception:  # noqa: BLE001 - FFmpeg's errors are many; none is ours to distinguish
+        raise MediaError(f"{param}: the video could not be decoded (send MP4, WebM, MKV or AVI)",
+                         status=422, param=param) from None
+    if video is None:
+        raise MediaError(f"{param}: the file has no video stream", status=422, param=param)
+    if seconds is not None and seconds > limits.max_video_seconds:
+        raise _too_long(param, "the video", seconds, limits.max_video_seconds)
+    if w * h > limits.max_image_pixels:
+        raise _too_large(param, "a video frame", w, h, limits.max_image_pixels)
+
+
+_CHECKS = {"input_audio": _check_audio, "audio_url": _check_audio, "image_url": _check_image,
+           "video_url": _check_video}
+
+
+def check_message_media(messages: list, limits: MediaLimits) -> None:
+    """Raise MediaError for inline media (data URLs, `input_audio`) that is malformed or too big."""
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in _CHECKS:
+                continue
+            param = f"messages[{i}].content[{j}]"
+            if kind == "input_audio":
+                data = (part.get("input_audio") or {}).get("data") or ""
+            else:
+                url = part.get(kind)
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url[:5].lower() == "data:":
+                    continue
+                head, _, data = url.partition(",")
+                if not head.endswith(";base64"):
+                    continue  # vLLM answers non-base64 data URLs itself
+            if not isinstance(data, str):
+                continue  # a wrong type: vLLM's request model rejects it
+            if len(data) * 3 // 4 > limits.max_bytes:
+                raise MediaError(f"{param}: media is larger than the server's limit of "
+                                 f"{limits.max_bytes / 2**20:g} MiB", status=413, param=param)
+            _CHECKS[kind](_b64decode(data, param), param, limits)
+
+
+class BodySizeLimit:
+    """ASGI middleware: request bodies over `max_bytes` are answered 413 before any route reads
+    them (by Content-Length at once; a chunked body as soon as it passes the limit)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        # No Content-Length (chunked): buffer up to the limit, then replay it to the app.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": {
+            "message": f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB",
+            "type": "RequestTooLargeError", "param": None, "code": 413}}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
