@@ -314,7 +314,8 @@ BAD = [
     ("audio_not_audio", "chat", {"messages": _audio(base64.b64encode(b"GIF89a" + b"\0" * 500).decode())}, {422}),
     ("audio_empty", "chat", {"messages": _audio("")}, {400, 422}),
     ("audio_wrong_format_field", "chat", {"messages": _audio(wav_b64(media.tone(0.2)), "banana")}, {400, 422}),
-    ("audio_header_claims_4gib", "chat", {"messages": _audio(_wav_claiming_huge())}, {200, 400, 413, 422}),
+    # the header's sizes are not trusted: libsndfile reads the 0.1 s that are there
+    ("audio_header_claims_4gib", "chat", {"messages": _audio(_wav_claiming_huge())}, {200}),
     ("image_zero_bytes", "chat", {"messages": _image("data:image/png;base64,")}, {400, 422}),
     ("image_not_image", "chat", {"messages": _image("data:image/png;base64," + base64.b64encode(b"x" * 64).decode())},
      {400, 422}),
@@ -339,7 +340,7 @@ BAD = [
     ("speech_empty_input", "speech", {"input": ""}, {400}),
     ("speech_input_too_long", "speech", {"input": "x" * 5000}, {400}),
     ("speech_format_unknown", "speech", {"response_format": "midi"}, {400}),
-    ("speech_format_aac", "speech", {"response_format": "aac"}, {200, 400}),  # 200 once the server encodes AAC
+    ("speech_format_aac", "speech", {"response_format": "aac"}, {200}),
     ("speech_speed_high", "speech", {"speed": 4.5}, {400}),
     ("speech_speed_low", "speech", {"speed": 0.1}, {400}),
     ("speech_speed_string", "speech", {"speed": "fast"}, {400, 422}),
@@ -415,6 +416,23 @@ def test_limits(server, name, body, words):
     r = _post(server, "chat", body)
     assert_openai_error(r, {413})
     assert words in r.json()["error"]["message"], r.json()
+
+
+def test_body_claiming_4gib(server):
+    """A Content-Length of 4 GiB is refused from the headers alone: the 413 comes back while the
+    client has sent a few bytes of the body and the connection is closed."""
+    import socket
+
+    host, port = server["root"].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 4294967296\r\n\r\n{\"messages\": [")
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply[:500]
+    assert json.loads(body)["error"]["code"] == 413
 
 
 @pytest.mark.parametrize("name", list(UNICODE))
