@@ -2,13 +2,15 @@
 
 Both paths share one AsyncLLM (the thinker, real vLLM engine) and get the same requests: the same
 prompts, greedy thinker with `--tokens` tokens (ignore_eos), greedy talker capped at `--codes`
-codes, the same per-request Token2Wav noise seeds, the same sampler (StreamConfig defaults).
+codes, the same per-request Token2Wav noise seeds, the same sampler (StreamConfig defaults). The
+paths themselves (benchmarks/speech_paths.py, shared with benchmarks/e2e.py), per concurrency c,
+with c requests submitted at once:
 
-    streaming      SpeechEngine.generate(audio=True) for all requests at once: the talker follows
-                   the thinker token by token, Token2Wav decodes sliding windows across requests.
-    non-streaming  as omni_vllm.offline.OmniLLM does it: all text first (rows collected), then
-                   the talker over all replies (batched), then one one-shot Token2Wav call
-                   (batched); every request's audio exists only at the end.
+    streaming      SpeechEngine.generate(audio=True): the talker follows the thinker token by
+                   token, Token2Wav decodes sliding windows across requests.
+    non-streaming  as omni_vllm.offline.OmniLLM does it: all text first, then the talker over all
+                   replies (batched), then one one-shot Token2Wav call (batched); every request's
+                   audio exists only at the end.
 
 Columns: TTFA p50 / max: time from submitting a request to its first audio samples; total: wall
 time until every request has all its text and audio; audio s: seconds of speech produced;
@@ -28,13 +30,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages (patches/ too)
 
 import torch  # noqa: E402
+from speech_paths import non_streaming, start, streaming  # noqa: E402
 
 TEXTS = [
     "Hello, how are you today?",
@@ -57,88 +59,8 @@ def prompts(processor, n: int) -> list[dict]:
     return out
 
 
-def sampling(tokens: int):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-
-
-async def streaming(speech, batch, tokens, codes, tag):
-    """All requests at once through the SpeechEngine."""
-    from omni_vllm.talker import TalkerSampling
-
-    before = speech.stats()
-    t0 = time.perf_counter()
-
-    async def one(i, prompt):
-        start, first, samples = time.perf_counter(), None, 0
-        async for ch in speech.generate(prompt, sampling(tokens), f"{tag}-{i}", audio=True,
-                                        talker_sampling=TalkerSampling(do_sample=False), noise=1000 + i,
-                                        max_codes=codes):
-            if ch.audio is not None:
-                first = first or time.perf_counter()
-                samples += len(ch.audio)
-        return first - start, samples
-
-    res = await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))
-    wall = time.perf_counter() - t0
-    after = speech.stats()
-    busy = {k: after[k] - before[k] for k in ("talker_seconds", "token2wav_seconds", "token2wav_calls")}
-    return [r[0] for r in res], wall, sum(r[1] for r in res) / 24000, busy
-
-
-async def non_streaming(engine, collector, talker, t2w, batch, tokens, codes, tag, config):
-    """Text for all, then the talker for all, then one one-shot Token2Wav call (OmniLLM's way)."""
-    from omni_vllm.hidden_states import request_hidden_states
-    from omni_vllm.talker import TalkerSampling
-
-    t0 = time.perf_counter()
-
-    async def thinker(i, prompt):
-        async for out in engine.generate(prompt, request_hidden_states(sampling(tokens)), f"{tag}-{i}"):
-            pass
-        return out
-
-    outs = await asyncio.gather(*(thinker(i, p) for i, p in enumerate(batch)))
-
-    def speak():
-        result = {o.request_id: [] for o in outs}
-        pending = list(outs)
-        while pending or talker.ready():
-            while pending and talker.num_free_slots:
-                out = pending.pop(0)
-                rows = collector.rows(out.request_id)
-                n = len(out.prompt_token_ids)
-                talker.add_request(out.request_id, prompt_ids=torch.tensor(out.prompt_token_ids),
-                                   prompt_embeds=rows[:n, 0], prompt_hidden=rows[:n, 1],
-                                   prompt_positions=collector.prompt_positions(out.request_id),
-                                   sampling=TalkerSampling(do_sample=False), max_codes=codes)
-                for row in rows[n:]:
-                    talker.add_thinker_token(out.request_id, row[0], row[1])
-                talker.finish_thinker(out.request_id)
-            for rid, step in talker.step().items():
-                if step.code is not None:
-                    result[rid].append(step.code)
-        ids = [o.request_id for o in outs]
-        return t2w.decode([result[r] for r in ids], ["Chelsie"] * len(ids), [1000 + i for i in range(len(ids))],
-                          **config.sampling())
-
-    waves = await asyncio.to_thread(speak)  # off the event loop, like the engine's worker
-    wall = time.perf_counter() - t0
-    collector.clear()
-    return [wall] * len(batch), wall, sum(len(w) for w in waves) / 24000
-
-
 async def main(args) -> list[dict]:
     from transformers import AutoProcessor
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from omni_vllm.hidden_states import HiddenStatesCollector, set_hidden_states_sink
-    from omni_vllm.speech import SpeechEngine
-    from omni_vllm.streaming import StreamConfig
-    from omni_vllm.talker import Talker
-    from omni_vllm.token2wav import Token2Wav
 
     model = args.model
     if model is None:
@@ -146,41 +68,26 @@ async def main(args) -> list[dict]:
 
         model = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-omni", seed=0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    top = max(args.concurrency)
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(model), dtype=args.dtype, max_model_len=4096, enforce_eager=True, enable_prefix_caching=False,
-        kv_cache_memory_bytes=2**30, limit_mm_per_prompt={"audio": 1, "image": 1, "video": 1}, disable_log_stats=True,
-    ))
-    # The baseline's rows: SpeechEngine forwards requests it does not own to the previous sink.
-    collector = HiddenStatesCollector()
-    set_hidden_states_sink(collector)
-    config = StreamConfig()
-    speech = SpeechEngine(engine, model, device=device, max_speaking=top, stream_config=config,
-                          talker_max_len=args.tokens + args.codes + 512, max_codes=args.codes)
-    talker = Talker.from_pretrained(model, device=device, max_slots=top, max_len=args.tokens + args.codes + 512)
-    t2w = Token2Wav.from_pretrained(model, device=device)
+    engines = start(model, device=device, dtype=args.dtype, max_speaking=max(args.concurrency),
+                    talker_max_len=args.tokens + args.codes + 512, max_codes=args.codes)
+    config = engines.config
     processor = AutoProcessor.from_pretrained(model)
 
     warm = prompts(processor, 2)
-    await streaming(speech, warm, 16, 60, "warm-s")
-    await non_streaming(engine, collector, talker, t2w, warm, 16, 60, "warm-n", config)
+    await streaming(engines, warm, 16, 60, "warm-s")
+    await non_streaming(engines, warm, 16, 60, "warm-n")
 
     rows = []
     for conc in args.concurrency:
         batch = prompts(processor, conc)
         for path in ("non-streaming", "streaming"):
-            if path == "streaming":
-                ttfa, wall, audio, busy = await streaming(speech, batch, args.tokens, args.codes, f"s{conc}")
-            else:
-                ttfa, wall, audio = await non_streaming(engine, collector, talker, t2w, batch, args.tokens,
-                                                        args.codes, f"n{conc}", config)
-                busy = {}
-            row = dict(concurrency=conc, path=path, ttfa_p50=statistics.median(ttfa), ttfa_max=max(ttfa),
-                       total_s=wall, audio_s=audio, x_real_time=audio / wall, **busy)
+            run = streaming if path == "streaming" else non_streaming
+            r = await run(engines, batch, args.tokens, args.codes, f"{path[0]}{conc}")
+            row = dict(concurrency=conc, path=path, ttfa_p50=statistics.median(r.ttfa), ttfa_max=max(r.ttfa),
+                       total_s=r.wall, audio_s=r.audio_seconds, x_real_time=r.audio_seconds / r.wall, **r.busy)
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    await speech.shutdown()
-    engine.shutdown()
+    await engines.shutdown()
 
     print(f"\nmodel {model}, device {device}, torch threads {torch.get_num_threads()}, "
           f"{args.tokens} thinker tokens and {args.codes} talker codes ({args.codes / 50:.1f} s of speech) "

@@ -11,7 +11,7 @@ device="${OMNI_VLLM_DEVICE:-}"
 if [ -z "$device" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=gpu; else device=cpu; fi
 fi
-extras="$device,test"
+extras="$device,test,bench"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null 2>&1 || python=python3
 

@@ -30,7 +30,7 @@ def corrected_reference(model):
             x = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
             past = kwargs.get("past_key_values")
             n_past = past.get_seq_length() if past is not None else 0
-            kwargs["attention_mask"] = torch.ones(x.shape[0], n_past + x.shape[1], dtype=torch.long)
+            kwargs["attention_mask"] = torch.ones(x.shape[0], n_past + x.shape[1], dtype=torch.long, device=x.device)
         return forward(*args, **kwargs)
 
     @functools.wraps(generate)

@@ -6,7 +6,10 @@ talker, token2wav), `spk_dict.pt`, a locally trained byte-level BPE tokenizer ca
 special token, the feature extractor, image/video processors and the chat template. Everything is
 seeded, so the same call writes the same files.
 
-    python -m omni_vllm.testing.tiny OUT_DIR [--seed N] [--no-speech]
+    python -m omni_vllm.testing.tiny OUT_DIR [--seed N] [--no-speech] [--bench]
+
+`--bench` writes the benchmark checkpoint instead (`BENCH_SIZES`: Qwen2.5-Omni-7B's depths, its
+widths / 8), whose cost split between thinker, talker and Token2Wav resembles the real model's.
 """
 
 from __future__ import annotations
@@ -82,10 +85,12 @@ class TinySizes:
     """Widths and depths of a generated checkpoint.
 
     The defaults make a checkpoint of a few MB that runs in milliseconds. Head dims stay >= 32
-    because vLLM's CPU attention backend supports no smaller ones.
+    because vLLM's CPU attention backend supports no smaller ones. Fields left at None follow
+    from the others (as the defaults always have), so the default checkpoint never changes.
     """
 
     vocab_train: int = 512
+    vocab_size: int | None = None  # the thinker's text vocabulary (None: the tokenizer's size)
     hidden: int = 128
     heads: int = 4
     kv_heads: int = 2
@@ -94,16 +99,79 @@ class TinySizes:
     audio_d_model: int = 64
     audio_heads: int = 2
     audio_layers: int = 2
+    audio_ffn: int | None = None  # None: 2 * audio_d_model
     vision_hidden: int = 64
     vision_heads: int = 2
     vision_depth: int = 2
+    vision_intermediate: int | None = None  # None: 2 * vision_hidden
+    vision_fullatt_blocks: tuple[int, ...] | None = None  # None: the last block
     talker_hidden: int = 64
     talker_heads: int = 2
+    talker_kv_heads: int = 1
+    talker_head_dim: int | None = None  # None: talker_hidden // talker_heads
     talker_layers: int = 2
+    talker_intermediate: int | None = None  # None: 2 * talker_hidden
     dit_hidden: int = 64
     dit_heads: int = 2
     dit_layers: int = 4
+    dit_look_ahead_layers: tuple[int, ...] | None = None  # None: the middle layer
+    dit_look_backward_layers: tuple[int, ...] | None = None  # None: the first and the last layer
+    dit_emb_dim: int = 32
+    dit_enc_emb_dim: int = 32  # speaker `cond` width
+    dit_enc_dim: int = 32
+    dit_enc_channels: tuple[int, ...] = (32, 32, 32, 32, 96)
+    dit_enc_attention_channels: int = 16
+    dit_enc_se_channels: int = 16
     bigvgan_channels: int = 128
+
+
+# Qwen2.5-Omni-7B with every width divided by 8 and its real depths (thinker 28 layers, audio
+# encoder 32, vision encoder 32 blocks, talker 24, DiT 22, BigVGAN's real 6 upsamples and 3
+# resblock kernels), so that thinker, talker and Token2Wav cost roughly what they cost relative
+# to each other in the real model: the benchmarks' checkpoint (`--bench`). Real values from
+# transformers' Qwen2_5Omni*Config defaults (the 7B's) and the released config.json (talker).
+# Where width / 8 would leave an attention head narrower than 32 (vLLM's CPU attention minimum),
+# the head COUNT is divided instead and the head dim kept as close to the real one as the width
+# allows; the query and KV widths still shrink by 8:
+#   thinker  28 x 128 -> 7 x 64, KV 4 x 128 -> 1 x 64 (queries per KV head stay 7)
+#   talker   12 x 128 -> 3 x 64, KV 4 x 128 -> 1 x 64 (its head_dim is set, not hidden / heads)
+#   audio    20 x 64  -> 5 x 32;  vision 16 x 80 -> 2 x 80;  DiT 16 x 64 -> 2 x 64
+# The talker's codec vocabulary (8448) and the mel / codec rates are not widths and stay.
+BENCH_SIZES = TinySizes(
+    vocab_size=152064 // 8,  # 19008; the tokenizer stays the small trained one (see build_config)
+    hidden=3584 // 8,
+    heads=7,
+    kv_heads=1,
+    layers=28,
+    intermediate=18944 // 8,
+    audio_d_model=1280 // 8,
+    audio_heads=5,
+    audio_layers=32,
+    audio_ffn=5120 // 8,
+    vision_hidden=1280 // 8,
+    vision_heads=2,
+    vision_depth=32,
+    vision_intermediate=428,  # 3420 / 8 = 427.5
+    vision_fullatt_blocks=(7, 15, 23, 31),
+    talker_hidden=896 // 8,
+    talker_heads=3,
+    talker_kv_heads=1,
+    talker_head_dim=64,
+    talker_layers=24,
+    talker_intermediate=18944 // 8,
+    dit_hidden=1024 // 8,
+    dit_heads=2,
+    dit_layers=22,
+    dit_look_ahead_layers=(10,),
+    dit_look_backward_layers=(0, 20),
+    dit_emb_dim=512 // 8,
+    dit_enc_emb_dim=192 // 8,
+    dit_enc_dim=128 // 8,
+    dit_enc_channels=(256 // 8,) * 4 + (768 // 8,),
+    dit_enc_attention_channels=64 // 8,
+    dit_enc_se_channels=64 // 8,
+    bigvgan_channels=1536 // 8,
+)
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -152,12 +220,18 @@ def train_tokenizer(out_dir: Path, vocab_size: int) -> int:
 
 
 def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_output: bool = True):
-    """The full Qwen2.5-Omni config, with every special id taken from our tokenizer."""
+    """The full Qwen2.5-Omni config, with every special id taken from our tokenizer.
+
+    `vocab_size` is the tokenizer's; `sizes.vocab_size` may make the model's text vocabulary
+    larger, as the real checkpoint's is (152064 rows for 151665 tokens)."""
     from transformers import Qwen2_5OmniConfig
 
     s = sizes
+    text_vocab = s.vocab_size or vocab_size
+    if text_vocab < vocab_size:
+        raise ValueError(f"text vocab {text_vocab} is smaller than the tokenizer's {vocab_size}")
     head_dim = s.hidden // s.heads
-    talker_head_dim = s.talker_hidden // s.talker_heads
+    talker_head_dim = s.talker_head_dim or s.talker_hidden // s.talker_heads
     media_ids = dict(
         audio_token_index=TOKEN_ID["<|AUDIO|>"],
         image_token_index=TOKEN_ID["<|IMAGE|>"],
@@ -176,7 +250,7 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
         eos_token_id=TOKEN_ID["<|im_end|>"],
         pad_token_id=TOKEN_ID["<|endoftext|>"],
         text_config=dict(
-            vocab_size=vocab_size,
+            vocab_size=text_vocab,
             hidden_size=s.hidden,
             intermediate_size=s.intermediate,
             num_hidden_layers=s.layers,
@@ -196,7 +270,7 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
             num_mel_bins=128,
             encoder_layers=s.audio_layers,
             encoder_attention_heads=s.audio_heads,
-            encoder_ffn_dim=2 * s.audio_d_model,
+            encoder_ffn_dim=s.audio_ffn or 2 * s.audio_d_model,
             d_model=s.audio_d_model,
             max_source_positions=1500,
             n_window=100,
@@ -205,7 +279,7 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
         vision_config=dict(
             depth=s.vision_depth,
             hidden_size=s.vision_hidden,
-            intermediate_size=2 * s.vision_hidden,
+            intermediate_size=s.vision_intermediate or 2 * s.vision_hidden,
             num_heads=s.vision_heads,
             in_channels=3,
             patch_size=14,
@@ -213,7 +287,7 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
             temporal_patch_size=2,
             window_size=112,
             out_hidden_size=s.hidden,
-            fullatt_block_indexes=[s.vision_depth - 1],
+            fullatt_block_indexes=list(s.vision_fullatt_blocks or [s.vision_depth - 1]),
         ),
     )
     talker = dict(
@@ -230,10 +304,10 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
         vision_end_token_id=TOKEN_ID["<|vision_eos|>"],
         embedding_size=s.hidden,
         hidden_size=s.talker_hidden,
-        intermediate_size=2 * s.talker_hidden,
+        intermediate_size=s.talker_intermediate or 2 * s.talker_hidden,
         num_hidden_layers=s.talker_layers,
         num_attention_heads=s.talker_heads,
-        num_key_value_heads=1,
+        num_key_value_heads=s.talker_kv_heads,
         head_dim=talker_head_dim,
         max_position_embeddings=32768,
         rope_parameters=dict(
@@ -249,22 +323,22 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
             num_attention_heads=s.dit_heads,
             head_dim=s.dit_hidden // s.dit_heads,
             ff_mult=2,
-            emb_dim=32,
+            emb_dim=s.dit_emb_dim,
             block_size=24,
-            look_ahead_layers=[s.dit_layers // 2],
-            look_backward_layers=[0, s.dit_layers - 1],
+            look_ahead_layers=list(s.dit_look_ahead_layers or [s.dit_layers // 2]),
+            look_backward_layers=list(s.dit_look_backward_layers or [0, s.dit_layers - 1]),
             repeats=2,
             num_embeds=8448,  # must cover the talker's codec vocabulary
             mel_dim=80,
             dropout=0.0,
-            enc_emb_dim=32,
-            enc_dim=32,
-            enc_channels=[32, 32, 32, 32, 96],
+            enc_emb_dim=s.dit_enc_emb_dim,
+            enc_dim=s.dit_enc_dim,
+            enc_channels=list(s.dit_enc_channels),
             enc_kernel_sizes=[5, 3, 3, 3, 1],
             enc_dilations=[1, 2, 3, 4, 1],
-            enc_attention_channels=16,
+            enc_attention_channels=s.dit_enc_attention_channels,
             enc_res2net_scale=2,
-            enc_se_channels=16,
+            enc_se_channels=s.dit_enc_se_channels,
         ),
         bigvgan_config=dict(
             mel_dim=80,
@@ -376,8 +450,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-speech", action="store_true", help="thinker only, no talker/token2wav")
+    parser.add_argument("--bench", action="store_true", help="the benchmark checkpoint (BENCH_SIZES)")
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.out_dir, seed=args.seed, speech=not args.no_speech)
+    sizes = BENCH_SIZES if args.bench else TinySizes()
+    path = build_tiny_checkpoint(args.out_dir, seed=args.seed, sizes=sizes, speech=not args.no_speech)
     size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     print(json.dumps({"path": str(path), "size_mib": round(size, 2)}))
 

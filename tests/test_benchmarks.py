@@ -1,0 +1,76 @@
+"""The benchmarks' checkpoint and the end-to-end benchmark.
+
+* The bench checkpoint's config (`BENCH_SIZES`, no weights built): Qwen2.5-Omni-7B's depths, its
+  widths / 8, and the constraints of the pitfalls list (head dims vLLM's CPU attention supports,
+  M-RoPE sections, widths that must equal the thinker's, the DiT covering the codec vocabulary).
+* benchmarks/e2e.py on the tiny checkpoint at its smallest settings. Not a measurement (the tiny
+  checkpoint's costs say nothing), only that the one command starts all three systems in their own
+  processes, finishes, and writes its table, JSON and plot. Slow: the two omni-vllm processes each
+  start a vLLM engine (about 65 s in all on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_config_is_the_7b_with_widths_divided_by_8():
+    from omni_vllm.testing.tiny import BENCH_SIZES, build_config
+
+    config = build_config(532, BENCH_SIZES)  # 532: the trained tokenizer's size (the model's vocab is larger)
+    thinker, talker = config.thinker_config, config.talker_config
+    text, audio, vision = thinker.text_config, thinker.audio_config, thinker.vision_config
+    dit, bigvgan = config.token2wav_config.dit_config, config.token2wav_config.bigvgan_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    # depths as the real model
+    assert (text.num_hidden_layers, audio.encoder_layers, vision.depth) == (28, 32, 32)
+    assert (talker.num_hidden_layers, dit.num_hidden_layers) == (24, 22)
+    assert len(bigvgan.upsample_rates) == 6 and len(bigvgan.resblock_kernel_sizes) == 3
+    # widths / 8 (real 7B values)
+    widths = [
+        (text.vocab_size, 152064), (text.hidden_size, 3584), (text.intermediate_size, 18944),
+        (text.num_key_value_heads * head_dim, 4 * 128), (audio.d_model, 1280), (audio.encoder_ffn_dim, 5120),
+        (vision.hidden_size, 1280), (talker.hidden_size, 896), (talker.intermediate_size, 18944),
+        (talker.num_attention_heads * talker.head_dim, 12 * 128),
+        (talker.num_key_value_heads * talker.head_dim, 4 * 128),
+        (dit.hidden_size, 1024), (dit.emb_dim, 512), (dit.enc_emb_dim, 192), (dit.enc_dim, 128),
+        (bigvgan.upsample_initial_channel, 1536),
+    ]
+    assert all(ours * 8 == real for ours, real in widths), widths
+    # the pitfalls: head dims vLLM's CPU attention supports, M-RoPE, shared widths, codec vocabulary
+    assert head_dim in (32, 64, 80, 96, 112, 128)
+    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+    assert sum(talker.rope_parameters["mrope_section"]) == talker.head_dim // 2
+    assert min(audio.d_model // audio.encoder_attention_heads, vision.hidden_size // vision.num_heads) >= 32
+    assert audio.output_dim == vision.out_hidden_size == talker.embedding_size == text.hidden_size
+    assert dit.num_embeds >= talker.vocab_size
+
+
+@pytest.mark.slow
+def test_e2e_benchmark_runs_and_reports(tiny_checkpoint_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--model", str(tiny_checkpoint_dir),
+           "--requests", "3", "--concurrency", "1", "2", "--tokens", "4", "--codes", "24", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert "| omni-vllm streaming | 2 |" in proc.stdout and "target >= 8x" in proc.stdout
+    assert (tmp_path / "e2e.md").read_text().startswith("model ")
+    assert (tmp_path / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    results = report["results"]
+    assert set(results) == {"reference", "streaming", "non-streaming"}
+    assert [r["concurrency"] for r in results["streaming"]["rows"]] == [1, 2]
+    for system in results.values():
+        for row in system["rows"]:
+            assert row["requests"] == 3 and row["text_tokens"] == 3 * 4
+            # The same work everywhere: 24 codes = 0.48 s of speech per request (random weights never stop).
+            assert row["audio_s"] == pytest.approx(3 * 24 * 2 * 240 / 24000)
+            assert row["ttfa_p50"] <= row["completion_p50"] and row["peak_rss_mib"] > 0
+    assert report["ratios"]["throughput"] > 0 and set(report["ratios"]["ttfa_over_completion"]) == {"1", "2"}
