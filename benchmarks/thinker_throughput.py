@@ -3,10 +3,12 @@
 Both run the same checkpoint in fresh processes, alternated A/B/A/B so that machine noise hits
 both alike; ours has the plugin loaded (hidden-state capture patches installed, no request asking
 for them), stock has every vLLM plugin switched off (VLLM_PLUGINS=""). Prints a table and the
-ratio of medians, by wall time and by CPU time of the (single, in-process) engine process; CPU
-time is the steadier of the two on a shared machine. Target: ours >= 95% of stock.
+ratios ours/stock of the medians and of the best runs, by wall time and by CPU time of the
+(single, in-process) engine process. On a shared machine noise only ever slows a run down, so the
+best of several runs is the steadiest estimate of what each variant costs. Target: ours >= 95%
+of stock.
 
-    python benchmarks/thinker_throughput.py [--model DIR] [--rounds 3] [--prompts 64] [--tokens 64]
+    python benchmarks/thinker_throughput.py [--model DIR | --bench] [--rounds 3] [--prompts 64] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -56,11 +58,17 @@ def run(variant: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint dir (default: a tiny one built now)")
+    parser.add_argument("--bench", action="store_true",
+                        help="the bench checkpoint (7B depths, widths / 8; built once into .cache/bench-omni)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    if args.model is None:
+    if args.bench:
+        from e2e import ROOT, bench_checkpoint
+
+        args.model = str(bench_checkpoint(ROOT / ".cache" / "bench-omni"))
+    elif args.model is None:
         from omni_vllm.testing.tiny import build_tiny_checkpoint
 
         args.model = str(build_tiny_checkpoint(tempfile.mkdtemp() + "/tiny"))
@@ -77,9 +85,10 @@ def main() -> None:
             print(f"{r:>5} {variant:>7} {res['class']:>42} {res['tokens']:>7} {res['seconds']:>7.3f} "
                   f"{rate:>9.1f} {cpu_rate:>10.1f}")
     for label, table in (("tok/s (wall)", rates), ("tok/cpu-s", cpu_rates)):
-        ours, stock = statistics.median(table["ours"]), statistics.median(table["stock"])
-        print(f"median {label}: ours {ours:.1f}, stock {stock:.1f}; ours/stock = {ours / stock:.3f} "
-              "(target >= 0.95)")
+        for stat, fn in (("median", statistics.median), ("best", max)):
+            ours, stock = fn(table["ours"]), fn(table["stock"])
+            print(f"{stat:>6} {label:>12}: ours {ours:9.1f}, stock {stock:9.1f}; ours/stock = {ours / stock:.3f} "
+                  "(target >= 0.95)")
 
 
 if __name__ == "__main__":
