@@ -321,6 +321,9 @@ def test_disconnect_aborts(client, server):
     it = iter(stream)
     for _ in range(3):
         next(it)
+    deadline = time.monotonic() + 10  # /metrics is another request: poll it, bounded
+    while metric(server["root"], "omni_vllm:speaking_requests") != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert metric(server["root"], "omni_vllm:speaking_requests") == 1
     stream.close()
     deadline = time.monotonic() + 30
