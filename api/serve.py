@@ -16,9 +16,7 @@ with no weights should still get a running server. So this wrapper
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -40,20 +38,10 @@ def _given(args: list[str], *flags: str) -> bool:
 
 
 def demo_checkpoint(path: Path = DEMO_DIR) -> Path:
-    """Build the tiny demo checkpoint into `path` unless a complete one for this builder is there."""
-    from omni_vllm.testing import tiny
+    """The tiny demo checkpoint at `path`, built once (again when its builder changes)."""
+    from omni_vllm.testing.tiny import cached_checkpoint
 
-    stamp = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:16]
-    marker = path / ".omni-vllm-complete"
-    if marker.exists() and marker.read_text() == stamp:
-        return path
-    _log(f"building the tiny demo checkpoint into {path} ...")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tiny.build_tiny_checkpoint(tmp)
-    (tmp / marker.name).write_text(stamp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # atomic: a half-built checkpoint is never taken for a complete one
-    return path
+    return cached_checkpoint(path, on_build=lambda p: _log(f"building the tiny demo checkpoint into {p} ..."))
 
 
 def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> list[str]:

@@ -46,7 +46,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,16 +272,11 @@ def worker(args) -> None:
 
 
 def bench_checkpoint(path: Path) -> Path:
-    """The bench checkpoint at `path`, built once (again when BENCH_SIZES changes)."""
-    from omni_vllm.testing.tiny import BENCH_SIZES, build_tiny_checkpoint
+    """The bench checkpoint at `path`, built once (again when its builder or BENCH_SIZES change)."""
+    from omni_vllm.testing.tiny import BENCH_SIZES, cached_checkpoint
 
-    stamp = json.dumps(asdict(BENCH_SIZES), sort_keys=True)
-    if (path / "bench_sizes.json").exists() and (path / "bench_sizes.json").read_text() == stamp:
-        return path
-    print(f"building the bench checkpoint into {path} (once)", flush=True)
-    build_tiny_checkpoint(path, seed=0, sizes=BENCH_SIZES)
-    (path / "bench_sizes.json").write_text(stamp)
-    return path
+    return cached_checkpoint(path, BENCH_SIZES, on_build=lambda p: print(f"building the bench checkpoint into {p} "
+                                                                        "(once)", flush=True))
 
 
 def run_worker(system: str, args, out: Path) -> dict:
