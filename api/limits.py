@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 from dataclasses import dataclass
 
 
@@ -80,11 +79,10 @@ def _check_video(raw: bytes, param: str, limits: MediaLimits) -> None:
 
     try:
         with av.open(io.BytesIO(raw), mode="r") as container:
-            seconds = container.duration / av.time_base if container.duration else None
             video = container.streams.video[0] if container.streams.video else None
+            seconds = container.duration / av.time_base if container.duration else None
             if video is not None and seconds is None and video.duration and video.time_base:
                 seconds = float(video.duration * video.time_base)
-            w, h = (video.codec_context.width, video.codec_context.height) if video is not None else (0, 0)
     except Exception:  # noqa: BLE001 - FFmpeg's errors are many; none is ours to distinguish
         raise MediaError(f"{param}: the video could not be decoded (send MP4, WebM, MKV or AVI)",
                          status=422, param=param) from None
@@ -92,6 +90,7 @@ def _check_video(raw: bytes, param: str, limits: MediaLimits) -> None:
         raise MediaError(f"{param}: the file has no video stream", status=422, param=param)
     if seconds is not None and seconds > limits.max_video_seconds:
         raise _too_long(param, "the video", seconds, limits.max_video_seconds)
+    w, h = video.codec_context.width, video.codec_context.height
     if w * h > limits.max_image_pixels:
         raise _too_large(param, "a video frame", w, h, limits.max_image_pixels)
 
@@ -163,9 +162,14 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {
-            "message": f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB",
-            "type": "RequestTooLargeError", "param": None, "code": 413}}).encode()
+        from http import HTTPStatus
+
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        err = create_error_response(
+            f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB",
+            err_type="RequestTooLargeError", status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        body = err.model_dump_json().encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
