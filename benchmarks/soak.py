@@ -37,13 +37,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = build_tiny_checkpoint(Path(d) / "tiny-omni", seed=0)
-        parts = {  # as the test's media_parts fixture
-            "text": None,
-            "input_audio": {"type": "input_audio", "input_audio": {"data": R.wav_b64(R.media.tone(0.5)),
-                                                                    "format": "wav"}},
-            "image_url": {"type": "image_url", "image_url": {"url": R.png_data_url(R.media.image(56, 56))}},
-            "video_url": {"type": "video_url", "video_url": {"url": R.mp4_data_url(R.media.video(frames=2))}},
-        }
+        parts = R.mixed_media_parts()
         with running_server(ckpt, Path(d) / "server.log", *R.SERVER_ARGS) as server:
             end, base, failed, start = time.monotonic() + 60 * args.minutes, None, False, 0
             for n in range(args.max_rounds):

@@ -48,8 +48,8 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def media_parts():
+def mixed_media_parts() -> dict:
+    """The content part of each input kind of the load's mix (None: text only)."""
     tone = wav_b64(media.tone(0.5))
     return {
         "text": None,
@@ -57,6 +57,11 @@ def media_parts():
         "image_url": {"type": "image_url", "image_url": {"url": png_data_url(media.image(width=56, height=56))}},
         "video_url": {"type": "video_url", "video_url": {"url": mp4_data_url(media.video(frames=2))}},
     }
+
+
+@pytest.fixture(scope="module")
+def media_parts():
+    return mixed_media_parts()
 
 
 def server_procs(server):
