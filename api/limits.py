@@ -138,12 +138,13 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > self.max_bytes:
-                return await self._refuse(send)
-            return await self.app(scope, receive, send)
-        # No Content-Length (chunked): buffer up to the limit, then replay it to the app.
+        headers = dict(scope.get("headers") or ())
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(send)
+        if length is not None or b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            return await self.app(scope, receive, send)  # sized, or no body (GET /health, /metrics, ...)
+        # Chunked: buffer up to the limit, then replay it to the app.
         messages, size = [], 0
         while True:
             message = await receive()
