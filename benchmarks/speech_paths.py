@@ -19,7 +19,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 SAMPLE_RATE = 24000
 
@@ -134,6 +133,7 @@ async def non_streaming(engines: Engines, prompts, tokens, codes, tag, concurren
 async def _wave(engines: Engines, batch, first_index, tokens, codes, tag, busy) -> tuple[float, float, int]:
     """Text for all, then the talker for all, then one one-shot Token2Wav call (OmniLLM's way)."""
     from omni_vllm.hidden_states import request_hidden_states
+    from omni_vllm.offline import talk
     from omni_vllm.talker import TalkerSampling
 
     engine, collector, talker, t2w = engines.engine, engines.collector, engines.talker, engines.t2w
@@ -148,23 +148,8 @@ async def _wave(engines: Engines, batch, first_index, tokens, codes, tag, busy) 
 
     def speak():
         t = time.perf_counter()
-        result = {o.request_id: [] for o in outs}
-        pending = list(outs)
-        while pending or talker.ready():
-            while pending and talker.num_free_slots:
-                out = pending.pop(0)
-                rows = collector.rows(out.request_id)
-                n = len(out.prompt_token_ids)
-                talker.add_request(out.request_id, prompt_ids=torch.tensor(out.prompt_token_ids),
-                                   prompt_embeds=rows[:n, 0], prompt_hidden=rows[:n, 1],
-                                   prompt_positions=collector.prompt_positions(out.request_id),
-                                   sampling=TalkerSampling(do_sample=False), max_codes=codes)
-                for row in rows[n:]:
-                    talker.add_thinker_token(out.request_id, row[0], row[1])
-                talker.finish_thinker(out.request_id)
-            for rid, step in talker.step().items():
-                if step.code is not None:
-                    result[rid].append(step.code)
+        result = talk(talker, outs, collector, ["Chelsie"] * len(outs), [TalkerSampling(do_sample=False)] * len(outs),
+                      codes)
         ids = [o.request_id for o in outs]
         now = time.perf_counter()
         busy["talker_seconds"] += now - t

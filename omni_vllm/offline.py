@@ -112,7 +112,7 @@ class OmniLLM:
         finally:
             set_hidden_states_sink(previous)
 
-        codes = self._talk(talker, outs, collector, voices, samplings, max_codes)
+        codes = talk(talker, outs, collector, voices, samplings, max_codes)
         waves = token2wav.decode([codes[o.request_id] for o in outs], voices, noise)
         return [
             OmniOutput(
@@ -125,31 +125,32 @@ class OmniLLM:
             for o, w in zip(outs, waves, strict=True)
         ]
 
-    @staticmethod
-    def _talk(talker, outs, collector, voices, samplings, max_codes) -> dict[str, list[int]]:
-        """Run the talker over every reply, as many at a time as it has slots."""
-        pending = list(zip(outs, voices, samplings, strict=True))
-        codes: dict[str, list[int]] = {o.request_id: [] for o in outs}
-        while pending or len(talker.ready()):
-            while pending and talker.num_free_slots:
-                out, voice, sampling = pending.pop(0)
-                rid = out.request_id
-                rows = collector.rows(rid)
-                n_prompt = len(out.prompt_token_ids)
-                talker.add_request(
-                    rid,
-                    prompt_ids=torch.tensor(out.prompt_token_ids),
-                    prompt_embeds=rows[:n_prompt, 0],
-                    prompt_hidden=rows[:n_prompt, 1],
-                    prompt_positions=collector.prompt_positions(rid),
-                    voice=voice,
-                    sampling=sampling,
-                    max_codes=max_codes,
-                )
-                for row in rows[n_prompt:]:
-                    talker.add_thinker_token(rid, row[0], row[1])
-                talker.finish_thinker(rid)
-            for rid, step in talker.step().items():
-                if step.code is not None:
-                    codes[rid].append(step.code)
-        return codes
+
+def talk(talker, outs, collector, voices, samplings, max_codes) -> dict[str, list[int]]:
+    """Codes for every finished thinker reply in `outs` (rows in `collector`), the talker running
+    as many at a time as it has slots."""
+    pending = list(zip(outs, voices, samplings, strict=True))
+    codes: dict[str, list[int]] = {o.request_id: [] for o in outs}
+    while pending or len(talker.ready()):
+        while pending and talker.num_free_slots:
+            out, voice, sampling = pending.pop(0)
+            rid = out.request_id
+            rows = collector.rows(rid)
+            n_prompt = len(out.prompt_token_ids)
+            talker.add_request(
+                rid,
+                prompt_ids=torch.tensor(out.prompt_token_ids),
+                prompt_embeds=rows[:n_prompt, 0],
+                prompt_hidden=rows[:n_prompt, 1],
+                prompt_positions=collector.prompt_positions(rid),
+                voice=voice,
+                sampling=sampling,
+                max_codes=max_codes,
+            )
+            for row in rows[n_prompt:]:
+                talker.add_thinker_token(rid, row[0], row[1])
+            talker.finish_thinker(rid)
+        for rid, step in talker.step().items():
+            if step.code is not None:
+                codes[rid].append(step.code)
+    return codes
