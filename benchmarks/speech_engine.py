@@ -95,8 +95,8 @@ async def main(args) -> list[dict]:
     print("| conc | path          | TTFA p50 s | TTFA max s | total s | audio s | x real time | talker s | token2wav s (calls) |")
     print("|-----:|---------------|-----------:|-----------:|--------:|--------:|------------:|---------:|--------------------:|")
     for r in rows:
-        extra = (f"{r['talker_seconds']:8.2f} | {r['token2wav_seconds']:13.2f} ({r['token2wav_calls']:3d})"
-                 if "talker_seconds" in r else f"{'':8} | {'':19}")
+        calls = f" ({r['token2wav_calls']:3d})" if "token2wav_calls" in r else " " * 6  # streaming only
+        extra = f"{r['talker_seconds']:8.2f} | {r['token2wav_seconds']:13.2f}{calls}"
         print(f"| {r['concurrency']:4d} | {r['path']:13} | {r['ttfa_p50']:10.2f} | {r['ttfa_max']:10.2f} | "
               f"{r['total_s']:7.2f} | {r['audio_s']:7.2f} | {r['x_real_time']:11.2f} | {extra} |")
     return rows
