@@ -22,7 +22,6 @@ from argparse import Namespace
 from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -61,6 +60,7 @@ from vllm.logger import init_logger
 
 from api import audio as A
 from api import limits as L
+from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
 from omni_vllm.streaming import StreamConfig
 
@@ -246,7 +246,7 @@ class OmniEndpoints:
         voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
         try:
             self.speech = SpeechEngine(
-                engine_client, _local_checkpoint(engine_client.model_config), device=self.settings.speech_device,
+                engine_client, engine_checkpoint(engine_client.vllm_config), device=self.settings.speech_device,
                 max_speaking=self.settings.max_speaking, default_voice=voice,
                 max_codes=self.settings.max_audio_tokens,
                 stream_config=StreamConfig(**self.settings.speech_stream_config or {}))
@@ -553,12 +553,3 @@ def _mm_token_counts(engine_input) -> dict[str, int]:
     return {modality: sum(p.get_num_embeds() for p in ranges)
             for modality, ranges in (engine_input.get("mm_placeholders") or {}).items() if ranges}
 
-
-def _local_checkpoint(model_config) -> Path:
-    """The checkpoint folder (a path, or a Hugging Face id: its snapshot, spk_dict.pt included)."""
-    path = Path(model_config.model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model_config.model, revision=model_config.revision))

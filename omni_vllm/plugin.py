@@ -43,7 +43,9 @@ def register() -> None:
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
 
-    # Frontend half of the hidden-states route (the runner half is applied by our model class).
-    from patches import output_processor_hidden_states
+    # Frontend half of the hidden-states route (the runner half is applied by our model class),
+    # and the V1 model runner pinned for our model (before any VllmConfig is built or read).
+    from patches import model_runner_v1, output_processor_hidden_states
 
+    model_runner_v1.apply()
     output_processor_hidden_states.apply()

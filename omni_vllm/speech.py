@@ -60,9 +60,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from omni_vllm.checkpoint import local_checkpoint
+from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.errors import SpeechBusy, SpeechUnavailable, UnknownVoice
-from omni_vllm.hidden_states import HiddenStatesChunk, request_hidden_states, set_hidden_states_sink
+from omni_vllm.hidden_states import (
+    HiddenStatesChunk,
+    check_speech_config,
+    request_hidden_states,
+    set_hidden_states_sink,
+)
 from omni_vllm.streaming import StreamConfig, StreamingToken2Wav, StreamState, decode_windows
 from omni_vllm.talker import Talker, TalkerSampling
 from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
@@ -460,6 +465,7 @@ class SpeechEngine:
         self.unavailable_reason: str | None = None
         t0 = time.perf_counter()
         try:
+            check_speech_config(engine.vllm_config)
             if not (self.model_dir / "spk_dict.pt").exists():
                 raise ValueError(f"{self.model_dir} has no spk_dict.pt (speaker table)")
             self.talker = Talker.from_pretrained(self.model_dir, device=self.device, max_slots=max_speaking,
@@ -518,7 +524,7 @@ class SpeechEngine:
 
         engine = AsyncLLM.from_engine_args(engine_args)
         try:
-            self = cls(engine, local_checkpoint(engine_args.model), **kwargs)
+            self = cls(engine, engine_checkpoint(engine.vllm_config), **kwargs)
         except BaseException:
             engine.shutdown()
             raise
