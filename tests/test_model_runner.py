@@ -89,9 +89,7 @@ def test_v1_runner_pinned_where_vllm_would_take_v2(triton, tiny_checkpoint_dir, 
     assert other.use_v2_model_runner is True
 
 
-@pytest.mark.parametrize(
-    "case", ["env_v2", "pipeline_parallel", "not_our_class"]
-)
+@pytest.mark.parametrize("case", ["env_v2", "pipeline_parallel", "not_our_class"])
 def test_start_up_refuses_configs_without_rows(triton, monkeypatch, tiny_checkpoint_dir, case):
     if case == "env_v2":
         monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
