@@ -3,7 +3,8 @@
 What: wraps the `vllm.config.VllmConfig.use_v2_model_runner` property. For a config whose model
 is served by our thinker class (`model_config.architecture` one of `plugin.ARCHITECTURES`) it
 answers False, unless V2 is required: `VLLM_USE_V2_MODEL_RUNNER` set to 1, a feature that only
-V2 has (HiSparse, watermarking) or one that V1 refuses (vLLM's own
+V2 has (HiSparse, watermarking, the aux-output connector, sampling distribution replay, trace
+replay, Proton graph attribution) or one that V1 refuses (vLLM's own
 `_get_v1_model_runner_unsupported_features`: prefill context parallel, DSpark, ...). Then vLLM
 decides as it would without us (a warning says that speech cannot work), and the speech path's
 start-up check (`omni_vllm.hidden_states.check_speech_config`) refuses to speak. Other models
@@ -61,6 +62,16 @@ def v2_required_by(vllm_config) -> list[str]:
         reasons.append("HiSparse attention")
     if getattr(vllm_config, "watermark_config", None) is not None:
         reasons.append("watermarking")
+    # Features vLLM's own config checks refuse on V1 ("... requires Model Runner V2").
+    model_config = vllm_config.model_config
+    for owner, flag, name in (
+        (vllm_config.aux_output_config, "enabled", "the aux-output connector (routed experts)"),
+        (model_config, "return_sampling_mask", "sampling distribution replay"),
+        (model_config, "enable_trace_replay", "trace replay"),
+        (vllm_config.profiler_config, "proton_graph_attribution", "Proton CUDA graph attribution"),
+    ):
+        if getattr(owner, flag, False):
+            reasons.append(name)
     return reasons + [
         f"{feature} (V1 model runner unsupported)"
         for feature in vllm_config._get_v1_model_runner_unsupported_features()
