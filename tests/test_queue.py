@@ -9,6 +9,8 @@ client-side retries, so a refusal would show).
   leave the queue at once (`omni_vllm:speech_waiting` back down) and their thinker requests never
   start (`vllm:prompt_tokens_total` unchanged); past `--max-waiting` waiters: 503 with Retry-After
   and `code` "speech_queue_full".
+* The shapes of a refusal: response and stream error event (the wait limit itself is exercised on
+  the SpeechEngine in test_speech_engine.py).
 """
 
 from __future__ import annotations
@@ -140,3 +142,24 @@ def test_waiting_clients_and_the_bound(server):
     # The server serves on normally afterwards.
     resp = asyncio.run(client(server).chat.completions.create(**audio_request(server, False)))
     assert resp.choices[0].message.audio.data
+
+
+def test_refusal_shapes():
+    """A refusal for load as a response (503, Retry-After rounded up, OpenAI's error shape with a
+    string `code`) and, once a stream has started (the wait limit passed), as its error event."""
+    import json
+
+    from api.app import APIError
+    from omni_vllm.errors import SpeechBusy
+
+    e = APIError.busy(SpeechBusy("speech engine busy: no speaking slot within 5 s", code=SpeechBusy.WAIT_TIMEOUT,
+                                 retry_after=2.2))
+    r = e.response()
+    assert r.status_code == 503 and r.headers["retry-after"] == "3"
+    body = json.loads(r.body)
+    assert body == {"error": {"message": "speech engine busy: no speaking slot within 5 s; retry after 3 s",
+                              "type": "ServiceUnavailableError", "param": None, "code": "speech_wait_timeout"}}
+    event, done, rest = e.sse().split("\n\n")
+    assert json.loads(event.removeprefix("data: ")) == body and done == "data: [DONE]" and rest == ""
+    shutdown = APIError.busy(SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)).response()
+    assert shutdown.status_code == 503 and "retry-after" not in shutdown.headers
