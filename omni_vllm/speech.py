@@ -447,9 +447,10 @@ class SpeechEngine:
         checkpoint directory, from which the talker, Token2Wav and voices are loaded.
 
         Extra settings: `queue_timeout` (s) an audio request may wait for admission (None: as long
-        as its caller waits; 0: refuse at once), `max_waiting` waiters at most; `max_codes` per request (the talker also stops on its
-        own stop codes); `talker_max_len` prompt + codes per talker KV slot; `window_delay` (s) a
-        ready Token2Wav window may wait to share a batch; `log_interval` (s) of progress logs."""
+        as its caller waits; 0: refuse at once), `max_waiting` waiters at most; `max_codes` per
+        request (the talker also stops on its own stop codes); `talker_max_len` prompt + codes per
+        talker KV slot; `window_delay` (s) a ready Token2Wav window may wait to share a batch;
+        `log_interval` (s) of progress logs."""
         if max_speaking < 1 or max_queued_windows < 1:
             raise ValueError("max_speaking and max_queued_windows must be >= 1")
         self.engine = engine
