@@ -16,6 +16,7 @@ import asyncio
 import base64
 import inspect
 import json
+import math
 import time
 import uuid
 from argparse import Namespace
@@ -92,6 +93,8 @@ class Settings:
     speech_device: str | None = None
     max_speaking: int = 32
     speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
+    max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
+    max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -103,17 +106,36 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLa
 
 
 class APIError(Exception):
-    """An OpenAI-shaped error answer (vLLM's ErrorResponse) with its HTTP status and `param`."""
+    """An OpenAI-shaped error answer (vLLM's ErrorResponse) with its HTTP status and `param`; for a
+    refusal for load also a `code` saying why (OpenAI's error codes are strings; vLLM puts the status
+    there otherwise) and a `Retry-After` header (`retry_after` seconds, rounded up)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, err_type: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, err_type: str | None = None,
+                 code: str | None = None, retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code, self.retry_after = status, param, code, retry_after
         self.err_type = err_type or _ERROR_TYPES.get(status, "Error")
 
-    def response(self) -> JSONResponse:
+    @classmethod
+    def busy(cls, e: SpeechBusy) -> "APIError":
+        """503 for a request the speech engine refused for load."""
+        hint = "" if e.retry_after is None else f"; retry after {math.ceil(e.retry_after)} s"
+        return cls(f"{e}{hint}", status=503, code=e.code, retry_after=e.retry_after)
+
+    def body(self) -> dict:
         err = create_error_response(str(self), err_type=self.err_type, status_code=HTTPStatus(self.status),
-                                    param=self.param)
-        return JSONResponse(err.model_dump(), status_code=self.status)
+                                    param=self.param).model_dump()
+        if self.code is not None:
+            err["error"]["code"] = self.code
+        return err
+
+    def response(self) -> JSONResponse:
+        headers = None if self.retry_after is None else {"Retry-After": str(math.ceil(self.retry_after))}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def sse(self) -> str:
+        """The error as the event of a stream already started (vLLM's way), then the stream's end."""
+        return f"data: {json.dumps(self.body())}\n\ndata: [DONE]\n\n"
 
 
 def _error_json(err: ErrorResponse) -> JSONResponse:
@@ -162,6 +184,10 @@ class Metrics:
         self.ttfa = Histogram("omni_vllm:time_to_first_audio_seconds",
                               "From request arrival to its first audio chunk.", ["model_name"],
                               buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 40, 80)).labels(**labels)
+        self.queue_time = Histogram("omni_vllm:speech_queue_time_seconds",
+                                    "Time audio requests waited for a speaking slot.", ["model_name"],
+                                    buckets=(0.01, 0.1, 0.3, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240, 480, 960,
+                                             1920)).labels(**labels)
 
     def attach(self, speech) -> None:
         """Export `speech.stats()` gauges (waiting requests, talker slots, queued Token2Wav windows)."""
@@ -248,7 +274,8 @@ class OmniEndpoints:
             self.speech = SpeechEngine(
                 engine_client, engine_checkpoint(engine_client.vllm_config), device=self.settings.speech_device,
                 max_speaking=self.settings.max_speaking, default_voice=voice,
-                max_codes=self.settings.max_audio_tokens,
+                max_codes=self.settings.max_audio_tokens, max_waiting=self.settings.max_waiting,
+                queue_timeout=self.settings.max_wait_seconds,
                 stream_config=StreamConfig(**self.settings.speech_stream_config or {}))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
@@ -312,9 +339,13 @@ class OmniEndpoints:
             raise APIError("max_audio_tokens must be a positive integer", param=param)
         return min(value, self.settings.max_audio_tokens)
 
-    async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int):
+    async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int,
+                     respond_while_queued: bool = False):
         """Render with vLLM, start the SpeechEngine; returns (request_id, mm token counts, stream,
-        first chunk). Errors before the first chunk are raised here, so they become HTTP errors."""
+        first: a task giving the first chunk). Returns once the first chunk is there, or, with
+        `respond_while_queued`, as soon as the request waits for a speaking slot (so that a stream's
+        first event leaves while it waits). Errors until then are raised here as HTTP errors (a full
+        wait queue: 503 with Retry-After); a client gone meanwhile leaves the queue."""
         if not any(isinstance(m, dict) and m.get("role") == "system" for m in request.messages):
             request.messages.insert(0, {"role": "system", "content": SPEECH_SYSTEM_PROMPT})
         rendered = await self.chat.render_chat_request(request)  # model check (404), template, media
@@ -331,16 +362,26 @@ class OmniEndpoints:
         kwargs = {}
         if request.seed is not None:
             kwargs = dict(talker_sampling=TalkerSampling(seed=request.seed), noise=request.seed)
+        queued = asyncio.get_running_loop().create_future()
+        if respond_while_queued:
+            kwargs["on_queued"] = lambda: queued.done() or queued.set_result(None)
         stream = self.speech.generate(engine_input, params, request_id, audio=True, voice=voice,
                                       max_codes=max_codes, **kwargs)
+        first = asyncio.ensure_future(anext(stream))
         try:
-            first = await anext(stream)
-        except UnknownVoice as e:
-            raise APIError(str(e), param="audio.voice") from None
-        except SpeechUnavailable as e:
-            raise APIError(f"this model cannot produce audio: {e}", param="modalities") from None
-        except SpeechBusy as e:
-            raise APIError(f"too many requests are speaking, retry later ({e})", status=503) from None
+            await asyncio.wait([first, queued], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: out of the queue (or the engine) now
+            first.cancel()
+            raise
+        if first.done():
+            try:
+                first.result()
+            except UnknownVoice as e:
+                raise APIError(str(e), param="audio.voice") from None
+            except SpeechUnavailable as e:
+                raise APIError(f"this model cannot produce audio: {e}", param="modalities") from None
+            except SpeechBusy as e:
+                raise APIError.busy(e) from None
         return request_id, _mm_token_counts(engine_input), stream, first
 
     def _usage(self, final, mm_counts: dict[str, int]) -> UsageInfo:
@@ -357,11 +398,14 @@ class OmniEndpoints:
         )
 
     async def _run(self, stream, first, request_id: str, t0: float):
-        """Every chunk of a started request, with metrics; aborts it if the consumer goes away."""
-        self.metrics.speaking.inc()
-        done, got_audio = False, False
+        """Every chunk of a started request, with metrics; aborts it if the consumer goes away
+        (while it waits for a slot, cancelling `first` takes it out of the queue)."""
+        done, got_audio, speaking = False, False, False
         try:
-            chunk = first
+            chunk = await first
+            self.metrics.queue_time.observe(chunk.queue_seconds)
+            self.metrics.speaking.inc()
+            speaking = True
             while True:
                 if chunk.audio is not None and len(chunk.audio):
                     if not got_audio:
@@ -374,8 +418,9 @@ class OmniEndpoints:
                     return
                 chunk = await anext(stream)
         finally:
-            self.metrics.speaking.dec()
-            if not done:  # client disconnected / cancelled: free the engine and speech slots
+            if speaking:
+                self.metrics.speaking.dec()
+            if speaking and not done:  # client disconnected / cancelled: free the engine and speech slots
                 logger.info("aborting %s (client went away)", request_id)
                 await asyncio.shield(self.speech.abort(request_id))
             await stream.aclose()
@@ -409,7 +454,8 @@ class OmniEndpoints:
             if (request.n or 1) != 1 or request.use_beam_search:
                 raise APIError("audio output supports n=1 without beam search", param="n")
             max_codes = self._max_codes(extra.get("max_audio_tokens"), "max_audio_tokens")
-            request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes)
+            request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes,
+                                                                     respond_while_queued=bool(request.stream))
         except (APIError, L.MediaError, _Rendered) as e:
             return _refusal(e)
         chunks = self._run(stream, first, request_id, t0)
@@ -453,17 +499,23 @@ class OmniEndpoints:
             return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
         transcript, final = [], None
+        # At once, also while the request waits for a speaking slot: the client (and any proxy) sees
+        # the response start; the wait is then ended by the client (or --max-wait-seconds).
         yield event(DeltaMessage(role="assistant", content=None, audio={"id": audio_id, "transcript": ""}))
-        async for c in chunks:
-            part: dict[str, Any] = {}
-            if c.text:
-                transcript.append(c.text)
-                part["transcript"] = c.text
-            if c.audio is not None and len(c.audio):
-                part["data"] = base64.b64encode(A.pcm16(c.audio)).decode()
-            if part:
-                yield event(DeltaMessage(audio={"id": audio_id, **part}))
-            final = c
+        try:
+            async for c in chunks:
+                part: dict[str, Any] = {}
+                if c.text:
+                    transcript.append(c.text)
+                    part["transcript"] = c.text
+                if c.audio is not None and len(c.audio):
+                    part["data"] = base64.b64encode(A.pcm16(c.audio)).decode()
+                if part:
+                    yield event(DeltaMessage(audio={"id": audio_id, **part}))
+                final = c
+        except SpeechBusy as e:  # refused after the response started (the wait limit): an error event
+            yield APIError.busy(e).sse()
+            return
         _, expires_at = self.audio_ids.put("".join(transcript), audio_id)
         yield event(DeltaMessage(audio={"id": audio_id, "expires_at": expires_at}), finish_reason=final.finish_reason)
         if include_usage:

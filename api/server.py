@@ -43,6 +43,12 @@ def add_omni_args(parser):
     g.add_argument("--speech-stream-config", type=json.loads, default=None,
                    help="Streaming Token2Wav windows, JSON of omni_vllm.streaming.StreamConfig fields, e.g. "
                         "'{\"first_chunk\": 12}'; unset: its defaults (first audio after 48 codes).")
+    g.add_argument("--max-waiting", type=int, default=D.max_waiting,
+                   help="Most audio requests waiting for a speaking slot (they wait, in arrival order, as long as "
+                        "their client stays connected); more get a 503 with Retry-After.")
+    g.add_argument("--max-wait-seconds", type=float, default=D.max_wait_seconds,
+                   help="Server-side limit on the wait for a speaking slot (a 503 with Retry-After, or an error "
+                        "event in a stream); unset: no limit, the client's timeout decides.")
     return parser
 
 
