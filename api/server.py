@@ -43,6 +43,10 @@ def add_omni_args(parser):
     g.add_argument("--speech-stream-config", type=json.loads, default=None,
                    help="Streaming Token2Wav windows, JSON of omni_vllm.streaming.StreamConfig fields, e.g. "
                         "'{\"first_chunk\": 12}'; unset: its defaults (first audio after 48 codes).")
+    g.add_argument("--audio-id-key", default=D.audio_id_key,
+                   help="Secret that signs assistant `audio.id`s; give every replica the same one so that any "
+                        "accepts the others' ids (prefer the environment variable OMNI_VLLM_AUDIO_ID_KEY: "
+                        "a flag shows in the process list). Unset: a random key per process.")
     return parser
 
 

@@ -167,17 +167,17 @@ def test_speech_system_prompt(client, server):
 
 
 def test_chat_audio_stream(client, server):
-    """pcm16 deltas with id, transcript pieces, expires_at at the end, usage chunk; the first audio
-    arrives before the text is finished."""
+    """pcm16 deltas with transcript pieces, the id (which carries the transcript) and expires_at at the
+    end, usage chunk; the first audio arrives before the text is finished."""
     stream = client.chat.completions.create(
         model=server["model"], messages=USER, max_tokens=300, modalities=["text", "audio"],
         audio={"voice": "Chelsie", "format": "pcm16"}, stream=True, stream_options={"include_usage": True},
         seed=11, extra_body={"max_audio_tokens": 48, "ignore_eos": True})
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    assert deltas[0].role == "assistant" and deltas[0].content is None and deltas[0].audio.id.startswith("audio_")
-    ids = {d.audio.id for d in deltas if d.audio and d.audio.id}
-    assert len(ids) == 1
+    assert deltas[0].role == "assistant" and deltas[0].content is None
+    ids = [d.audio.id for d in deltas if d.audio and d.audio.id]
+    assert len(ids) == 1 and ids[0].startswith("audio_") and deltas[-1].audio.id == ids[0]
     pcm = b"".join(base64.b64decode(d.audio.data) for d in deltas if d.audio and d.audio.data)
     transcript = "".join(d.audio.transcript or "" for d in deltas if d.audio)
     assert chunks[-1].usage is not None and not chunks[-1].choices
