@@ -47,6 +47,10 @@ def add_omni_args(parser):
                    help="Secret that signs assistant `audio.id`s; give every replica the same one so that any "
                         "accepts the others' ids (prefer the environment variable OMNI_VLLM_AUDIO_ID_KEY: "
                         "a flag shows in the process list). Unset: a random key per process.")
+    g.add_argument("--allow-private-media-urls", action="store_true",
+                   help="Fetch media URLs that resolve to loopback, private or link-local addresses too (by "
+                        "default they are a 400 and no connection is made; OMNI_VLLM_ALLOWED_MEDIA_NETWORKS "
+                        "opens chosen networks only).")
     return parser
 
 
@@ -64,6 +68,10 @@ def parse_args(argv: list[str]) -> Namespace:
     os.environ.setdefault("VLLM_MAX_AUDIO_CLIP_FILESIZE_MB", str(max(1, int(args.max_media_mb))))
     os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))
     os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(args.max_image_pixels))
+    if args.allow_private_media_urls:
+        from api.media_fetch import ENV_ALLOW_PRIVATE
+
+        os.environ[ENV_ALLOW_PRIVATE] = "1"
     return args
 
 

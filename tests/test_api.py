@@ -312,6 +312,27 @@ def test_chat_errors(client, server, case):
     api_error(ei, status, param, words)
 
 
+def test_media_urls_stay_outside(client, server, tmp_path):
+    """A media URL on the server's own host is a 400 and is never connected to, on our audio route and on
+    vLLM's text route; so is a file:// URL (vLLM answers those with a 500)."""
+    import openai
+    from test_media_fetch import listening
+
+    (tmp_path / "a.wav").write_bytes(base64.b64decode(wav_b64(np.zeros(1600, np.float32))))
+    with listening() as local:
+        for url, words in ((local.url(), "public addresses only"), (local.url(name="localhost"), "public"),
+                           (f"{server['root']}/metrics", "public"), (f"file://{tmp_path}/a.wav", "file://")):
+            msgs = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}}]}]
+            for audio in (True, False):
+                with pytest.raises(openai.BadRequestError) as ei:
+                    if audio:
+                        speak(client, server, "wav", messages=msgs)
+                    else:
+                        client.chat.completions.create(model=server["model"], messages=msgs, max_tokens=1)
+                assert words in ei.value.response.json()["error"]["message"], ei.value.body
+        assert local.connections == 0
+
+
 def test_disconnect_aborts(client, server):
     """A client that goes away mid-stream: the request is aborted (engine and speech slots freed)."""
     stream = client.chat.completions.create(
