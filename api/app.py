@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import time
+import typing
 from argparse import Namespace
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -96,7 +97,28 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+        """Our flags where the command line has them (`python -m api.serve`), else the environment
+        variable OMNI_VLLM_<FLAG> (e.g. OMNI_VLLM_MAX_AUDIO_TOKENS: `vllm serve` has no such flags),
+        else the default."""
+        values = {}
+        for name, typ in typing.get_type_hints(cls).items():
+            if hasattr(args, name):
+                values[name] = getattr(args, name)
+            elif (raw := os.environ.get(f"OMNI_VLLM_{name.upper()}")) is not None:
+                values[name] = _parse_setting(name, raw, typ)
+        return cls(**values)
+
+
+def _parse_setting(name: str, raw: str, typ) -> Any:
+    base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
+    try:
+        if base is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if base is dict:
+            return json.loads(raw)
+        return base(raw)
+    except ValueError as e:
+        raise ValueError(f"OMNI_VLLM_{name.upper()}={raw!r}: {e}") from None
 
 
 _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",

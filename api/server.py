@@ -3,6 +3,8 @@
 This is vLLM's own `run_server` (vllm/entrypoints/launchers/api_server/entry.py), step for step,
 with two lines added: our routes are attached after `build_app` and initialised after
 `init_app_state`. The command line is vLLM's (`make_arg_parser`) plus the flags of `add_omni_args`.
+(`OmniEndpoints` is also a registered `vllm.endpoint_plugins` entry point: `VLLM_PLUGINS=omni_vllm
+vllm serve ...` serves the same routes, with our settings from OMNI_VLLM_* environment variables.)
 """
 
 from __future__ import annotations
@@ -93,13 +95,18 @@ async def run_server(args: Namespace, **uvicorn_kwargs) -> None:
     listen_address, sock = setup_server(args, reuse_port=False)
     if (log_config := get_uvicorn_log_config(args)) is not None:
         uvicorn_kwargs["log_config"] = log_config
-    omni = OmniEndpoints()
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()
         app = build_app(args, supported_tasks, engine_client.model_config)
-        omni.attach_router(app)
+        # With VLLM_PLUGINS naming us, vLLM has attached and will initialise our endpoint plugin itself.
+        omni = next((p for p in getattr(app.state, "endpoint_plugins", []) if isinstance(p, OmniEndpoints)), None)
+        ours = omni is None
+        if ours:
+            omni = OmniEndpoints()
+            omni.attach_router(app)
         await init_app_state(engine_client, app.state, args, supported_tasks)
-        await omni.init_state(engine_client, app.state, args)
+        if ours:
+            await omni.init_state(engine_client, app.state, args)
         shutdown_task = await serve_http(
             app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
             log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
