@@ -107,6 +107,7 @@ async def run_server(args: Namespace, **uvicorn_kwargs) -> None:
         await init_app_state(engine_client, app.state, args, supported_tasks)
         if ours:
             await omni.init_state(engine_client, app.state, args)
+        _ready_banner(args, app.state.openai_serving_models.base_model_paths[0].name)
         shutdown_task = await serve_http(
             app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
             log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
@@ -119,6 +120,25 @@ async def run_server(args: Namespace, **uvicorn_kwargs) -> None:
         await shutdown_task
     finally:
         sock.close()
+
+
+def _ready_banner(args: Namespace, model: str) -> None:
+    """Where the server listens and a request to copy and paste (the socket is bound already)."""
+    from vllm.logger import init_logger
+
+    host = "127.0.0.1" if args.host in (None, "", "0.0.0.0", "::") else args.host
+    url = f"http{'s' if args.ssl_certfile else ''}://{host}:{args.port}/v1"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
+                       "modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "wav"}})
+    auth = " -H 'Authorization: Bearer $OPENAI_API_KEY'" if args.api_key else ""
+    init_logger("omni_vllm.api").info(
+        "omni-vllm is ready at %s (model %r). Try it:\n"
+        "  curl %s/chat/completions -H 'Content-Type: application/json'%s -d '%s'\n"
+        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='%s', api_key='-'); "
+        "r = c.chat.completions.create(model='%s', messages=[{'role': 'user', 'content': 'Say hello.'}], "
+        "modalities=['text', 'audio'], audio={'voice': 'Chelsie', 'format': 'wav'}); "
+        "print(r.choices[0].message.audio.transcript)\"",
+        url, model, url, auth, body, url, model)
 
 
 def main(argv: list[str]) -> None:
