@@ -17,10 +17,10 @@ import base64
 import inspect
 import json
 import math
+import os
 import time
-import uuid
+import typing
 from argparse import Namespace
-from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal
@@ -60,6 +60,7 @@ from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.logger import init_logger
 
 from api import audio as A
+from api.audio_ids import ENV_KEY, AudioIdError, AudioIds
 from api import limits as L
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
@@ -95,10 +96,32 @@ class Settings:
     speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
     max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
     max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
+    audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+        """Our flags where the command line has them (`python -m api.serve`), else the environment
+        variable OMNI_VLLM_<FLAG> (e.g. OMNI_VLLM_MAX_AUDIO_TOKENS: `vllm serve` has no such flags),
+        else the default."""
+        values = {}
+        for name, typ in typing.get_type_hints(cls).items():
+            if hasattr(args, name):
+                values[name] = getattr(args, name)
+            elif (raw := os.environ.get(f"OMNI_VLLM_{name.upper()}")) is not None:
+                values[name] = _parse_setting(name, raw, typ)
+        return cls(**values)
+
+
+def _parse_setting(name: str, raw: str, typ) -> Any:
+    base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
+    try:
+        if base is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if base is dict:
+            return json.loads(raw)
+        return base(raw)
+    except ValueError as e:
+        raise ValueError(f"OMNI_VLLM_{name.upper()}={raw!r}: {e}") from None
 
 
 _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
@@ -140,32 +163,6 @@ class APIError(Exception):
 
 def _error_json(err: ErrorResponse) -> JSONResponse:
     return JSONResponse(err.model_dump(), status_code=err.error.code)
-
-
-class AudioStore:
-    """Transcripts of audio replies, by `audio.id`, for `audio_id_ttl` seconds (at most `cap`)."""
-
-    def __init__(self, ttl: float, cap: int = 100_000):
-        self.ttl, self.cap, self._items = ttl, cap, OrderedDict()
-
-    @staticmethod
-    def new_id() -> str:
-        return f"audio_{uuid.uuid4().hex}"
-
-    def put(self, transcript: str, audio_id: str | None = None) -> tuple[str, int]:
-        audio_id, expires_at = audio_id or self.new_id(), int(time.time() + self.ttl)
-        self._items[audio_id] = (transcript, expires_at)
-        now = time.time()
-        while self._items and (len(self._items) > self.cap or next(iter(self._items.values()))[1] < now):
-            self._items.popitem(last=False)
-        return audio_id, expires_at
-
-    def get(self, audio_id: str) -> str | None:
-        item = self._items.get(audio_id)
-        if item is None or item[1] < time.time():
-            self._items.pop(audio_id, None)
-            return None
-        return item[0]
 
 
 class Metrics:
@@ -267,7 +264,7 @@ class OmniEndpoints:
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         self.state, self.settings = state, Settings.from_args(args)
-        self.audio_ids = AudioStore(self.settings.audio_id_ttl)
+        self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
         voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
         try:
@@ -313,12 +310,11 @@ class OmniEndpoints:
         for i, msg in enumerate(request.messages):
             if not (isinstance(msg, dict) and msg.get("role") == "assistant" and msg.get("audio")):
                 continue
-            audio_id = _voice_name(msg["audio"])  # {"id": ...}
-            transcript = self.audio_ids.get(audio_id) if isinstance(audio_id, str) else None
-            if transcript is None:
-                raise APIError(f"audio id {audio_id!r} is unknown or expired (audio ids are kept "
-                               f"{self.settings.audio_id_ttl:g} s); send the assistant turn as text instead",
-                               param=f"messages[{i}].audio.id")
+            try:
+                transcript = self.audio_ids.transcript(_voice_name(msg["audio"]))  # {"id": ...}
+            except AudioIdError as e:
+                raise APIError(f"audio id is unknown or expired: {e}; send the assistant turn as text instead",
+                               param=f"messages[{i}].audio.id") from None
             msg.pop("audio")
             if not msg.get("content"):
                 msg["content"] = transcript
@@ -437,6 +433,8 @@ class OmniEndpoints:
             if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"}:
                 raise APIError(f"modalities must be [\"text\"] or [\"text\", \"audio\"], got {modalities!r}",
                                param="modalities")
+            if not request.messages:  # OpenAI (and vLLM's text path) answer 400 too
+                raise APIError("messages must hold at least one message", param="messages")
             self._resolve_audio_ids(request)
             self._check_media(request)
             if "audio" not in modalities:
@@ -476,7 +474,7 @@ class OmniEndpoints:
             final = c
         transcript = "".join(text)
         wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
-        audio_id, expires_at = self.audio_ids.put(transcript)
+        audio_id, expires_at = self.audio_ids.issue(transcript)
         data = await asyncio.to_thread(A.encode, wave, fmt)
         message = ChatMessage(role="assistant", content=None, audio=ChatCompletionAudio(
             id=audio_id, data=base64.b64encode(data).decode(), expires_at=expires_at, transcript=transcript))
@@ -488,7 +486,6 @@ class OmniEndpoints:
     async def _chat_stream(self, request, chunks, request_id, model, mm_counts):
         created = int(time.time())
         include_usage, _ = should_include_usage(request.stream_options, self.chat.enable_force_include_usage)
-        audio_id = self.audio_ids.new_id()
 
         def event(delta: DeltaMessage | None, finish_reason=None, usage=None) -> str:
             choices = [] if delta is None else [ChatCompletionResponseStreamChoice(
@@ -501,7 +498,7 @@ class OmniEndpoints:
         transcript, final = [], None
         # At once, also while the request waits for a speaking slot: the client (and any proxy) sees
         # the response start; the wait is then ended by the client (or --max-wait-seconds).
-        yield event(DeltaMessage(role="assistant", content=None, audio={"id": audio_id, "transcript": ""}))
+        yield event(DeltaMessage(role="assistant", content=None, audio={"transcript": ""}))
         try:
             async for c in chunks:
                 part: dict[str, Any] = {}
@@ -511,12 +508,12 @@ class OmniEndpoints:
                 if c.audio is not None and len(c.audio):
                     part["data"] = base64.b64encode(A.pcm16(c.audio)).decode()
                 if part:
-                    yield event(DeltaMessage(audio={"id": audio_id, **part}))
+                    yield event(DeltaMessage(audio=part))
                 final = c
         except SpeechBusy as e:  # refused after the response started (the wait limit): an error event
             yield APIError.busy(e).sse()
             return
-        _, expires_at = self.audio_ids.put("".join(transcript), audio_id)
+        audio_id, expires_at = self.audio_ids.issue("".join(transcript))  # it carries the transcript
         yield event(DeltaMessage(audio={"id": audio_id, "expires_at": expires_at}), finish_reason=final.finish_reason)
         if include_usage:
             yield event(None, usage=self._usage(final, mm_counts))

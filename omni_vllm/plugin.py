@@ -9,6 +9,7 @@ vLLM's do.
 from __future__ import annotations
 
 import logging
+import os
 
 # Both names appear in published Qwen2.5-Omni configs (`architectures`).
 ARCHITECTURES = ("Qwen2_5OmniModel", "Qwen2_5OmniForConditionalGeneration")
@@ -49,3 +50,10 @@ def register() -> None:
 
     model_runner_v1.apply()
     output_processor_hidden_states.apply()
+
+    # Media URLs in requests are fetched from public addresses only, on our routes and vLLM's alike
+    # (api/media_fetch.py); VLLM_MEDIA_CONNECTOR set by the user (e.g. "http", vLLM's own) wins.
+    from api import media_fetch
+
+    media_fetch.register()
+    os.environ.setdefault("VLLM_MEDIA_CONNECTOR", media_fetch.CONNECTOR_NAME)
