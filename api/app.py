@@ -112,6 +112,25 @@ class Settings:
         return cls(**values)
 
 
+def check_scale_out(args: Namespace) -> None:
+    """Refuse, at start-up and saying why, the scale-out flags of vLLM's that speech does not support.
+
+    Supported: --tensor-parallel-size (every rank runs the same hooks, rank 0 sends the rows) and the
+    executor backends (mp, uni, ray: the hooks are applied wherever our model class is built). Pipeline
+    parallelism is refused by the hidden-states check (omni_vllm.hidden_states.check_speech_config)."""
+    problems = []
+    if (getattr(args, "api_server_count", None) or 1) > 1:
+        problems.append("--api-server-count > 1: each API server process would load its own talker and "
+                        "Token2Wav and the requests would be spread over them blindly; run one API server per "
+                        "engine and scale out with replicas behind a load balancer (README: Replicas)")
+    if (getattr(args, "data_parallel_size", None) or 1) > 1:
+        problems.append("--data-parallel-size > 1 is not supported with speech (not tested: the speech "
+                        "engine is one per API server); run one replica per GPU (or --tensor-parallel-size "
+                        "per replica) behind a load balancer instead (README: Replicas)")
+    if problems:
+        raise ValueError("omni-vllm: " + "; ".join(problems))
+
+
 def _parse_setting(name: str, raw: str, typ) -> Any:
     base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
     try:
@@ -263,6 +282,7 @@ class OmniEndpoints:
             app.middleware_stack = app.build_middleware_stack()
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
+        check_scale_out(args)  # again here: `vllm serve` with our endpoint plugin comes this way only
         self.state, self.settings = state, Settings.from_args(args)
         self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)

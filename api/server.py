@@ -14,7 +14,7 @@ import os
 import signal
 from argparse import Namespace
 
-from api.app import OmniEndpoints, Settings
+from api.app import OmniEndpoints, Settings, check_scale_out
 
 D = Settings()
 
@@ -72,6 +72,10 @@ def parse_args(argv: list[str]) -> Namespace:
     args = parser.parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
+    try:
+        check_scale_out(args)
+    except ValueError as e:
+        parser.error(str(e))
     # URL-fetched media gets the same limits, through vLLM's own settings (unless set already).
     os.environ.setdefault("VLLM_MAX_AUDIO_CLIP_FILESIZE_MB", str(max(1, int(args.max_media_mb))))
     os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))

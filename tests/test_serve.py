@@ -92,3 +92,17 @@ def test_args_defaults_and_overrides(tmp_path):
     finally:
         if env_kv is not None:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = env_kv
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--api-server-count", "2"], "--api-server-count > 1"),
+    (["--data-parallel-size", "2"], "--data-parallel-size > 1"),
+])
+def test_unsupported_scale_out_refused(flags, words, capsys):
+    """vLLM scale-out flags that speech does not support are refused at start-up, saying why."""
+    from api.server import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "Qwen/Qwen2.5-Omni-7B", *flags])
+    err = capsys.readouterr().err
+    assert words in err and "replicas" in err.lower(), err
