@@ -155,6 +155,9 @@ def test_undecodable_input_is_a_4xx_that_names_it(server, speak):
     error(chat(server, input_audio(truncated, "m4a"), speak), 422, "could not be decoded")
     image_only = base64.b64decode(png_data_url(media.image()).split(",", 1)[1])
     error(chat(server, input_audio(image_only, "wav"), speak), 422, "no audio stream")
+    # use_audio_in_video with a video that has no sound track
+    silent = {"type": "video_url", "video_url": {"url": mp4_data_url(media.video(frames=4), fps=2)}}
+    error(chat(server, silent, speak, mm_processor_kwargs={"use_audio_in_video": True}), 400, "audio")
     # an image the model's processor refuses: its reason and the image's size, not an object's repr
     thin = {"type": "image_url", "image_url": {"url": png_data_url(media.image(width=3000, height=1))}}
     error(chat(server, thin, speak), 400, "image 3000x1", "aspect ratio")
