@@ -1,8 +1,8 @@
 """Request limits of the HTTP API: body size, and inline media size, length and resolution.
 
-Checked before vLLM parses or decodes anything, from headers only where a format has them
-(PyAV's reader, PIL's lazy open), so that an oversized request costs a few
-milliseconds and a 413 rather than the decoded media in memory. Media that vLLM fetches from
+Checked before vLLM parses or decodes anything, from headers only where a format has them (PyAV's
+reader, PIL's lazy open), so that an oversized request costs a few milliseconds and a 413 rather
+than the decoded media in memory. Media that vLLM fetches from
 http(s) URLs gets the same limits through vLLM's own settings (`api.server` sets them).
 """
 
@@ -46,7 +46,8 @@ def _too_large(param: str, what: str, w: int, h: int, limit: int) -> MediaError:
                       status=413, param=param)
 
 
-# What browsers, phones and files send; all decoded by FFmpeg (PyAV), here and in vLLM's audio loader.
+# What browsers, phones and files send: FFmpeg (PyAV) opens them all here; vLLM's audio loader then
+# decodes them with libsndfile or, for what libsndfile does not read, FFmpeg.
 AUDIO_FORMATS = "WAV, FLAC, MP3, OGG (Opus, Vorbis), WebM (Opus), M4A/MP4 (AAC) or AAC"
 
 

@@ -23,6 +23,7 @@ from vllm.model_executor.models.qwen2_5_omni_thinker import (
 
 # One of vLLM's resamplers (vllm.multimodal.audio.AudioResampler): PyAV is installed wherever we are.
 AUDIO_RESAMPLE_METHOD = "pyav"
+MAX_REASON_CHARS = 300  # of a processor's error message, in ours
 
 
 class OmniThinkerProcessingInfo(Qwen2_5OmniThinkerProcessingInfo):
@@ -47,7 +48,8 @@ class OmniThinkerMultiModalProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
             if cause is None:  # not vLLM's wrapper of a processor error
                 raise
             what = describe_media(hf_data, self.info.get_feature_extractor().sampling_rate)
-            raise ValueError(f"the model's processor cannot take {what or 'the input'}: {cause}") from cause
+            reason = str(cause) if len(str(cause)) <= MAX_REASON_CHARS else str(cause)[:MAX_REASON_CHARS] + "..."
+            raise ValueError(f"the model's processor cannot take {what or 'the input'}: {reason}") from cause
 
 
 def describe_media(hf_data: Mapping[str, object], audio_sr: int) -> str:

@@ -203,3 +203,12 @@ def test_encoded_test_media_is_what_it_says():
             stream = c.streams.audio[0]
             assert (stream.codec_context.name, stream.channels) == (codec, 2), fmt
             assert stream.rate == (48000 if codec == "opus" else 44100), fmt
+
+
+def test_describe_media():
+    from omni_vllm.processing import describe_media
+
+    data = {"images": [media.image(width=3000, height=1)], "videos": [media.video(frames=4)],
+            "audio": [np.zeros(32000, np.float32)]}
+    assert describe_media(data, 16000) == "image 3000x1, video of 4 frames of 84x56, audio of 2.00 s"
+    assert describe_media({"text": "hi"}, 16000) == ""
