@@ -57,8 +57,8 @@ def _ffmpeg_reason(e: Exception) -> str:
 
 
 def _audio_seconds(container, stream) -> float | None:
-    """Length from the headers; where they have none (a WebM from MediaRecorder, a raw ADTS stream),
-    from the packets' timestamps (demuxed, nothing decoded)."""
+    """Length from the headers (for raw AAC, FFmpeg's estimate from the bit rate); where they have
+    none (a WebM from MediaRecorder), from the packets' timestamps (demuxed, nothing decoded)."""
     import av
 
     if stream.duration and stream.time_base:

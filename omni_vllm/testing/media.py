@@ -69,6 +69,7 @@ AUDIO_CONTAINERS = {
     "ogg": ("ogg", "libopus", "audio/ogg"),  # Ogg/Opus: voice notes, Firefox's MediaRecorder
     "webm": ("webm", "libopus", "audio/webm"),  # WebM/Opus: Chrome's MediaRecorder (no duration in it)
     "m4a": ("ipod", "aac", "audio/mp4"),  # M4A/AAC: phone recorders, Safari's MediaRecorder
+    "aac": ("adts", "aac", "audio/aac"),  # raw AAC (ADTS): FFmpeg estimates its length from the bit rate
 }
 
 
