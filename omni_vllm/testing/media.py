@@ -58,3 +58,41 @@ def video(frames: int = 8, width: int = 84, height: int = 56, seed: int = 0) -> 
         f[height // 3 : 2 * height // 3, max(cx - 8, 0) : cx + 8] = (255, 255, 255)
         out[i] = np.clip(f + rng.normal(0, 8, f.shape), 0, 255).astype(np.uint8)
     return out
+
+
+# Containers and codecs that browsers and phones send, as FFmpeg (PyAV) names them:
+# format -> (PyAV container, codec, MIME type)
+AUDIO_CONTAINERS = {
+    "wav": ("wav", "pcm_s16le", "audio/wav"),
+    "flac": ("flac", "flac", "audio/flac"),
+    "mp3": ("mp3", "libmp3lame", "audio/mpeg"),
+    "ogg": ("ogg", "libopus", "audio/ogg"),  # Ogg/Opus: voice notes, Firefox's MediaRecorder
+    "webm": ("webm", "libopus", "audio/webm"),  # WebM/Opus: Chrome's MediaRecorder (no duration in it)
+    "m4a": ("ipod", "aac", "audio/mp4"),  # M4A/AAC: phone recorders, Safari's MediaRecorder
+    "aac": ("adts", "aac", "audio/aac"),  # raw AAC (ADTS): FFmpeg estimates its length from the bit rate
+}
+
+
+def encode_audio(audio: np.ndarray, sr: int, fmt: str) -> bytes:
+    """float32 audio, (samples,) or (samples, channels), as a file of `fmt` (AUDIO_CONTAINERS),
+    written by PyAV. Opus runs at 48 kHz only, so Opus files are resampled to it by the encoder. WebM
+    is written as a live stream, as browsers' MediaRecorder does: its header has no duration."""
+    import av
+
+    container, codec, _ = AUDIO_CONTAINERS[fmt]
+    audio = np.asarray(audio, np.float32)
+    planar = audio.reshape(1, -1) if audio.ndim == 1 else np.ascontiguousarray(audio.T)
+    layout = "mono" if planar.shape[0] == 1 else "stereo"
+    rate = 48000 if codec == "libopus" else sr
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container, options={"live": "1"} if fmt == "webm" else {}) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        frame_size = stream.codec_context.frame_size or 1024
+        fmt_name = stream.codec_context.format.name
+        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+        frame.sample_rate = sr
+        resampler = av.AudioResampler(format=fmt_name, layout=layout, rate=rate, frame_size=frame_size)
+        for f in [*resampler.resample(frame), *resampler.resample(None), None]:
+            for packet in stream.encode(f):
+                out.mux(packet)
+    return buf.getvalue()
