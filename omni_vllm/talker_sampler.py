@@ -5,9 +5,9 @@ batch size (on a GPU each read waits for the step's kernels). The logits process
 `generate` applies to Qwen2.5-Omni's talker (repetition penalty, codec_bos suppression,
 temperature, top-k, top-p, in that order) are applied here to every row at once, each row with its
 own settings, with the same arithmetic as transformers' processors, so a request gets the codes
-transformers would give it. Only the draw itself is per row (`torch.multinomial` with the row's
-own generator, so a seeded request's codes do not depend on what else is in the batch); it returns
-a device tensor and reads nothing back. The caller reads the step's codes and stop flags once.
+transformers would give it. Only the draw's noise is per row (the exponential noise of
+`torch.multinomial`'s one-sample draw, from the row's own generator, so a seeded request's codes do
+not depend on what else is in the batch); it stays on the device. The caller reads the step's codes and stop flags once.
 """
 
 from __future__ import annotations
@@ -91,8 +91,14 @@ class CodecSampler:
             drop &= self.uses_top_p[rows, None]
             scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)
             probs = scores.softmax(dim=-1)
+            # torch.multinomial's draw for one sample is argmax(p / q), q ~ Exp(1) from the row's
+            # generator; done here without its argument checks, which read back to the host.
+            q = torch.ones_like(probs)
             for i in sampled:
-                codes[i : i + 1] = torch.multinomial(probs[i : i + 1], 1, generator=self.generators[slots[i]])[0]
+                q[i].exponential_(generator=self.generators[slots[i]])
+            draws = (probs / q).argmax(dim=-1)
+            rows_sampled = torch.tensor(sampled, device=self.device)
+            codes[rows_sampled] = draws[rows_sampled]
         teacher = [i for i, f in enumerate(forced) if f is not None]
         if teacher:
             codes[torch.tensor(teacher, device=self.device)] = torch.tensor(
