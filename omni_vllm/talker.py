@@ -404,7 +404,7 @@ class Talker:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             out = []
             for rid, (s, e) in zip(req_ids, spans):
-                keys, values = self.kv.append(rid, i, k[0, :, s:e], v[0, :, s:e])
+                keys, values = self.kv.append(rid, i, k[:, :, s:e], v[:, :, s:e])
                 out.append(F.scaled_dot_product_attention(
                     q[:, :, s:e], keys, values, is_causal=e - s > 1, scale=attn.scaling, enable_gqa=self.gqa
                 ))

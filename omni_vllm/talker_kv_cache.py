@@ -47,6 +47,7 @@ class TalkerKVCache:
         self.device, self.dtype = device, dtype
         self.max_tokens, self.block_size = max_tokens, block_size
         self.buffers: dict[object, torch.Tensor] = {}  # rid -> (layers, 2, kv_heads, capacity, head_dim)
+        self.layer_views: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # rid -> per layer (1, kv_heads, capacity, head_dim) K, V
         self.lengths: dict[object, int] = {}  # rid -> positions written
         self.allocated_tokens = 0
 
@@ -87,6 +88,7 @@ class TalkerKVCache:
         if length:
             buf[:, :, :, :length] = self.buffers[rid][:, :, :, :length]
         self.buffers[rid] = buf
+        self.layer_views[rid] = [(buf[i, 0, None], buf[i, 1, None]) for i in range(self.num_layers)]
         self.lengths[rid] = length
         self.allocated_tokens += target - have
         return True
@@ -96,17 +98,18 @@ class TalkerKVCache:
         buf = self.buffers.pop(rid, None)
         if buf is not None:
             self.allocated_tokens -= buf.shape[3]
-            del self.lengths[rid]
+            del self.lengths[rid], self.layer_views[rid]
 
     def append(self, rid, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one layer's new keys/values (kv_heads, q, head_dim) after `rid`'s current length and
-        return views of all its keys/values so far, (1, kv_heads, length + q, head_dim) each. The
+        """Write one layer's new keys/values (1, kv_heads, q, head_dim) after `rid`'s current length
+        and return views of all its keys/values so far, (1, kv_heads, length + q, head_dim) each. The
         length advances once the last layer has written (`advance`)."""
-        buf, start = self.buffers[rid], self.lengths[rid]
-        end = start + key.shape[1]
-        buf[layer, 0, :, start:end] = key
-        buf[layer, 1, :, start:end] = value
-        return buf[layer, 0, None, :, :end], buf[layer, 1, None, :, :end]
+        keys, values = self.layer_views[rid][layer]
+        start = self.lengths[rid]
+        end = start + key.shape[2]
+        keys[:, :, start:end] = key
+        values[:, :, start:end] = value
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, rid, num_tokens: int) -> None:
         self.lengths[rid] += num_tokens

@@ -52,6 +52,7 @@ class CodecSampler:
         self.top_p_drop = torch.zeros(max_slots, device=self.device)  # tokens whose cumulative prob <= this go
         self.uses_top_p = torch.zeros(max_slots, dtype=torch.bool, device=self.device)
         self.do_sample = [False] * max_slots
+        self.top_k_host = [vocab_size] * max_slots
         self.generators: list[torch.Generator | None] = [None] * max_slots
 
     def open(self, slot: int, sampling: TalkerSampling, seen: list[int]) -> None:
@@ -62,7 +63,7 @@ class CodecSampler:
         self.penalty[slot] = sampling.repetition_penalty
         self.temperature[slot] = sampling.temperature if sample else 1.0
         top_k = max(sampling.top_k, 1) if sample and sampling.top_k else self.vocab_size
-        self.top_k[slot] = min(top_k, self.vocab_size)
+        self.top_k[slot] = self.top_k_host[slot] = min(top_k, self.vocab_size)
         # transformers compares with the Python float 1 - top_p (then cast to fp32): same here
         self.top_p_drop[slot] = 1 - sampling.top_p
         self.uses_top_p[slot] = sample and sampling.top_p < 1.0
@@ -83,8 +84,14 @@ class CodecSampler:
         sampled = [i for i, s in enumerate(slots) if self.do_sample[s] and forced[i] is None]
         if sampled:
             scores = scores / self.temperature[rows, None]
-            kth = scores.sort(dim=-1, descending=True).values.gather(1, self.top_k[rows, None] - 1)
-            scores = scores.masked_fill(scores < kth, -torch.inf)
+            # top-k as transformers does it (below the k-th largest goes), one topk for all rows
+            top_k = self.top_k[rows, None]
+            limited = [self.top_k_host[s] for s in slots if self.top_k_host[s] < self.vocab_size]
+            if limited:
+                k_most = max(limited)
+                kth = scores.topk(k_most, dim=-1).values.gather(1, top_k.clamp(max=k_most) - 1)
+                kth = kth.masked_fill(top_k >= self.vocab_size, -torch.inf)  # rows without top-k
+                scores = scores.masked_fill(scores < kth, -torch.inf)
             ascending, order = scores.sort(dim=-1)
             drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= self.top_p_drop[rows, None]
             drop[:, -1] = False

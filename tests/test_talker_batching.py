@@ -81,8 +81,8 @@ def test_attention_reads_views_of_the_request_buffer(make_talker):
     talker = make_talker(max_slots=2, max_len=1024)
     _start(talker, "a", 8, max_codes=1000)
     talker.step(forced_codes={"a": 5})
-    keys, values = talker.kv.append("a", 0, torch.zeros(talker.kv.num_kv_heads, 0, talker.kv.head_dim),
-                                     torch.zeros(talker.kv.num_kv_heads, 0, talker.kv.head_dim))
+    nothing = torch.zeros(1, talker.kv.num_kv_heads, 0, talker.kv.head_dim)
+    keys, values = talker.kv.append("a", 0, nothing, nothing)
     buf = talker.kv.buffers["a"]
     assert keys.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
     assert values.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
