@@ -232,13 +232,6 @@ class Talker:
             )
         if not self.free_slots:
             raise TalkerFull("no free talker slot (check num_free_slots before adding)")
-        max_codes = min(max_codes or self.default_max_codes, self.max_len - n - 1)
-        most_tokens = n + 1 + max_codes
-        if not self.kv.reserve(req_id, n + 2, most_tokens):
-            raise TalkerFull(
-                f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions, "
-                f"{self.kv.free_tokens} of {self.kv.max_tokens} are free"
-            )
 
         # Prompt inputs: embedding (media placeholders zeroed) + hidden state; then speaker bos.
         media = torch.isin(prompt_ids, self.media_ids).to(self.device)
@@ -266,10 +259,18 @@ class Talker:
             )
             positions = positions[:, 0].cpu()  # (3, L+2)
 
-        slot = self.free_slots.pop(0)
+        slot = self.free_slots[0]
         # transformers' talker input ids: codec_mask per prompt position, then pad, bos
         self.sampler.open(slot, sampling, [self.codec_mask, self.codec_pad, self.codec_bos] if n else
                           [self.codec_pad, self.codec_bos])
+        max_codes = min(max_codes or self.default_max_codes, self.max_len - n - 1)
+        most_tokens = n + 1 + max_codes
+        if not self.kv.reserve(req_id, n + 2, most_tokens):  # last: nothing to undo when refused
+            raise TalkerFull(
+                f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions, "
+                f"{self.kv.free_tokens} of {self.kv.max_tokens} are free"
+            )
+        self.free_slots.pop(0)
         self.requests[req_id] = _Request(
             slot=slot,
             prefill=prefill,
@@ -297,8 +298,8 @@ class Talker:
     def remove(self, req_id) -> None:
         """Drop a request (abort) and free its slot and KV memory. Unknown ids are ignored."""
         req = self.requests.pop(req_id, None)
+        self.kv.release(req_id)
         if req is not None:
-            self.kv.release(req_id)
             self.free_slots.append(req.slot)
 
     def ready(self) -> list:

@@ -194,3 +194,34 @@ def test_host_sync_per_step_independent_of_batch(make_talker, sampling):
     print(f"host reads per step ({sampling}): batch 1 {counts[1][:2]}, batch 16 {counts[16][:2]}")
     assert counts[16][2] > 8  # the decode step really ran a big batch
     assert counts[1][:2] == counts[16][:2] == (1, 1)
+
+
+def test_talker_batching_benchmark_smoke(tmp_path):
+    """benchmarks/talker_batching.py: its 7B talker config has the real sizes (1.35 B parameters,
+    counted on the meta device), and `--smoke` (widths / 8) runs and writes its rows."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTalkerForConditionalGeneration
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from talker_batching import talker_config
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    with torch.device("meta"):
+        real = Qwen2_5OmniTalkerForConditionalGeneration(talker_config().talker_config)
+    assert 1.34e9 < sum(p.numel() for p in real.parameters()) < 1.36e9
+
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "talker_batching.py"), "--smoke", "--batches", "1,4",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| dtype | threads | batch |" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 4), ("bf16", 1), ("bf16", 4)]
+    assert all(r["codes_per_s"] > 0 and r["kv_bytes"] > 0 for r in rows)
