@@ -370,7 +370,8 @@ class Talker:
             slots = [self.requests[rid].slot for rid in batch]
             codes, stops = self.sampler.sample(slots, logits, [forced_codes.get(rid) for rid in batch])
             # The step's one read back to the host: every row's code and stop flag.
-            for i, (rid, (code, stop)) in enumerate(zip(batch, torch.stack([codes, stops.to(codes.dtype)]).T.tolist())):
+            read = torch.stack([codes, stops.to(codes.dtype)]).T.tolist()
+            for i, (rid, (code, stop)) in enumerate(zip(batch, read)):
                 req = self.requests[rid]
                 req.last_code = code
                 req.num_codes += 1

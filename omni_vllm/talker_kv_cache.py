@@ -47,13 +47,15 @@ class TalkerKVCache:
         self.device, self.dtype = device, dtype
         self.max_tokens, self.block_size = max_tokens, block_size
         self.buffers: dict[object, torch.Tensor] = {}  # rid -> (layers, 2, kv_heads, capacity, head_dim)
-        self.layer_views: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # rid -> per layer (1, kv_heads, capacity, head_dim) K, V
+        # rid -> per layer (keys, values) views of its buffer, (1, kv_heads, capacity, head_dim) each
+        self.layer_views: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.lengths: dict[object, int] = {}  # rid -> positions written
         self.allocated_tokens = 0
 
     @property
     def bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
 
     def bytes(self) -> int:
         """Bytes of KV memory allocated now."""

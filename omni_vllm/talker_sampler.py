@@ -72,7 +72,9 @@ class CodecSampler:
         if sampling.seed is not None:
             self.generators[slot] = torch.Generator(device=self.device).manual_seed(sampling.seed)
 
-    def sample(self, slots: list[int], logits: torch.Tensor, forced: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, slots: list[int], logits: torch.Tensor, forced: list[int | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (B,) for the rows of `logits` (B, vocab) fp32, row i from slot `slots[i]` (a forced
         code, teacher forcing, replaces the draw), and whether each is a stop code; both stay on the
         device. The codes join their slots' seen sets."""

@@ -316,7 +316,7 @@ def test_bf16_teacher_forced_greedy_codes_match_transformers_bf16(hf_model_bf16,
     got_codes, logits, _ = drive(talker_bf16, [job], forced={kind: codes})[kind]
     assert got_codes == codes
     got = torch.stack(logits)
-    assert talker_bf16.model.codec_head.weight.dtype == torch.bfloat16
+    assert talker_bf16.model.codec_head.weight.dtype == talker_bf16.kv.dtype == torch.bfloat16
 
     def greedy(x):
         return x.clone().index_fill_(-1, torch.tensor([talker_bf16.codec_bos]), -math.inf).argmax(-1)
