@@ -225,3 +225,20 @@ def test_talker_batching_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["dtype"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 4), ("bf16", 1), ("bf16", 4)]
     assert all(r["codes_per_s"] > 0 and r["kv_bytes"] > 0 for r in rows)
+
+
+def test_talker_and_its_benchmark_import_without_vllm():
+    """The device machine of the real-size benchmark has no vLLM: the talker must not need it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"  # any `import vllm` now raises ImportError
+        "sys.path.insert(0, 'benchmarks')\n"
+        "import omni_vllm.talker, talker_batching\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
