@@ -8,7 +8,8 @@ reaches its capacity; growth moves what is there into a larger buffer once (capa
 quarter, at least one block, so a request of L positions is moved at most a few times over its life
 and its buffer is never more than a quarter plus one block larger than its use). What is
 allocated, over all requests, never exceeds `max_tokens` positions: when a request cannot grow
-within it, `reserve` says so and the caller ends that request.
+within it, `reserve` says so and the caller ends that request. (While one request's buffer grows,
+its old buffer lives on until the copy is done: a memory budget adds one request's buffer.)
 
 A paged pool (vLLM's block tables) would also avoid the over-allocation, but needs a paged
 attention kernel to read a request's blocks without gathering them; plain PyTorch (CPU, and the
