@@ -1,12 +1,12 @@
-"""The Talker of the speech path: a batched decoder with its own slot KV cache.
+"""The Talker of the speech path: a batched decoder whose KV memory follows its requests' use.
 
 The Talker turns the thinker's reply into codec codes (50 per second of speech). It follows the
 thinker token by token, so many requests decode together, each at its own length and position,
 joining and leaving between steps. This module adds only what continuous batching needs; the
 model itself is transformers' `Qwen2_5OmniTalkerForConditionalGeneration`, loaded from the
 checkpoint's `talker.*` tensors unchanged, whose modules we call: `thinker_to_talker_proj`,
-the codec embedding, each decoder layer (projections, M-RoPE, SDPA attention, MLP, RMSNorms),
-the final norm, `codec_head`, and `get_rope_index` for the TMRoPE positions of the prompt.
+the codec embedding, each decoder layer's projections, M-RoPE, RMSNorms and MLP, the final norm,
+`codec_head`, and `get_rope_index` for the TMRoPE positions of the prompt.
 
 What the Talker reads, per request (as `Qwen2_5OmniForConditionalGeneration.generate` builds it):
 
@@ -21,9 +21,19 @@ embedding of `tts_text_end`, then `tts_text_pad` forever. Each step samples one 
 penalty, codec_bos suppressed, temperature / top-k / top-p, per-request generator) and stops on
 codec pad/end or at the request's length cap.
 
+One step is one forward over all its requests' new tokens packed together (prefills and decodes
+alike): projections, norms and MLP run once over the batch; attention runs per request on a view
+of its own KV buffer (omni_vllm.talker_kv_cache), so nothing proportional to the context is copied;
+sampling and stop checks run batched on the device (omni_vllm.talker_sampler) and the step reads
+its codes back to the host once, whatever its batch size.
+
+Memory: KV buffers are allocated per request at admission and grow in blocks with its real length,
+`kv_cache_tokens` positions at most over all requests. A request that cannot be admitted within
+that raises `TalkerFull`; one that cannot grow ends with reason "length" (and a warning).
+
 How a scheduler drives it:
 
-    talker = Talker.from_pretrained(model_dir, device="cuda", max_slots=32, max_len=4096)
+    talker = Talker.from_pretrained(model_dir, device="cuda", dtype=torch.bfloat16, max_slots=32)
     talker.add_request(rid, prompt_ids=..., prompt_embeds=..., prompt_hidden=..., voice="Chelsie",
                        image_grid_thw=..., sampling=TalkerSampling(seed=1234), max_codes=...)
     ... for each generated thinker token that went through the thinker:
@@ -34,56 +44,43 @@ How a scheduler drives it:
     for rid, out in talker.step(talker.ready()).items():   # out.code is None on stop
         ...
 
-A request's slot is released as soon as it finishes (`rid in talker` becomes False); `remove(rid)`
-aborts one early.
+A request's slot and KV memory are released as soon as it finishes (`rid in talker` becomes
+False); `remove(rid)` aborts one early.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2_5OmniConfig
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-from transformers.initialization import no_init_weights
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+    Qwen2_5OmniRotaryEmbedding,
     Qwen2_5OmniTalkerForConditionalGeneration,
+    apply_rotary_pos_emb,
 )
 
 from omni_vllm.checkpoint import load_embedding_rows, load_prefixed
+from omni_vllm.talker_kv_cache import TalkerKVCache
+from omni_vllm.talker_sampler import CodecSampler, TalkerSampling
 
-__all__ = ["Talker", "TalkerSampling", "TalkerOutput"]
+__all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TalkerSampling:
-    """Per-request sampling settings; defaults are those of Qwen2.5-Omni's `generate`.
-
-    `do_sample=False` is greedy (repetition penalty and codec_bos suppression still apply, as in
-    transformers). `seed` gives the request its own `torch.Generator`, so its codes do not depend
-    on what else is in the batch; `None` draws from torch's global generator.
-    """
-
-    do_sample: bool = True
-    top_k: int = 40
-    top_p: float = 0.8
-    temperature: float = 0.9
-    repetition_penalty: float = 1.05
-    seed: int | None = None
+class TalkerFull(RuntimeError):
+    """No talker slot, or not enough KV memory, for a new request now."""
 
 
 @dataclass
 class TalkerOutput:
-    """One step's result for one request. `code` is None when the step sampled a stop code."""
+    """One step's result for one request. `code` is None when the step sampled a stop code (or the
+    request could not continue: reason "length")."""
 
     code: int | None
     finished: bool = False
@@ -95,43 +92,20 @@ class TalkerOutput:
 class _Request:
     slot: int
     prefill: torch.Tensor | None  # (L+1, E) prompt + speaker bos inputs, before reply[0]
-    positions: torch.Tensor | None  # (3, L+2) TMRoPE positions of the prefill
+    positions: torch.Tensor | None  # (3, L+2) TMRoPE positions of the prefill, on the CPU
     next_position: int  # position of the next decode input (all three axes equal)
-    processors: LogitsProcessorList
-    do_sample: bool
-    generator: torch.Generator | None
     max_codes: int
-    history: list[int]  # codec ids seen, for the repetition penalty (as transformers counts them)
+    most_tokens: int  # KV positions it can ever need: prompt + speaker bos + max_codes
     reply: deque = field(default_factory=deque)  # pending reply-track elements, (E,) each
     thinker_done: bool = False
     last_code: int | None = None
     num_codes: int = 0
 
 
-class _SlotCache:
-    """The KV cache seen by transformers' attention layers for one forward.
-
-    The layers call `update(key, value, layer_idx)` with the step's rotated keys/values
-    (batch, kv_heads, q, head_dim); we write each row's valid tokens into its slot at its own
-    length and hand back the slots' keys/values up to the longest row (masked by the caller).
-    """
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], slots, rows, cols, dst_pos, kv_len):
-        self.k, self.v = k, v
-        self.slots = slots  # (B,) slot of each row
-        self.rows, self.cols = rows, cols  # valid (row, query index) pairs
-        self.dst_slot, self.dst_pos = slots[rows], dst_pos  # where each valid token goes
-        self.kv_len = kv_len
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self.dst_slot, :, self.dst_pos] = key_states[self.rows, :, self.cols]
-        v[self.dst_slot, :, self.dst_pos] = value_states[self.rows, :, self.cols]
-        return k[self.slots, :, : self.kv_len], v[self.slots, :, : self.kv_len]
-
-
 class Talker:
-    """Batched Qwen2.5-Omni Talker with a slot KV cache (max_slots x max_len per layer)."""
+    """Batched Qwen2.5-Omni Talker: `max_slots` requests at once, `max_len` positions each (default:
+    the talker config's `max_position_embeddings`), `kv_cache_tokens` KV positions over all (default:
+    max_slots * max_len, allocated only as used)."""
 
     def __init__(
         self,
@@ -143,39 +117,51 @@ class Talker:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_slots: int = 16,
-        max_len: int = 4096,
+        max_len: int | None = None,
         max_codes: int = 4096,
+        kv_cache_tokens: int | None = None,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.max_slots, self.max_len, self.default_max_codes = max_slots, max_len, max_codes
         self.thinker_config = config.thinker_config
         tcfg = config.talker_config
-        tcfg._attn_implementation = "sdpa"  # our masks are boolean SDPA masks
-        with no_init_weights(), self.device:
+        self.max_slots, self.default_max_codes = max_slots, max_codes
+        self.max_len = max_len or tcfg.max_position_embeddings
+        with torch.device("meta"):
             model = Qwen2_5OmniTalkerForConditionalGeneration(tcfg)
-        model.load_state_dict(talker_state, strict=True)
-        inv_freq = model.model.rotary_emb.inv_freq.clone()  # RoPE frequencies stay fp32
+        model.load_state_dict(talker_state, strict=True, assign=True)
+        model.model.rotary_emb = Qwen2_5OmniRotaryEmbedding(tcfg)  # buffers, not in the checkpoint
+        inv_freq = model.model.rotary_emb.inv_freq  # RoPE frequencies stay fp32, as in transformers
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.model.model.rotary_emb.inv_freq = inv_freq.to(self.device)
-        assert self.model.config._attn_implementation == "sdpa"
         self.voices = dict(voices)
         self.text_rows = {t: r.to(self.device, dtype) for t, r in text_rows.items()}
         self.codec_bos, self.codec_pad = tcfg.tts_codec_start_token_id, tcfg.tts_codec_pad_token_id
         self.codec_mask = tcfg.tts_codec_mask_token_id
-        self.stop_codes = {tcfg.tts_codec_pad_token_id, tcfg.tts_codec_end_token_id}
         self.text_end, self.text_pad = tcfg.tts_text_end_token_id, tcfg.tts_text_pad_token_id
-        self.media_ids = [
+        self.media_ids = torch.tensor([
             self.thinker_config.audio_token_index,
             self.thinker_config.image_token_index,
             self.thinker_config.video_token_index,
-        ]
+        ])
+        self.head_dim = tcfg.head_dim
+        self.gqa = tcfg.num_attention_heads != tcfg.num_key_value_heads
 
-        n_layers = tcfg.num_hidden_layers
-        shape = (max_slots, tcfg.num_key_value_heads, max_len, tcfg.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(n_layers)]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(n_layers)]
-        self.lengths = [0] * max_slots
+        self.kv = TalkerKVCache(
+            num_layers=tcfg.num_hidden_layers,
+            num_kv_heads=tcfg.num_key_value_heads,
+            head_dim=tcfg.head_dim,
+            device=self.device,
+            dtype=dtype,
+            max_tokens=kv_cache_tokens or max_slots * self.max_len,
+        )
+        self.sampler = CodecSampler(
+            max_slots,
+            tcfg.vocab_size,
+            suppress=self.codec_bos,
+            stop=(tcfg.tts_codec_pad_token_id, tcfg.tts_codec_end_token_id),
+            device=self.device,
+        )
         self.free_slots = list(range(max_slots))
         self.requests: dict[object, _Request] = {}
 
@@ -204,6 +190,10 @@ class Talker:
     def num_free_slots(self) -> int:
         return len(self.free_slots)
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of KV memory allocated now (it follows the requests' lengths)."""
+        return self.kv.bytes()
+
     def add_request(
         self,
         req_id,
@@ -224,25 +214,30 @@ class Talker:
         """Register a request from its thinker prompt (ids (L,), input embeddings and last hidden
         states (L, E)) and either the thinker's TMRoPE positions of the prompt (3, L), as vLLM
         computed them, or the media grid info as the processor returns it (then the positions are
-        recomputed). It prefills once its first reply element arrives (or the thinker finishes)."""
+        recomputed). It prefills once its first reply element arrives (or the thinker finishes).
+
+        Raises ValueError when the request can never run here (unknown voice, a prompt that does
+        not fit `max_len`) and TalkerFull when there is no slot or KV memory for it now."""
         if voice not in self.voices:
             raise ValueError(f"unknown voice {voice!r}; available voices: {sorted(self.voices)}")
         if req_id in self.requests:
             raise ValueError(f"request {req_id!r} is already in the talker")
-        if not self.free_slots:
-            raise RuntimeError("no free talker slot (check num_free_slots before adding)")
         prompt_ids = torch.as_tensor(prompt_ids).reshape(-1).cpu()
         n = prompt_ids.numel()
         if prompt_embeds.shape[0] != n or prompt_hidden.shape[0] != n:
             raise ValueError("prompt_ids, prompt_embeds and prompt_hidden must have the same length")
         if n + 2 > self.max_len:
-            raise ValueError(f"prompt of {n} tokens does not fit the talker's max_len {self.max_len}")
+            raise ValueError(
+                f"prompt of {n} tokens does not fit the talker's max_len {self.max_len} (prompt + 2 + codes)"
+            )
+        if not self.free_slots:
+            raise TalkerFull("no free talker slot (check num_free_slots before adding)")
 
         # Prompt inputs: embedding (media placeholders zeroed) + hidden state; then speaker bos.
-        embeds = prompt_embeds.to(self.device, self.dtype).clone()
-        embeds[torch.isin(prompt_ids, torch.tensor(self.media_ids)).to(self.device)] = 0
+        media = torch.isin(prompt_ids, self.media_ids).to(self.device)
+        embeds = prompt_embeds.to(self.device).masked_fill(media[:, None], 0)
         spk = self.text_rows[self.voices[voice]] + self._codec_embed(self.codec_pad)
-        prefill = torch.cat([embeds + prompt_hidden.to(self.device, self.dtype), spk[None]])
+        prefill = torch.cat([(embeds + prompt_hidden.to(self.device)).to(self.dtype), spk[None]])
 
         # TMRoPE positions of prompt + speaker bos + first reply token, as the talker computes them:
         # the prompt's are the thinker's (same rule, same ids), the two text tokens continue them.
@@ -262,36 +257,27 @@ class Talker:
                 cpu(audio_feature_lengths),
                 cpu(video_second_per_grid),
             )
-            positions = positions[:, 0]  # (3, L+2)
+            positions = positions[:, 0].cpu()  # (3, L+2)
 
-        processors = LogitsProcessorList()
-        if sampling.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-        processors.append(SuppressTokensLogitsProcessor([self.codec_bos], device=self.device))
-        if sampling.do_sample:
-            if sampling.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_k:
-                processors.append(TopKLogitsWarper(sampling.top_k))
-            if sampling.top_p < 1.0:
-                processors.append(TopPLogitsWarper(sampling.top_p))
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-
-        slot = self.free_slots.pop(0)
-        self.lengths[slot] = 0
+        slot = self.free_slots[0]
+        # transformers' talker input ids: codec_mask per prompt position, then pad, bos
+        self.sampler.open(slot, sampling, [self.codec_mask, self.codec_pad, self.codec_bos] if n else
+                          [self.codec_pad, self.codec_bos])
+        max_codes = min(max_codes or self.default_max_codes, self.max_len - n - 1)
+        most_tokens = n + 1 + max_codes
+        if not self.kv.reserve(req_id, n + 2, most_tokens):  # last: nothing to undo when refused
+            raise TalkerFull(
+                f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions, "
+                f"{self.kv.free_tokens} of {self.kv.max_tokens} are free"
+            )
+        self.free_slots.pop(0)
         self.requests[req_id] = _Request(
             slot=slot,
             prefill=prefill,
-            positions=positions.to(self.device),
+            positions=positions,
             next_position=int(positions.max()) + 1,
-            processors=processors,
-            do_sample=sampling.do_sample,
-            generator=generator,
-            max_codes=min(max_codes or self.default_max_codes, self.max_len - n - 1),
-            # transformers' talker input ids: codec_mask per prompt position, then pad, bos
-            history=[self.codec_mask] * n + [self.codec_pad, self.codec_bos],
+            max_codes=max_codes,
+            most_tokens=most_tokens,
         )
 
     def add_thinker_token(self, req_id, embedding: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -299,9 +285,8 @@ class Talker:
         req = self.requests[req_id]
         if req.thinker_done:
             raise ValueError(f"request {req_id!r}: thinker already finished")
-        req.reply.append(
-            embedding.reshape(-1).to(self.device, self.dtype) + hidden.reshape(-1).to(self.device, self.dtype)
-        )
+        element = embedding.reshape(-1).to(self.device) + hidden.reshape(-1).to(self.device)
+        req.reply.append(element.to(self.dtype))
 
     def finish_thinker(self, req_id) -> None:
         """The thinker is done: the reply track goes on with tts_text_end, then tts_text_pad."""
@@ -311,10 +296,10 @@ class Talker:
             req.reply.append(self.text_rows[self.text_end])
 
     def remove(self, req_id) -> None:
-        """Drop a request (abort) and free its slot. Unknown ids are ignored."""
+        """Drop a request (abort) and free its slot and KV memory. Unknown ids are ignored."""
         req = self.requests.pop(req_id, None)
+        self.kv.release(req_id)
         if req is not None:
-            self.lengths[req.slot] = 0
             self.free_slots.append(req.slot)
 
     def ready(self) -> list:
@@ -341,7 +326,8 @@ class Talker:
         return_logits: bool = False,
     ) -> dict[object, TalkerOutput]:
         """One talker step for each given request (default: all ready ones): prefill for those
-        that have not started, one decode step for the others. Returns each request's new code.
+        that have not started, one decode step for the others, all in one forward. Returns each
+        request's new code.
 
         `forced_codes` (teacher forcing, tests) feeds the given code instead of the sampled one.
         """
@@ -350,81 +336,83 @@ class Talker:
         if not_ready:
             raise ValueError(f"requests not ready for a talker step: {sorted(map(str, not_ready))}")
         forced_codes = forced_codes or {}
-        prefills, decodes = [], []
+        outputs: dict[object, TalkerOutput] = {}
+        batch, pieces, positions, decodes = [], [], [], []
         for rid in req_ids:
             req = self.requests[rid]
             if req.prefill is not None:
                 reply0 = self._next_reply(req) + self._codec_embed(self.codec_bos)
-                prefills.append((rid, torch.cat([req.prefill, reply0[None]]), req.positions))
+                pieces.append(torch.cat([req.prefill, reply0[None]]))
+                positions.append(req.positions)
                 req.prefill = req.positions = None
             else:
-                x = self._next_reply(req) + self._codec_embed(req.last_code)
-                pos = torch.full((3, 1), req.next_position, dtype=torch.long, device=self.device)
+                if not self.kv.reserve(rid, self.kv.lengths[rid] + 1, req.most_tokens):
+                    logger.warning(
+                        "talker: request %s ends after %d codes: KV cache full (%d positions, all in use)",
+                        rid, req.num_codes, self.kv.max_tokens,
+                    )
+                    self.remove(rid)
+                    outputs[rid] = TalkerOutput(code=None, finished=True, reason="length")
+                    continue
+                pieces.append(len(decodes))  # filled in below, once all decode inputs are embedded
+                positions.append(torch.full((3, 1), req.next_position, dtype=torch.long))
                 req.next_position += 1
-                decodes.append((rid, x[None], pos))
+                decodes.append(rid)
+            batch.append(rid)
+        if decodes:
+            last = torch.tensor([self.requests[rid].last_code for rid in decodes], device=self.device)
+            replies = torch.stack([self._next_reply(self.requests[rid]) for rid in decodes])
+            decode_inputs = replies + self.model.get_input_embeddings()(last)
+            pieces = [decode_inputs[p, None] if isinstance(p, int) else p for p in pieces]
 
-        outputs = {}
-        for group in (prefills, decodes):
-            if not group:
-                continue
-            logits = self._forward([self.requests[rid].slot for rid, _, _ in group],
-                                   [x for _, x, _ in group], [p for _, _, p in group])
-            for (rid, _, _), row in zip(group, logits):
-                outputs[rid] = self._emit(rid, row, forced_codes.get(rid), return_logits)
+        if batch:
+            logits = self._forward(batch, pieces, torch.cat(positions, dim=1).to(self.device))
+            slots = [self.requests[rid].slot for rid in batch]
+            codes, stops = self.sampler.sample(slots, logits, [forced_codes.get(rid) for rid in batch])
+            # The step's one read back to the host: every row's code and stop flag.
+            read = torch.stack([codes, stops.to(codes.dtype)]).T.tolist()
+            for i, (rid, (code, stop)) in enumerate(zip(batch, read)):
+                req = self.requests[rid]
+                req.last_code = code
+                req.num_codes += 1
+                out = TalkerOutput(code=None if stop else code, logits=logits[i] if return_logits else None)
+                if stop or req.num_codes >= req.max_codes:
+                    out.finished, out.reason = True, ("stop" if stop else "length")
+                    self.remove(rid)
+                outputs[rid] = out
         return {rid: outputs[rid] for rid in req_ids}
 
-    def _emit(self, rid, logits: torch.Tensor, forced: int | None, return_logits: bool) -> TalkerOutput:
-        req = self.requests[rid]
-        history = torch.tensor([req.history], device=self.device)
-        scores = req.processors(history, logits[None].clone())
-        if forced is not None:
-            code = int(forced)
-        elif req.do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            code = int(torch.multinomial(probs, 1, generator=req.generator))
-        else:
-            code = int(scores.argmax(dim=-1))
-        req.history.append(code)
-        req.last_code = code
-        req.num_codes += 1
-        out = TalkerOutput(code=None if code in self.stop_codes else code,
-                           logits=logits if return_logits else None)
-        if out.code is None or req.num_codes >= req.max_codes:
-            out.finished, out.reason = True, ("stop" if out.code is None else "length")
-            self.remove(rid)
-        return out
-
-    def _forward(self, slots: list[int], inputs: list[torch.Tensor], positions: list[torch.Tensor]):
-        """Run the decoder over one padded batch; returns the logits at each row's last input."""
-        dev = self.device
-        B = len(slots)
-        qlens = torch.tensor([x.shape[0] for x in inputs], device=dev)
-        Q = int(qlens.max())
-        starts = torch.tensor([self.lengths[s] for s in slots], device=dev)
-        x = torch.zeros(B, Q, inputs[0].shape[-1], device=dev, dtype=self.dtype)
-        pos = torch.zeros(3, B, Q, dtype=torch.long, device=dev)
-        for i, (xi, pi) in enumerate(zip(inputs, positions)):
-            x[i, : xi.shape[0]] = xi
-            pos[:, i, : xi.shape[0]] = pi
-        kv_len = int((starts + qlens).max())
-
-        # Row b, query t (its position starts[b]+t) sees cache entries 0..starts[b]+t; padded
-        # queries see what the row's last query sees (their output is discarded).
-        t = torch.minimum(torch.arange(Q, device=dev)[None], qlens[:, None] - 1)  # (B, Q)
-        mask = torch.arange(kv_len, device=dev)[None, None] <= (starts[:, None] + t)[..., None]
-        valid = torch.arange(Q, device=dev)[None] < qlens[:, None]
-        rows, cols = valid.nonzero(as_tuple=True)
-        cache = _SlotCache(self.k_cache, self.v_cache, torch.tensor(slots, device=dev),
-                           rows, cols, starts[rows] + cols, kv_len)
-
+    def _forward(self, req_ids: list, inputs: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """Run the decoder over the requests' new inputs packed into one sequence ((q_i, E) each,
+        positions (3, sum q_i)); returns the fp32 logits at each request's last input, (B, vocab)."""
         m = self.model
-        h = m.thinker_to_talker_proj(x)
-        position_embeddings = m.model.rotary_emb(h, pos)
-        for layer in m.model.layers:
-            h = layer(h, attention_mask=mask[:, None], position_embeddings=position_embeddings,
-                      past_key_values=cache)
-        last = h[torch.arange(B, device=dev), qlens - 1]
-        logits = m.codec_head(m.model.norm(last)).float()
-        for s, q in zip(slots, qlens.tolist()):
-            self.lengths[s] += q
-        return logits
+        lengths = [x.shape[0] for x in inputs]
+        spans, start = [], 0
+        for q in lengths:
+            spans.append((start, start + q))
+            start += q
+        for rid, q in zip(req_ids, lengths):
+            if q > 1 and self.kv.lengths[rid]:
+                raise AssertionError("a multi-token input must start from an empty KV cache")
+        h = m.thinker_to_talker_proj(torch.cat(inputs))[None]  # (1, T, H)
+        T, d = h.shape[1], self.head_dim
+        cos, sin = m.model.rotary_emb(h, positions[:, None])
+        for i, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)
+            k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)
+            v = attn.v_proj(x).view(1, T, -1, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            out = []
+            for rid, (s, e) in zip(req_ids, spans):
+                keys, values = self.kv.append(rid, i, k[:, :, s:e], v[:, :, s:e])
+                out.append(F.scaled_dot_product_attention(
+                    q[:, :, s:e], keys, values, is_causal=e - s > 1, scale=attn.scaling, enable_gqa=self.gqa
+                ))
+            h = h + attn.o_proj(torch.cat(out, dim=2).transpose(1, 2).reshape(1, T, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for rid, q in zip(req_ids, lengths):
+            self.kv.advance(rid, q)
+        last = h[0, torch.tensor([e - 1 for _, e in spans], device=self.device)]
+        return m.codec_head(m.model.norm(last)).float()

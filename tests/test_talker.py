@@ -274,6 +274,64 @@ def test_teacher_forced_logits_match_transformers(hf_model, talker, references, 
     assert diff < 1e-4
 
 
+@pytest.fixture(scope="module")
+def hf_model_bf16(tiny_dir):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+
+
+@pytest.fixture(scope="module")
+def talker_bf16(tiny_dir):
+    return Talker.from_pretrained(tiny_dir, max_slots=4, max_len=256, dtype=torch.bfloat16)
+
+
+# bf16 against transformers' talker in bf16 (same inputs, teacher-forced codes): the two run the same
+# bf16 arithmetic in a different order (packed batch, SDPA with GQA instead of repeated KV heads), so
+# their logits differ by bf16 rounding: at most BF16_LOGITS_ATOL (the logits here are O(1)) and the
+# greedy code (argmax, codec_bos suppressed) the same at no fewer than BF16_GREEDY_AGREEMENT of steps.
+BF16_LOGITS_ATOL = 5e-2
+BF16_GREEDY_AGREEMENT = 0.9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_teacher_forced_greedy_codes_match_transformers_bf16(hf_model_bf16, talker_bf16, talker, references, kind):
+    from transformers import LogitsProcessorList
+
+    ref = references[kind]
+    steps = 16
+    codes = torch.randint(0, 8192, (steps,), generator=torch.Generator().manual_seed(7)).tolist()
+    kwargs = {
+        k: (v.to(torch.bfloat16) if v.is_floating_point() else v.clone()) if torch.is_tensor(v) else v
+        for k, v in ref.talker_kwargs.items()
+    }
+    kwargs.update(max_new_tokens=steps, output_logits=True, return_dict_in_generate=True)
+    prompt_len = kwargs["input_ids"].shape[1]
+    with corrected_reference(hf_model_bf16):
+        force = LogitsProcessorList([_ForceCodes(codes, prompt_len)])
+        out = hf_model_bf16.talker.generate(**kwargs, logits_processor=force)
+    expected = torch.cat(out.logits).float()
+
+    job = Job(kind, ref, every=1, max_codes=steps)
+    got_codes, logits, _ = drive(talker_bf16, [job], forced={kind: codes})[kind]
+    assert got_codes == codes
+    got = torch.stack(logits)
+    assert talker_bf16.model.codec_head.weight.dtype == talker_bf16.kv.dtype == torch.bfloat16
+
+    def greedy(x):
+        return x.clone().index_fill_(-1, torch.tensor([talker_bf16.codec_bos]), -math.inf).argmax(-1)
+
+    diff = (got - expected).abs().max().item()
+    agree = (greedy(got) == greedy(expected)).float().mean().item()
+    fp32 = torch.stack(drive(talker, [job], forced={kind: codes})[kind][1])
+    agree_fp32 = (greedy(got) == greedy(fp32)).float().mean().item()
+    print(f"{kind}: bf16 vs transformers bf16: logits max abs diff {diff:.2e} (scale {expected.abs().max():.2f}), "
+          f"greedy codes agree {agree:.0%}; bf16 vs fp32: max abs diff {(got - fp32).abs().max():.2e}, "
+          f"greedy agree {agree_fp32:.0%}")
+    assert diff < BF16_LOGITS_ATOL
+    assert agree >= BF16_GREEDY_AGREEMENT
+
+
 def test_sampling_matches_transformers_with_same_seed(hf_model, processor, talker):
     ref = run_reference(hf_model, _inputs(processor, "text"), voice="Chelsie", sample_seed=1234)
     sampling = TalkerSampling(seed=1234)  # the defaults of transformers' generate
