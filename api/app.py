@@ -97,6 +97,7 @@ class Settings:
     max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
     max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
     audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
+    max_audio_tokens_per_text_token: float = 40.0  # the runaway guard (0: off)
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -208,7 +209,7 @@ class Metrics:
     def attach(self, speech) -> None:
         """Export `speech.stats()` gauges (waiting requests, talker slots, queued Token2Wav windows)."""
         from prometheus_client import REGISTRY
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         model_name = self.model_name
 
@@ -221,6 +222,10 @@ class Metrics:
                     g = GaugeMetricFamily(f"omni_vllm:speech_{key}", doc, labels=["model_name"])
                     g.add_metric([model_name], float(stats.get(key) or 0))
                     yield g
+                c = CounterMetricFamily("omni_vllm:speech_runaway", "Replies whose speech the runaway guard cut "
+                                        "(--max-audio-tokens-per-text-token).", labels=["model_name"])
+                c.add_metric([model_name], float(stats.get("runaway_capped") or 0))
+                yield c
 
         REGISTRY.register(_Collector())
 
@@ -293,6 +298,7 @@ class OmniEndpoints:
                 max_speaking=self.settings.max_speaking, default_voice=voice,
                 max_codes=self.settings.max_audio_tokens, max_waiting=self.settings.max_waiting,
                 queue_timeout=self.settings.max_wait_seconds,
+                max_codes_per_text_token=self.settings.max_audio_tokens_per_text_token or None,
                 stream_config=StreamConfig(**self.settings.speech_stream_config or {}))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None

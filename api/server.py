@@ -59,6 +59,10 @@ def add_omni_args(parser):
                    help="Fetch media URLs that resolve to loopback, private or link-local addresses too (by "
                         "default they are a 400 and no connection is made; OMNI_VLLM_ALLOWED_MEDIA_NETWORKS "
                         "opens chosen networks only).")
+    g.add_argument("--max-audio-tokens-per-text-token", type=float, default=D.max_audio_tokens_per_text_token,
+                   help="Runaway guard: once the text is complete, its speech may have at most this many codes "
+                        "per text token (at least 100, 2 s); a talker that never stops is cut there, with "
+                        "finish_reason \"length\". Speech is 50 codes/s, replies ~3-4 tokens/s. 0: off.")
     return parser
 
 

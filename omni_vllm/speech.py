@@ -54,6 +54,7 @@ import asyncio
 import collections
 import copy
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -88,6 +89,8 @@ __all__ = [
 
 logger = logging.getLogger("omni_vllm.speech")
 
+RUNAWAY_FLOOR_CODES = 100  # the runaway guard never cuts a reply's speech below 2 s
+
 
 @dataclass
 class SpeechChunk:
@@ -118,6 +121,7 @@ class _Result:
     """One request's output of one worker iteration."""
 
     audio: list[np.ndarray] = field(default_factory=list)
+    talker_reason: str | None = None  # with done: "stop", "length", or "runaway" (the guard cut it)
     codes: list[int] = field(default_factory=list)
     done: bool = False  # the last samples (stream closed)
     error: BaseException | None = None
@@ -129,6 +133,8 @@ class _Speaker:
 
     new_codes: list[int] = field(default_factory=list)  # not yet sent back (they ride with audio)
     talker_done: bool = False
+    talker_reason: str | None = None  # "stop" | "length" once talker_done
+    guarded: bool = False  # the runaway guard lowered its cap on codes
     first_audio: float | None = None  # when its first samples were decoded (worker clock)
     samples: int = 0  # decoded so far
 
@@ -234,9 +240,9 @@ class _Worker(threading.Thread):
             self._add_rows(rid, spec["rows"])
         elif kind == "rows":
             self._add_rows(rid, cmd[2])
-        elif kind == "finish":
-            if rid in self.talker:
-                self.talker.finish_thinker(rid)
+        elif kind == "finish":  # ("finish", rid, cap on codes from the runaway guard or None)
+            if rid in self.talker and self.talker.finish_thinker(rid, max_codes=cmd[2]):
+                self.speakers[rid].guarded = True
         elif kind == "cancel":
             self._drop(rid)
             results.pop(rid, None)
@@ -328,6 +334,8 @@ class _Worker(threading.Thread):
             self.totals["talker_codes"] += len(new)
             self.streamer.push(rid, new, finished=out.finished)
             sp.talker_done = out.finished
+            if out.finished:
+                sp.talker_reason = out.reason
             if streams[rid].ready and rid not in self.ready_since:
                 self.ready_since[rid] = now
                 first_window = first_window or sp.first_audio is None
@@ -364,6 +372,8 @@ class _Worker(threading.Thread):
         sp = self.speakers.pop(rid, None)
         if sp is not None and sp.new_codes:
             res.codes = res.codes + sp.new_codes
+        if sp is not None:
+            res.talker_reason = "runaway" if sp.guarded and sp.talker_reason == "length" else sp.talker_reason
         res.done = True
         self.streamer.cancel(rid)
         self.ready_since.pop(rid, None)
@@ -444,6 +454,7 @@ class SpeechEngine:
         queue_timeout: float | None = None,
         max_waiting: int = 1024,
         max_codes: int = 4096,
+        max_codes_per_text_token: float | None = 40.0,
         talker_max_len: int = 4096,
         window_delay: float = 0.05,
         log_interval: float = 10.0,
@@ -453,7 +464,8 @@ class SpeechEngine:
 
         Extra settings: `queue_timeout` (s) an audio request may wait for admission (None: as long
         as its caller waits; 0: refuse at once), `max_waiting` waiters at most; `max_codes` per
-        request (the talker also stops on its own stop codes); `talker_max_len` prompt + codes per
+        request (the talker also stops on its own stop codes); `max_codes_per_text_token`: the runaway
+        guard, see `runaway_cap` (None: off); `talker_max_len` prompt + codes per
         talker KV slot; `window_delay` (s) a ready Token2Wav window may wait to share a batch;
         `log_interval` (s) of progress logs."""
         if max_speaking < 1 or max_queued_windows < 1:
@@ -463,7 +475,7 @@ class SpeechEngine:
         self.device = torch.device(device or _default_device())
         self.max_speaking, self.max_queued_windows = max_speaking, max_queued_windows
         self.queue_timeout, self.max_waiting = queue_timeout, max_waiting
-        self.max_codes = max_codes
+        self.max_codes, self.max_codes_per_text_token = max_codes, max_codes_per_text_token
         self.stream_config = stream_config or StreamConfig()
         self.default_voice = default_voice
         self._owns_engine = False
@@ -520,7 +532,7 @@ class SpeechEngine:
         self._hold_seconds: collections.deque[float] = collections.deque(maxlen=64)  # slot held, recent requests
         self._snapshot: dict = self._worker_snapshot
         self._counters = dict(audio_requests=0, text_requests=0, refused=0, aborted=0, failed=0,
-                              audio_samples_total=0)
+                              audio_samples_total=0, runaway_capped=0)
         self._ttfa: collections.deque[float] = collections.deque(maxlen=1024)
         self._aborts: set[asyncio.Task] = set()
         self._closed = False
@@ -607,6 +619,17 @@ class SpeechEngine:
                 yield chunk
         finally:
             await self._release(job)
+
+    def runaway_cap(self, text_tokens: int) -> int | None:
+        """The most codes a reply of `text_tokens` may speak, once its text is known (None: no guard).
+
+        A talker that never samples its stop code would otherwise speak pad until `max_codes`. Speech
+        runs at 50 codes per second and Qwen2.5-Omni's replies at about 3-4 text tokens per second
+        (English and Chinese alike), i.e. 12-17 codes per token; the default 40 leaves 2-3 times that,
+        and a floor of RUNAWAY_FLOOR_CODES (2 s) lets the shortest replies finish."""
+        if not self.max_codes_per_text_token:
+            return None
+        return max(RUNAWAY_FLOOR_CODES, math.ceil(self.max_codes_per_text_token * text_tokens))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request now; its stream then ends with a chunk with finish_reason "abort"."""
@@ -772,7 +795,7 @@ class SpeechEngine:
                 if out.finished:
                     job.thinker_done = True
                     if job.submitted:
-                        self._worker.submit("finish", job.rid)
+                        self._worker.submit("finish", job.rid, self.runaway_cap(completion))
                     job.queue.put_nowait(("text_end", c.finish_reason, len(out.prompt_token_ids), completion))
         except asyncio.CancelledError:
             raise
@@ -818,6 +841,7 @@ class SpeechEngine:
         """Merge what is available into one chunk per wake-up; end after text and audio."""
         text_end = None
         audio_done = False
+        talker_reason = None
         codes_total = 0
         while True:
             items = [await job.queue.get()]
@@ -835,6 +859,7 @@ class SpeechEngine:
                         audio.append(item[1])
                     codes += item[2]
                     audio_done = audio_done or item[3]
+                    talker_reason = item[4] or talker_reason
                 elif kind == "text_end":
                     text_end = item[1:]
                 elif kind == "error":
@@ -846,6 +871,8 @@ class SpeechEngine:
             chunk = SpeechChunk("".join(text), ids, np.concatenate(audio) if audio else None, audio_codes=codes)
             if aborted or (text_end is not None and audio_done):
                 reason, prompt, completion = text_end if text_end is not None else ("abort", 0, 0)
+                if talker_reason in ("length", "runaway") and reason == "stop":
+                    reason = "length"  # the text is whole but its speech was cut (a cap on codes)
                 chunk.finished, chunk.finish_reason = True, "abort" if aborted else reason
                 chunk.prompt_tokens, chunk.completion_tokens, chunk.audio_tokens = prompt, completion, codes_total
                 if not aborted:  # a full service time, for retry_after()
@@ -886,8 +913,10 @@ class SpeechEngine:
                 if job.t_first_audio is None:
                     job.t_first_audio = now
                     self._ttfa.append(now - job.t_arrival)
+            if res.talker_reason == "runaway":
+                self._counters["runaway_capped"] += 1
             if audio is not None or res.codes or res.done:
-                job.queue.put_nowait(("audio", audio, res.codes, res.done))
+                job.queue.put_nowait(("audio", audio, res.codes, res.done, res.talker_reason))
         self._wake()
 
     def _release_now(self, job: _Job) -> None:

@@ -288,12 +288,20 @@ class Talker:
         element = embedding.reshape(-1).to(self.device) + hidden.reshape(-1).to(self.device)
         req.reply.append(element.to(self.dtype))
 
-    def finish_thinker(self, req_id) -> None:
-        """The thinker is done: the reply track goes on with tts_text_end, then tts_text_pad."""
+    def finish_thinker(self, req_id, max_codes: int | None = None) -> bool:
+        """The thinker is done: the reply track goes on with tts_text_end, then tts_text_pad.
+
+        `max_codes` lowers the request's cap on codes now that the text's length is known (the
+        runaway guard: a talker that never samples its stop code then ends with reason "length");
+        returns whether it lowered the cap."""
         req = self.requests[req_id]
         if not req.thinker_done:
             req.thinker_done = True
             req.reply.append(self.text_rows[self.text_end])
+        if max_codes is not None and max_codes < req.max_codes:
+            req.max_codes = max(1, max_codes)
+            return True
+        return False
 
     def remove(self, req_id) -> None:
         """Drop a request (abort) and free its slot and KV memory. Unknown ids are ignored."""

@@ -514,3 +514,22 @@ def test_checkpoint_without_speech(engine, loop, processor, tmp_path):
             await speech.shutdown()
 
     loop.run_until_complete(scenario())
+
+
+def test_runaway_guard_caps_speech_after_the_text(engine, loop, processor, speech_factory):
+    """Random weights never sample the stop code: once the thinker is done, the speech is capped at
+    max(RUNAWAY_FLOOR_CODES, ratio x text tokens) codes, ends "length" and is counted; off, the request's
+    own cap applies."""
+    from omni_vllm.speech import RUNAWAY_FLOOR_CODES
+
+    case = make_cases(processor, 1, "g")[0]
+    for ratio, expected in ((4.0, RUNAWAY_FLOOR_CODES), (None, RUNAWAY_FLOOR_CODES + 60)):
+        speech = speech_factory(max_codes_per_text_token=ratio)
+        assert speech.runaway_cap(3) == (None if ratio is None else RUNAWAY_FLOOR_CODES)
+        assert speech.runaway_cap(1000) == (None if ratio is None else 4000)
+        out = loop.run_until_complete(consume(run_speech(speech, case, max_tokens=3, max_codes=expected + 60
+                                                         if ratio else expected), Outcome()))
+        assert len(out.tokens) == 3 and out.final.finish_reason == "length"
+        assert len(out.codes) == out.final.audio_tokens == expected
+        assert speech.stats()["runaway_capped"] == (1 if ratio else 0)
+        loop.run_until_complete(speech.shutdown())
