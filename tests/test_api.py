@@ -280,7 +280,7 @@ def test_multi_turn_audio_id(client, server):
 
 @pytest.mark.parametrize("case", [
     "voice", "format", "stream_wav", "modalities", "n", "b64", "undecodable", "too_long", "too_big", "model",
-    "max_audio_tokens"])
+    "max_audio_tokens", "no_messages"])
 def test_chat_errors(client, server, case):
     import openai
 
@@ -303,6 +303,7 @@ def test_chat_errors(client, server, case):
                     "messages[0].content[0]", "larger than"),
         "model": (dict(model="nope"), 404, "model", "does not exist"),
         "max_audio_tokens": (dict(extra_body={"max_audio_tokens": 0}), 400, "max_audio_tokens", "positive"),
+        "no_messages": (dict(messages=[]), 400, "messages", "at least one message"),  # as OpenAI answers
     }[case]
     args = dict(model=server["model"], messages=USER, max_tokens=2, modalities=["text", "audio"],
                 audio={"voice": "Ethan", "format": "wav"})
