@@ -61,6 +61,7 @@ from vllm.logger import init_logger
 
 from api import audio as A
 from api import limits as L
+from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
 from omni_vllm.streaming import StreamConfig
 
@@ -90,8 +91,12 @@ class Settings:
     max_image_pixels: int = 36_000_000  # an 8K UHD frame is 33.2 M
     max_request_mb: float = 100.0
     speech_device: str | None = None
-    max_speaking: int = 32
+    max_speaking: int | None = None  # None: what the speech memory budget holds (api.server.plan_speech)
     speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
+    speech_dtype: str = "auto"  # omni_vllm.memory.speech_dtypes
+    speech_gpu_memory_gb: float | None = None
+    allow_text_only: bool = False
+    talker_max_len: int | None = None  # None: the talker config's, at most max_model_len + max_audio_tokens
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -244,12 +249,17 @@ class OmniEndpoints:
         self.audio_ids = AudioStore(self.settings.audio_id_ttl)
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
         voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
+        s, model_config = self.settings, engine_client.model_config
+        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_audio_tokens,
+                      model_config.max_model_len + s.max_audio_tokens)  # longer is never reached
+        max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
-                engine_client, _local_checkpoint(engine_client.model_config), device=self.settings.speech_device,
-                max_speaking=self.settings.max_speaking, default_voice=voice,
-                max_codes=self.settings.max_audio_tokens,
-                stream_config=StreamConfig(**self.settings.speech_stream_config or {}))
+                engine_client, _local_checkpoint(model_config), device=s.speech_device,
+                max_speaking=max_speaking, default_voice=voice, max_codes=s.max_audio_tokens,
+                stream_config=StreamConfig(**s.speech_stream_config or {}), speech_dtype=s.speech_dtype,
+                talker_max_len=max_len, kv_cache_tokens=max_speaking * max_len,
+                allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
         self.settings.default_voice = voice
@@ -321,10 +331,15 @@ class OmniEndpoints:
         if isinstance(rendered, ErrorResponse):
             raise _Rendered(rendered)
         _, (engine_input,) = rendered
+        prompt_len = self.chat._extract_prompt_len(engine_input)
+        if prompt_len + 2 > (limit := self.speech.talker_max_len):  # before the thinker runs
+            raise APIError(f"the prompt has {prompt_len} tokens; speech can follow prompts of at most {limit - 2} "
+                           f"tokens (the talker's --talker-max-len {limit}); ask for modalities [\"text\"] or "
+                           "shorten the conversation", param="messages", err_type="BadRequestError")
         max_tokens = get_max_tokens(
             self.chat.model_config.max_model_len,
             request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
-            self.chat._extract_prompt_len(engine_input), self.chat.default_sampling_params,
+            prompt_len, self.chat.default_sampling_params,
             self.chat.override_max_tokens, truncate_prompt_tokens=request.truncate_prompt_tokens)
         params = request.to_sampling_params(max_tokens, self.chat.default_sampling_params)
         request_id = f"chatcmpl-{self.chat._base_request_id(raw_request, request.request_id)}"

@@ -11,3 +11,8 @@ class UnknownVoice(ValueError):
 
 class SpeechBusy(RuntimeError):
     """Back-pressure: the speech engine is at its limit and the request was refused."""
+
+
+class SpeechLoadError(RuntimeError):
+    """The speech path failed to load (out of memory, tensors that do not match the config, an
+    unusable dtype); the message names the flag to change."""
