@@ -119,6 +119,7 @@ def plan_speech(args: Namespace, argv: list[str], device_total: int | None = Non
             budget_gb=args.speech_gpu_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization if _given(argv, "--gpu-memory-utilization",
                                                                          "--device-memory-utilization") else None,
+            vllm_utilization=args.gpu_memory_utilization,
             stream=StreamConfig(**args.speech_stream_config or {}))
     except SpeechMemoryError as e:
         if not args.allow_text_only:

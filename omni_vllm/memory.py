@@ -50,7 +50,6 @@ DEFAULT_MAX_SPEAKING = 32  # when no budget says otherwise (CPU), and the shared
 MAX_DEFAULT_SPEAKING = 128  # a budget-derived default never goes above (Token2Wav batch latency)
 SHARED_DEVICE_FRACTION = 0.25  # default speech share of a device vLLM also uses, at most
 OWN_DEVICE_FRACTION = 0.9  # of a device the speech path has to itself (as vLLM's default utilization)
-VLLM_DEFAULT_UTILIZATION = 0.9
 MARGIN_FRACTION, MARGIN_FIXED = 0.10, 512 * MiB
 TOKEN2WAV_FIXED = 64 * MiB  # Token2Wav's working set that does not grow with the batch (24 MiB measured at 7B)
 BIGVGAN_LIVE = 12  # live tensors of BigVGAN's largest stage per window (11.3 measured, tiny and 7B)
@@ -232,6 +231,12 @@ def _with_speakers(memory: SpeechMemory, n: int) -> SpeechMemory:
                    token2wav_peak=TOKEN2WAV_FIXED + n * memory.window_bytes)
 
 
+def _vllm_default_utilization() -> float:
+    from vllm.config import CacheConfig
+
+    return CacheConfig.__pydantic_fields__["gpu_memory_utilization"].default
+
+
 @dataclass(frozen=True)
 class SpeechPlan:
     """The speech path's settings for one deployment (see `plan_speech_memory`)."""
@@ -277,13 +282,14 @@ def plan_speech_memory(
     max_speaking: int | None = None,
     budget_gb: float | None = None,
     gpu_memory_utilization: float | None = None,
+    vllm_utilization: float | None = None,
     stream: StreamConfig | None = None,
 ) -> SpeechPlan:
     """Settle the speech path's memory for one deployment, before vLLM's engine is built.
 
     `device_total`: bytes of the speech device (None on CPU: no device share to plan).
     `shared`: vLLM's workers use that device too. `gpu_memory_utilization`: the user's value, or None
-    for vLLM's default (0.9) less the speech share. `budget_gb` (`--speech-gpu-memory-gb`) bounds the
+    for vLLM's default (`vllm_utilization`: vLLM 0.32's CacheConfig says 0.92) less the speech share. `budget_gb` (`--speech-gpu-memory-gb`) bounds the
     speech path; by default it is what `max_speaking` needs, where the default `max_speaking` is what
     fits: on a device of its own 90 % of it, on a shared device at most 25 % of it (enough for
     `DEFAULT_MAX_SPEAKING` requests if that is less), on CPU `DEFAULT_MAX_SPEAKING`.
@@ -329,7 +335,8 @@ def plan_speech_memory(
     if shared and device_total is not None and budget is not None:
         share = budget / device_total
         if gpu_memory_utilization is None:
-            utilization = math.floor((VLLM_DEFAULT_UTILIZATION - share) * 1000) / 1000
+            default = vllm_utilization if vllm_utilization is not None else _vllm_default_utilization()
+            utilization = math.floor((default - share) * 1000) / 1000
             if utilization < 0.05:
                 raise SpeechMemoryError(
                     f"the speech path's {budget / GiB:.2f} GiB leaves vLLM {utilization:.3f} of {device}: {fix}")
