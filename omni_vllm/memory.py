@@ -350,3 +350,48 @@ def plan_speech_memory(
     return SpeechPlan(memory=memory, max_speaking=max_speaking, budget=budget, device=device, shared=shared,
                       gpu_memory_utilization=utilization, talker_max_len=positions,
                       kv_cache_tokens=max_speaking * positions, notes=tuple(notes))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the speech path's memory plan as a Markdown table: `python -m omni_vllm.memory
+    [CHECKPOINT_DIR | 7B | 3B ...] [--gpu-gb 80] [--max-model-len 8192 ...]` (7B/3B: the released
+    checkpoints' sizes, nothing downloaded). Each row: the speech path on the GPU vLLM uses, and on
+    a GPU of its own (`--speech-device cuda:1`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("models", nargs="*", default=["7B", "3B"])
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="GiB of each GPU")
+    parser.add_argument("--max-model-len", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--max-audio-tokens", type=int, default=4096)
+    parser.add_argument("--speech-dtype", choices=SPEECH_DTYPES, default="auto")
+    args = parser.parse_args(argv)
+    print(f"| model | --max-model-len | speech device | weights GiB | talker KV GiB / request | "
+          f"Token2Wav GiB / window | --max-speaking | speech GiB | vLLM gpu_memory_utilization |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        if model in ("7B", "3B"):
+            from omni_vllm.testing.released import released_config
+
+            config, name = released_config(model), f"Qwen2.5-Omni-{model}"
+        else:
+            from transformers import Qwen2_5OmniConfig
+
+            config, name = Qwen2_5OmniConfig.from_pretrained(model), model
+        dtypes = speech_dtypes(args.speech_dtype, torch.bfloat16)
+        for max_model_len in args.max_model_len:
+            for device, shared in (("cuda:0", True), ("cuda:1", False)):
+                plan = plan_speech_memory(
+                    config, device=device, device_total=int(args.gpu_gb * GiB), shared=shared,
+                    talker_dtype=dtypes["talker"], token2wav_dtype=dtypes["token2wav"],
+                    vocoder_dtype=dtypes["vocoder"], max_model_len=max_model_len, max_codes=args.max_audio_tokens)
+                m = plan.memory
+                util = "unchanged" if plan.gpu_memory_utilization is None else f"{plan.gpu_memory_utilization:.3f}"
+                where = "the thinker's GPU" if shared else "its own GPU"
+                print(f"| {name} | {max_model_len} | {where} | {(m.talker_weights + m.token2wav_weights) / GiB:.2f} | "
+                      f"{m.positions * m.kv_per_token / GiB:.2f} | {m.window_bytes / GiB:.3f} | {plan.max_speaking} | "
+                      f"{plan.budget / GiB:.1f} | {util} |")
+
+
+if __name__ == "__main__":
+    main()
