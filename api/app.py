@@ -62,7 +62,14 @@ from vllm.logger import init_logger
 from api import audio as A
 from api import limits as L
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
-from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
+from omni_vllm.speech import (
+    SpeechBusy,
+    SpeechEngine,
+    SpeechLoadError,
+    SpeechUnavailable,
+    TalkerSampling,
+    UnknownVoice,
+)
 from omni_vllm.streaming import StreamConfig
 
 logger = init_logger("omni_vllm.api")
@@ -262,6 +269,9 @@ class OmniEndpoints:
                 allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
+        except SpeechLoadError as e:  # a start-up error that says what to change, not a traceback
+            logger.error("the speech path did not load: %s", e)
+            raise SystemExit(f"omni-vllm: the speech path did not load: {e}") from None
         self.settings.default_voice = voice
         if self.speech.has_speech:
             self.metrics.attach(self.speech)

@@ -97,7 +97,11 @@ def plan_speech(args: Namespace, argv: list[str], device_total: int | None = Non
     budget that cannot hold the speech path (unless --allow-text-only)."""
     from vllm.platforms import current_platform
 
-    config = speech_config(args)
+    try:
+        config = speech_config(args)
+    except Exception as e:  # not a transformers config: vLLM will say what it makes of the model
+        logger.warning("no speech memory plan: cannot read %s's config (%s)", args.model, e)
+        return None
     if config is None:
         return None
     device = args.speech_device or ("cuda" if current_platform.is_cuda_alike() else "cpu")
@@ -107,8 +111,9 @@ def plan_speech(args: Namespace, argv: list[str], device_total: int | None = Non
     index = int(device.partition(":")[2] or 0) if on_gpu else None
     if on_gpu and device_total is None:
         device_total = current_platform.get_device_total_memory(index)
-    # vLLM's workers of this node use the first tp x pp devices.
-    shared = on_gpu and index < args.tensor_parallel_size * args.pipeline_parallel_size
+    # vLLM's workers of this node use its first tp x pp x (local) dp devices.
+    dp = getattr(args, "data_parallel_size_local", None) or args.data_parallel_size
+    shared = on_gpu and index < args.tensor_parallel_size * args.pipeline_parallel_size * dp
     dtypes = speech_dtypes(args.speech_dtype, thinker_dtype(args, config))
     try:
         plan = plan_speech_memory(

@@ -501,7 +501,8 @@ class SpeechEngine:
 
         Extra settings: `queue_timeout` (s) an audio request may wait for admission (0: refuse at
         once), `max_waiting` waiters at most; `max_codes` per request (the talker also stops on its
-        own stop codes); `talker_max_len` prompt + codes per request (None: the talker config's);
+        own stop codes); `talker_max_len` prompt + codes per request (None: the engine's max_model_len
+        + max_codes, at most the talker config's max_position_embeddings);
         `window_delay` (s) a ready Token2Wav window may wait to share a batch; `log_interval` (s) of
         progress logs. `speech_dtype` (omni_vllm.memory.speech_dtypes; `auto`: the talker in the
         engine's dtype); `kv_cache_tokens` the talker's KV positions over all requests.
@@ -526,7 +527,10 @@ class SpeechEngine:
         self.token2wav: Token2Wav | None = None
         self.unavailable_reason: str | None = None
         t0 = time.perf_counter()
-        thinker_dtype = getattr(getattr(engine, "model_config", None), "dtype", torch.float32)
+        model_config = getattr(engine, "model_config", None)
+        thinker_dtype = getattr(model_config, "dtype", torch.float32)
+        if talker_max_len is None and model_config is not None:  # a longer request never reaches the talker
+            talker_max_len = model_config.max_model_len + max_codes
         try:
             if text_only_reason is not None:
                 raise SpeechUnavailable(text_only_reason)

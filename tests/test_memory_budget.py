@@ -17,6 +17,7 @@ import asyncio
 import shutil
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,3 +330,53 @@ def test_memory_budget_long_prompt_refused_before_the_thinker(tiny_checkpoint_di
         assert metric(s["root"], "vllm:prompt_tokens_total") == resp.usage.prompt_tokens
         with urllib.request.urlopen(f"{s['root']}/health", timeout=10) as r:
             assert r.status == 200
+
+
+def test_offline_speech_dtype_bf16_follows_the_thinker(tiny_checkpoint_dir):
+    """OmniLLM(speech_dtype="auto") with a bf16 thinker: the talker in bf16, Token2Wav in fp32; the
+    batch still speaks."""
+    from vllm import SamplingParams
+
+    from omni_vllm.offline import OmniLLM
+
+    omni = OmniLLM(str(tiny_checkpoint_dir), max_model_len=1024, kv_cache_memory_bytes=2**26, dtype="bfloat16",
+                   enforce_eager=True, distributed_executor_backend="uni", speech_dtype="auto")
+    talker, t2w = omni._speech_modules()
+    assert talker.dtype == torch.bfloat16 and {p.dtype for p in talker.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in t2w.dit.parameters()} == {torch.float32}
+    (out,) = omni.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), max_codes=24)
+    assert len(out.codes) == 24 and out.audio is not None and len(out.audio) > 0 and np.isfinite(out.audio).all()
+
+
+@pytest.mark.slow
+def test_memory_budget_server_load_error_is_a_start_up_error(tiny_checkpoint_dir, tmp_path):
+    """A checkpoint whose talker tensors do not match its config: the server stops at start-up with
+    the message (after the thinker loaded, without a traceback of ours); with --allow-text-only it
+    serves text and refuses audio with a 400 that says why."""
+    import openai
+    from api_server import running_server, tail
+    from openai import OpenAI
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint_dir, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors[next(n for n in tensors if n.startswith("talker.model.layers.0."))]
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+    with pytest.raises(RuntimeError, match="server exited") as e:
+        with running_server(ckpt, tmp_path / "fails.log"):
+            pass
+    log = (tmp_path / "fails.log").read_text(errors="replace")
+    assert "the speech path did not load" in log and "--allow-text-only" in log, str(e.value)[-3000:]
+    assert "Traceback" not in log.split("the speech path did not load")[-1], tail(tmp_path / "fails.log")
+
+    with running_server(ckpt, tmp_path / "text.log", "--allow-text-only") as s:
+        client = OpenAI(base_url=s["base_url"], api_key="unused", timeout=120, max_retries=0)
+        assert client.chat.completions.create(model=s["model"], messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2).choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model=s["model"], messages=[{"role": "user", "content": "Hi"}],
+                                           modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"},
+                                           max_tokens=2)
+        assert "do not match" in ei.value.response.json()["error"]["message"]
