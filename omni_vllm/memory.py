@@ -289,7 +289,8 @@ def plan_speech_memory(
 
     `device_total`: bytes of the speech device (None on CPU: no device share to plan).
     `shared`: vLLM's workers use that device too. `gpu_memory_utilization`: the user's value, or None
-    for vLLM's default (`vllm_utilization`: vLLM 0.32's CacheConfig says 0.92) less the speech share. `budget_gb` (`--speech-gpu-memory-gb`) bounds the
+    for vLLM's default (`vllm_utilization`: vLLM 0.32's CacheConfig says 0.92) less the speech
+    share. `budget_gb` (`--speech-gpu-memory-gb`) bounds the
     speech path; by default it is what `max_speaking` needs, where the default `max_speaking` is what
     fits: on a device of its own 90 % of it, on a shared device at most 25 % of it (enough for
     `DEFAULT_MAX_SPEAKING` requests if that is less), on CPU `DEFAULT_MAX_SPEAKING`.
@@ -306,7 +307,8 @@ def plan_speech_memory(
            "--allow-text-only")
     if budget is None and device_total is not None and max_speaking is None:
         if shared:
-            budget = min(int(SHARED_DEVICE_FRACTION * device_total), _with_speakers(estimate, DEFAULT_MAX_SPEAKING).total)
+            budget = min(int(SHARED_DEVICE_FRACTION * device_total),
+                         _with_speakers(estimate, DEFAULT_MAX_SPEAKING).total)
         else:
             budget = int(OWN_DEVICE_FRACTION * device_total)
     if max_speaking is None:
@@ -328,7 +330,8 @@ def plan_speech_memory(
     elif memory.total > budget:
         raise SpeechMemoryError(
             f"the speech path needs {memory.total / GiB:.2f} GiB for --max-speaking {max_speaking} (weights "
-            f"{(memory.talker_weights + memory.token2wav_weights) / GiB:.2f} GiB, talker KV {memory.talker_kv / GiB:.2f} "
+            f"{(memory.talker_weights + memory.token2wav_weights) / GiB:.2f} GiB, talker KV "
+            f"{memory.talker_kv / GiB:.2f} "
             f"GiB) but has {budget / GiB:.2f} GiB on {device}: {fix}")
 
     utilization = None
@@ -342,7 +345,8 @@ def plan_speech_memory(
                     f"the speech path's {budget / GiB:.2f} GiB leaves vLLM {utilization:.3f} of {device}: {fix}")
         elif gpu_memory_utilization + share > 0.98:
             raise SpeechMemoryError(
-                f"--gpu-memory-utilization {gpu_memory_utilization} leaves {(1 - gpu_memory_utilization) * device_total / GiB:.2f} "
+                f"--gpu-memory-utilization {gpu_memory_utilization} leaves "
+                f"{(1 - gpu_memory_utilization) * device_total / GiB:.2f} "
                 f"GiB of {device} but the speech path needs {budget / GiB:.2f} GiB: lower --gpu-memory-utilization to "
                 f"{max(0.0, 0.98 - share):.3f} or less, or {fix}")
         else:

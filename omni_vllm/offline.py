@@ -17,8 +17,8 @@ import torch
 
 from omni_vllm.checkpoint import local_checkpoint
 from omni_vllm.errors import SpeechUnavailable, UnknownVoice
-from omni_vllm.memory import speech_dtypes
 from omni_vllm.hidden_states import HiddenStatesCollector, request_hidden_states, set_hidden_states_sink
+from omni_vllm.memory import speech_dtypes
 from omni_vllm.speech import load_speech_modules
 from omni_vllm.talker import Talker, TalkerSampling
 from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav

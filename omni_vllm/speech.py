@@ -460,11 +460,12 @@ def load_speech_modules(model_dir: str | Path, *, device: str | torch.device, dt
     if TOKEN2WAV_TAKES_DTYPE:
         token2wav_kwargs.update(dtype=dtypes["token2wav"], vocoder_dtype=dtypes["vocoder"])
     try:
-        return Talker.from_pretrained(model_dir, **talker_kwargs), Token2Wav.from_pretrained(model_dir, **token2wav_kwargs)
+        talker = Talker.from_pretrained(model_dir, **talker_kwargs)
+        return talker, Token2Wav.from_pretrained(model_dir, **token2wav_kwargs)
     except torch.OutOfMemoryError as e:
         raise SpeechLoadError(f"out of memory loading the speech path on {device} ({e}): {_FIX_MEMORY}") from e
-    except (RuntimeError, ValueError) as e:
-        if "state_dict" not in str(e) and "holds no" not in str(e):  # load_state_dict / load_prefixed
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        if isinstance(e, RuntimeError) and "state_dict" not in str(e):  # not load_state_dict's: a bug, show it
             raise
         raise SpeechLoadError(
             f"the speech modules' tensors in {model_dir} do not match its config ({str(e).strip()[:800]}): "
