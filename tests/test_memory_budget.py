@@ -380,3 +380,14 @@ def test_memory_budget_server_load_error_is_a_start_up_error(tiny_checkpoint_dir
                                            modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"},
                                            max_tokens=2)
         assert "do not match" in ei.value.response.json()["error"]["message"]
+
+
+def test_memory_budget_readme_tables_are_the_code_s(capsys):
+    """README.md and api/README.md show what `python -m omni_vllm.memory 7B 3B --gpu-gb 80` prints."""
+    from pathlib import Path
+
+    M.main(["7B", "3B", "--gpu-gb", "80"])
+    table = "\n".join(line for line in capsys.readouterr().out.splitlines() if line.startswith("|"))
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("README.md", "api/README.md"):
+        assert table in (root / doc).read_text(), f"{doc}: regenerate the table with python -m omni_vllm.memory"
