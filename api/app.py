@@ -16,13 +16,13 @@ import asyncio
 import base64
 import inspect
 import json
+import math
+import os
 import time
-import uuid
+import typing
 from argparse import Namespace
-from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -60,7 +60,9 @@ from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.logger import init_logger
 
 from api import audio as A
+from api.audio_ids import ENV_KEY, AudioIdError, AudioIds
 from api import limits as L
+from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import (
     SpeechBusy,
@@ -100,6 +102,9 @@ class Settings:
     speech_device: str | None = None
     max_speaking: int | None = None  # None: what the speech memory budget holds (api.server.plan_speech)
     speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
+    max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
+    max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
+    audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
     speech_dtype: str = "auto"  # omni_vllm.memory.speech_dtypes
     speech_gpu_memory_gb: float | None = None
     allow_text_only: bool = False
@@ -107,7 +112,28 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+        """Our flags where the command line has them (`python -m api.serve`), else the environment
+        variable OMNI_VLLM_<FLAG> (e.g. OMNI_VLLM_MAX_AUDIO_TOKENS: `vllm serve` has no such flags),
+        else the default."""
+        values = {}
+        for name, typ in typing.get_type_hints(cls).items():
+            if hasattr(args, name):
+                values[name] = getattr(args, name)
+            elif (raw := os.environ.get(f"OMNI_VLLM_{name.upper()}")) is not None:
+                values[name] = _parse_setting(name, raw, typ)
+        return cls(**values)
+
+
+def _parse_setting(name: str, raw: str, typ) -> Any:
+    base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
+    try:
+        if base is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if base is dict:
+            return json.loads(raw)
+        return base(raw)
+    except ValueError as e:
+        raise ValueError(f"OMNI_VLLM_{name.upper()}={raw!r}: {e}") from None
 
 
 _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
@@ -115,47 +141,40 @@ _ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLa
 
 
 class APIError(Exception):
-    """An OpenAI-shaped error answer (vLLM's ErrorResponse) with its HTTP status and `param`."""
+    """An OpenAI-shaped error answer (vLLM's ErrorResponse) with its HTTP status and `param`; for a
+    refusal for load also a `code` saying why (OpenAI's error codes are strings; vLLM puts the status
+    there otherwise) and a `Retry-After` header (`retry_after` seconds, rounded up)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, err_type: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, err_type: str | None = None,
+                 code: str | None = None, retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.code, self.retry_after = status, param, code, retry_after
         self.err_type = err_type or _ERROR_TYPES.get(status, "Error")
 
-    def response(self) -> JSONResponse:
+    @classmethod
+    def busy(cls, e: SpeechBusy) -> "APIError":
+        """503 for a request the speech engine refused for load."""
+        hint = "" if e.retry_after is None else f"; retry after {math.ceil(e.retry_after)} s"
+        return cls(f"{e}{hint}", status=503, code=e.code, retry_after=e.retry_after)
+
+    def body(self) -> dict:
         err = create_error_response(str(self), err_type=self.err_type, status_code=HTTPStatus(self.status),
-                                    param=self.param)
-        return JSONResponse(err.model_dump(), status_code=self.status)
+                                    param=self.param).model_dump()
+        if self.code is not None:
+            err["error"]["code"] = self.code
+        return err
+
+    def response(self) -> JSONResponse:
+        headers = None if self.retry_after is None else {"Retry-After": str(math.ceil(self.retry_after))}
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    def sse(self) -> str:
+        """The error as the event of a stream already started (vLLM's way), then the stream's end."""
+        return f"data: {json.dumps(self.body())}\n\ndata: [DONE]\n\n"
 
 
 def _error_json(err: ErrorResponse) -> JSONResponse:
     return JSONResponse(err.model_dump(), status_code=err.error.code)
-
-
-class AudioStore:
-    """Transcripts of audio replies, by `audio.id`, for `audio_id_ttl` seconds (at most `cap`)."""
-
-    def __init__(self, ttl: float, cap: int = 100_000):
-        self.ttl, self.cap, self._items = ttl, cap, OrderedDict()
-
-    @staticmethod
-    def new_id() -> str:
-        return f"audio_{uuid.uuid4().hex}"
-
-    def put(self, transcript: str, audio_id: str | None = None) -> tuple[str, int]:
-        audio_id, expires_at = audio_id or self.new_id(), int(time.time() + self.ttl)
-        self._items[audio_id] = (transcript, expires_at)
-        now = time.time()
-        while self._items and (len(self._items) > self.cap or next(iter(self._items.values()))[1] < now):
-            self._items.popitem(last=False)
-        return audio_id, expires_at
-
-    def get(self, audio_id: str) -> str | None:
-        item = self._items.get(audio_id)
-        if item is None or item[1] < time.time():
-            self._items.pop(audio_id, None)
-            return None
-        return item[0]
 
 
 class Metrics:
@@ -174,6 +193,10 @@ class Metrics:
         self.ttfa = Histogram("omni_vllm:time_to_first_audio_seconds",
                               "From request arrival to its first audio chunk.", ["model_name"],
                               buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 40, 80)).labels(**labels)
+        self.queue_time = Histogram("omni_vllm:speech_queue_time_seconds",
+                                    "Time audio requests waited for a speaking slot.", ["model_name"],
+                                    buckets=(0.01, 0.1, 0.3, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240, 480, 960,
+                                             1920)).labels(**labels)
 
     def attach(self, speech) -> None:
         """Export `speech.stats()` gauges (waiting requests, talker slots, queued Token2Wav windows)."""
@@ -253,7 +276,7 @@ class OmniEndpoints:
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         self.state, self.settings = state, Settings.from_args(args)
-        self.audio_ids = AudioStore(self.settings.audio_id_ttl)
+        self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
         voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
         s, model_config = self.settings, engine_client.model_config
@@ -262,8 +285,9 @@ class OmniEndpoints:
         max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
-                engine_client, _local_checkpoint(model_config), device=s.speech_device,
+                engine_client, engine_checkpoint(engine_client.vllm_config), device=s.speech_device,
                 max_speaking=max_speaking, default_voice=voice, max_codes=s.max_audio_tokens,
+                max_waiting=s.max_waiting, queue_timeout=s.max_wait_seconds,
                 stream_config=StreamConfig(**s.speech_stream_config or {}), speech_dtype=s.speech_dtype,
                 talker_max_len=max_len, kv_cache_tokens=max_speaking * max_len,
                 allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
@@ -306,12 +330,11 @@ class OmniEndpoints:
         for i, msg in enumerate(request.messages):
             if not (isinstance(msg, dict) and msg.get("role") == "assistant" and msg.get("audio")):
                 continue
-            audio_id = _voice_name(msg["audio"])  # {"id": ...}
-            transcript = self.audio_ids.get(audio_id) if isinstance(audio_id, str) else None
-            if transcript is None:
-                raise APIError(f"audio id {audio_id!r} is unknown or expired (audio ids are kept "
-                               f"{self.settings.audio_id_ttl:g} s); send the assistant turn as text instead",
-                               param=f"messages[{i}].audio.id")
+            try:
+                transcript = self.audio_ids.transcript(_voice_name(msg["audio"]))  # {"id": ...}
+            except AudioIdError as e:
+                raise APIError(f"audio id is unknown or expired: {e}; send the assistant turn as text instead",
+                               param=f"messages[{i}].audio.id") from None
             msg.pop("audio")
             if not msg.get("content"):
                 msg["content"] = transcript
@@ -332,9 +355,13 @@ class OmniEndpoints:
             raise APIError("max_audio_tokens must be a positive integer", param=param)
         return min(value, self.settings.max_audio_tokens)
 
-    async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int):
+    async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int,
+                     respond_while_queued: bool = False):
         """Render with vLLM, start the SpeechEngine; returns (request_id, mm token counts, stream,
-        first chunk). Errors before the first chunk are raised here, so they become HTTP errors."""
+        first: a task giving the first chunk). Returns once the first chunk is there, or, with
+        `respond_while_queued`, as soon as the request waits for a speaking slot (so that a stream's
+        first event leaves while it waits). Errors until then are raised here as HTTP errors (a full
+        wait queue: 503 with Retry-After); a client gone meanwhile leaves the queue."""
         if not any(isinstance(m, dict) and m.get("role") == "system" for m in request.messages):
             request.messages.insert(0, {"role": "system", "content": SPEECH_SYSTEM_PROMPT})
         rendered = await self.chat.render_chat_request(request)  # model check (404), template, media
@@ -356,16 +383,26 @@ class OmniEndpoints:
         kwargs = {}
         if request.seed is not None:
             kwargs = dict(talker_sampling=TalkerSampling(seed=request.seed), noise=request.seed)
+        queued = asyncio.get_running_loop().create_future()
+        if respond_while_queued:
+            kwargs["on_queued"] = lambda: queued.done() or queued.set_result(None)
         stream = self.speech.generate(engine_input, params, request_id, audio=True, voice=voice,
                                       max_codes=max_codes, **kwargs)
+        first = asyncio.ensure_future(anext(stream))
         try:
-            first = await anext(stream)
-        except UnknownVoice as e:
-            raise APIError(str(e), param="audio.voice") from None
-        except SpeechUnavailable as e:
-            raise APIError(f"this model cannot produce audio: {e}", param="modalities") from None
-        except SpeechBusy as e:
-            raise APIError(f"too many requests are speaking, retry later ({e})", status=503) from None
+            await asyncio.wait([first, queued], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: out of the queue (or the engine) now
+            first.cancel()
+            raise
+        if first.done():
+            try:
+                first.result()
+            except UnknownVoice as e:
+                raise APIError(str(e), param="audio.voice") from None
+            except SpeechUnavailable as e:
+                raise APIError(f"this model cannot produce audio: {e}", param="modalities") from None
+            except SpeechBusy as e:
+                raise APIError.busy(e) from None
         return request_id, _mm_token_counts(engine_input), stream, first
 
     def _usage(self, final, mm_counts: dict[str, int]) -> UsageInfo:
@@ -382,11 +419,14 @@ class OmniEndpoints:
         )
 
     async def _run(self, stream, first, request_id: str, t0: float):
-        """Every chunk of a started request, with metrics; aborts it if the consumer goes away."""
-        self.metrics.speaking.inc()
-        done, got_audio = False, False
+        """Every chunk of a started request, with metrics; aborts it if the consumer goes away
+        (while it waits for a slot, cancelling `first` takes it out of the queue)."""
+        done, got_audio, speaking = False, False, False
         try:
-            chunk = first
+            chunk = await first
+            self.metrics.queue_time.observe(chunk.queue_seconds)
+            self.metrics.speaking.inc()
+            speaking = True
             while True:
                 if chunk.audio is not None and len(chunk.audio):
                     if not got_audio:
@@ -399,8 +439,9 @@ class OmniEndpoints:
                     return
                 chunk = await anext(stream)
         finally:
-            self.metrics.speaking.dec()
-            if not done:  # client disconnected / cancelled: free the engine and speech slots
+            if speaking:
+                self.metrics.speaking.dec()
+            if speaking and not done:  # client disconnected / cancelled: free the engine and speech slots
                 logger.info("aborting %s (client went away)", request_id)
                 await asyncio.shield(self.speech.abort(request_id))
             await stream.aclose()
@@ -417,6 +458,8 @@ class OmniEndpoints:
             if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"}:
                 raise APIError(f"modalities must be [\"text\"] or [\"text\", \"audio\"], got {modalities!r}",
                                param="modalities")
+            if not request.messages:  # OpenAI (and vLLM's text path) answer 400 too
+                raise APIError("messages must hold at least one message", param="messages")
             self._resolve_audio_ids(request)
             self._check_media(request)
             if "audio" not in modalities:
@@ -434,7 +477,8 @@ class OmniEndpoints:
             if (request.n or 1) != 1 or request.use_beam_search:
                 raise APIError("audio output supports n=1 without beam search", param="n")
             max_codes = self._max_codes(extra.get("max_audio_tokens"), "max_audio_tokens")
-            request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes)
+            request_id, mm_counts, stream, first = await self._start(request, raw_request, voice, max_codes,
+                                                                     respond_while_queued=bool(request.stream))
         except (APIError, L.MediaError, _Rendered) as e:
             return _refusal(e)
         chunks = self._run(stream, first, request_id, t0)
@@ -455,7 +499,7 @@ class OmniEndpoints:
             final = c
         transcript = "".join(text)
         wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
-        audio_id, expires_at = self.audio_ids.put(transcript)
+        audio_id, expires_at = self.audio_ids.issue(transcript)
         data = await asyncio.to_thread(A.encode, wave, fmt)
         message = ChatMessage(role="assistant", content=None, audio=ChatCompletionAudio(
             id=audio_id, data=base64.b64encode(data).decode(), expires_at=expires_at, transcript=transcript))
@@ -467,7 +511,6 @@ class OmniEndpoints:
     async def _chat_stream(self, request, chunks, request_id, model, mm_counts):
         created = int(time.time())
         include_usage, _ = should_include_usage(request.stream_options, self.chat.enable_force_include_usage)
-        audio_id = self.audio_ids.new_id()
 
         def event(delta: DeltaMessage | None, finish_reason=None, usage=None) -> str:
             choices = [] if delta is None else [ChatCompletionResponseStreamChoice(
@@ -478,18 +521,24 @@ class OmniEndpoints:
             return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
         transcript, final = [], None
-        yield event(DeltaMessage(role="assistant", content=None, audio={"id": audio_id, "transcript": ""}))
-        async for c in chunks:
-            part: dict[str, Any] = {}
-            if c.text:
-                transcript.append(c.text)
-                part["transcript"] = c.text
-            if c.audio is not None and len(c.audio):
-                part["data"] = base64.b64encode(A.pcm16(c.audio)).decode()
-            if part:
-                yield event(DeltaMessage(audio={"id": audio_id, **part}))
-            final = c
-        _, expires_at = self.audio_ids.put("".join(transcript), audio_id)
+        # At once, also while the request waits for a speaking slot: the client (and any proxy) sees
+        # the response start; the wait is then ended by the client (or --max-wait-seconds).
+        yield event(DeltaMessage(role="assistant", content=None, audio={"transcript": ""}))
+        try:
+            async for c in chunks:
+                part: dict[str, Any] = {}
+                if c.text:
+                    transcript.append(c.text)
+                    part["transcript"] = c.text
+                if c.audio is not None and len(c.audio):
+                    part["data"] = base64.b64encode(A.pcm16(c.audio)).decode()
+                if part:
+                    yield event(DeltaMessage(audio=part))
+                final = c
+        except SpeechBusy as e:  # refused after the response started (the wait limit): an error event
+            yield APIError.busy(e).sse()
+            return
+        audio_id, expires_at = self.audio_ids.issue("".join(transcript))  # it carries the transcript
         yield event(DeltaMessage(audio={"id": audio_id, "expires_at": expires_at}), finish_reason=final.finish_reason)
         if include_usage:
             yield event(None, usage=self._usage(final, mm_counts))
@@ -578,12 +627,3 @@ def _mm_token_counts(engine_input) -> dict[str, int]:
     return {modality: sum(p.get_num_embeds() for p in ranges)
             for modality, ranges in (engine_input.get("mm_placeholders") or {}).items() if ranges}
 
-
-def _local_checkpoint(model_config) -> Path:
-    """The checkpoint folder (a path, or a Hugging Face id: its snapshot, spk_dict.pt included)."""
-    path = Path(model_config.model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model_config.model, revision=model_config.revision))

@@ -8,7 +8,9 @@ with no weights should still get a running server. So this wrapper
   absent, a tiny RANDOM-weight demo checkpoint built once into `.cache/demo-tiny` (output is noise);
 - adds defaults that a flag given by the user always overrides: `--host 127.0.0.1 --port 8000`,
   on the CPU platform `--kv-cache-memory-bytes` (4 GiB, 256 MiB for the demo) unless
-  VLLM_CPU_KVCACHE_SPACE is set, and for the demo `--max-model-len 2048 --dtype float32 --enforce-eager`;
+  VLLM_CPU_KVCACHE_SPACE is set, and for the demo `--max-model-len 2048 --dtype float32 --enforce-eager`,
+  the model name `qwen2.5-omni-demo` and short replies (32 text tokens, 2 s of speech: random weights
+  never stop on their own);
 - then runs vLLM's OpenAI API server with our routes (`api.server`: chat completions that speak,
   `/v1/audio/speech`) in this process, every other flag passed through. Our own flags
   (`--default-voice`, `--max-audio-tokens`, limits, ...) are listed by `--help`; see api/README.md.
@@ -19,6 +21,7 @@ with no weights should still get a running server. So this wrapper
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,6 +30,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 # The repo's .cache when running from a checkout (editable install), else the user's cache.
 CACHE = _ROOT / ".cache" if (_ROOT / "pyproject.toml").exists() else Path.home() / ".cache" / "omni-vllm"
 DEMO_DIR = CACHE / "demo-tiny"
+DEMO_MODEL_NAME = "qwen2.5-omni-demo"
+DEMO_TEXT_TOKENS = 32  # most thinker tokens per demo reply (a server-wide cap, vLLM's max_new_tokens)
+DEMO_AUDIO_TOKENS = 100  # most speech codes per demo reply: 2 s
 GiB = 2**30
 
 
@@ -66,6 +72,9 @@ def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> li
         defaults.append(("--kv-cache-memory-bytes", str(2**28 if demo else 4 * GiB)))
     if demo:  # its config says float32; vLLM's CPU default would downcast to bfloat16
         defaults += [("--max-model-len", "2048"), ("--dtype", "float32")]
+        # Random weights never stop on their own: short replies, so that the demo answers in seconds.
+        defaults += [("--served-model-name", DEMO_MODEL_NAME), ("--max-audio-tokens", str(DEMO_AUDIO_TOKENS)),
+                     ("--override-generation-config", json.dumps({"max_new_tokens": DEMO_TEXT_TOKENS}))]
     for flag, value in defaults:
         if not _given(args, flag):
             args += [flag, value]

@@ -3,6 +3,8 @@
 This is vLLM's own `run_server` (vllm/entrypoints/launchers/api_server/entry.py), step for step,
 with two lines added: our routes are attached after `build_app` and initialised after
 `init_app_state`. The command line is vLLM's (`make_arg_parser`) plus the flags of `add_omni_args`.
+(`OmniEndpoints` is also a registered `vllm.endpoint_plugins` entry point: `VLLM_PLUGINS=omni_vllm
+vllm serve ...` serves the same routes, with our settings from OMNI_VLLM_* environment variables.)
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ def add_omni_args(parser):
     g.add_argument("--speech-stream-config", type=json.loads, default=None,
                    help="Streaming Token2Wav windows, JSON of omni_vllm.streaming.StreamConfig fields, e.g. "
                         "'{\"first_chunk\": 12}'; unset: its defaults (first audio after 48 codes).")
+    g.add_argument("--max-waiting", type=int, default=D.max_waiting,
+                   help="Most audio requests waiting for a speaking slot (they wait, in arrival order, as long as "
+                        "their client stays connected); more get a 503 with Retry-After.")
+    g.add_argument("--max-wait-seconds", type=float, default=D.max_wait_seconds,
+                   help="Server-side limit on the wait for a speaking slot (a 503 with Retry-After, or an error "
+                        "event in a stream); unset: no limit, the client's timeout decides.")
+    g.add_argument("--audio-id-key", default=D.audio_id_key,
+                   help="Secret that signs assistant `audio.id`s; give every replica the same one so that any "
+                        "accepts the others' ids (prefer the environment variable OMNI_VLLM_AUDIO_ID_KEY: "
+                        "a flag shows in the process list). Unset: a random key per process.")
+    g.add_argument("--allow-private-media-urls", action="store_true",
+                   help="Fetch media URLs that resolve to loopback, private or link-local addresses too (by "
+                        "default they are a 400 and no connection is made; OMNI_VLLM_ALLOWED_MEDIA_NETWORKS "
+                        "opens chosen networks only).")
     g.add_argument("--speech-dtype", choices=SPEECH_DTYPES, default=D.speech_dtype,
                    help="dtype of the talker and Token2Wav. auto: the talker in the thinker's dtype, Token2Wav in "
                         "float32 (the reference); bfloat16: both in bf16.")
@@ -85,6 +101,10 @@ def parse_args(argv: list[str], device_total: int | None = None) -> Namespace:
     os.environ.setdefault("VLLM_MAX_AUDIO_CLIP_FILESIZE_MB", str(max(1, int(args.max_media_mb))))
     os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))
     os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(args.max_image_pixels))
+    if args.allow_private_media_urls:
+        from api.media_fetch import ENV_ALLOW_PRIVATE
+
+        os.environ[ENV_ALLOW_PRIVATE] = "1"
     return args
 
 
@@ -185,13 +205,19 @@ async def run_server(args: Namespace, **uvicorn_kwargs) -> None:
     listen_address, sock = setup_server(args, reuse_port=False)
     if (log_config := get_uvicorn_log_config(args)) is not None:
         uvicorn_kwargs["log_config"] = log_config
-    omni = OmniEndpoints()
     async with build_async_engine_client(args) as engine_client:
         supported_tasks = await engine_client.get_supported_tasks()
         app = build_app(args, supported_tasks, engine_client.model_config)
-        omni.attach_router(app)
+        # With VLLM_PLUGINS naming us, vLLM has attached and will initialise our endpoint plugin itself.
+        omni = next((p for p in getattr(app.state, "endpoint_plugins", []) if isinstance(p, OmniEndpoints)), None)
+        ours = omni is None
+        if ours:
+            omni = OmniEndpoints()
+            omni.attach_router(app)
         await init_app_state(engine_client, app.state, args, supported_tasks)
-        await omni.init_state(engine_client, app.state, args)
+        if ours:
+            await omni.init_state(engine_client, app.state, args)
+        _ready_banner(args, app.state.openai_serving_models.base_model_paths[0].name)
         shutdown_task = await serve_http(
             app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
             log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
@@ -204,6 +230,25 @@ async def run_server(args: Namespace, **uvicorn_kwargs) -> None:
         await shutdown_task
     finally:
         sock.close()
+
+
+def _ready_banner(args: Namespace, model: str) -> None:
+    """Where the server listens and a request to copy and paste (the socket is bound already)."""
+    from vllm.logger import init_logger
+
+    host = "127.0.0.1" if args.host in (None, "", "0.0.0.0", "::") else args.host
+    url = f"http{'s' if args.ssl_certfile else ''}://{host}:{args.port}/v1"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Say hello."}],
+                       "modalities": ["text", "audio"], "audio": {"voice": "Chelsie", "format": "wav"}})
+    auth = " -H 'Authorization: Bearer $OPENAI_API_KEY'" if args.api_key else ""
+    init_logger("omni_vllm.api").info(
+        "omni-vllm is ready at %s (model %r). Try it:\n"
+        "  curl %s/chat/completions -H 'Content-Type: application/json'%s -d '%s'\n"
+        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='%s', api_key='-'); "
+        "r = c.chat.completions.create(model='%s', messages=[{'role': 'user', 'content': 'Say hello.'}], "
+        "modalities=['text', 'audio'], audio={'voice': 'Chelsie', 'format': 'wav'}); "
+        "print(r.choices[0].message.audio.transcript)\"",
+        url, model, url, auth, body, url, model)
 
 
 def main(argv: list[str]) -> None:

@@ -15,15 +15,39 @@ import torch
 THINKER_EMBEDDING = "thinker.model.embed_tokens.weight"
 
 
-def local_checkpoint(model: str | Path) -> Path:
-    """The directory of `model`: a path, or a Hugging Face id (fetched into the local cache,
-    where vLLM will have put it already)."""
+# What the speech path reads from a checkpoint; vLLM fetches the weights (into the same place).
+SPEECH_FILES = ("config.json", "spk_dict.pt", "*.safetensors", "model.safetensors.index.json")
+
+
+def local_checkpoint(
+    model: str | Path, *, revision: str | None = None, download_dir: str | None = None
+) -> Path:
+    """The directory of `model`: a path, or a Hugging Face id at `revision`.
+
+    For an id, the files the speech path reads are taken from the same snapshot vLLM loads the
+    thinker from (`--revision`, and `--download-dir` or else the Hugging Face cache, `HF_HOME`),
+    so nothing is downloaded twice: vLLM has fetched the weights already, only `spk_dict.pt` and
+    `config.json` may be new there. `HF_HUB_OFFLINE=1` reads the cache only.
+    """
     path = Path(model)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(model)))
+    return Path(
+        snapshot_download(
+            str(model), revision=revision, cache_dir=download_dir, allow_patterns=list(SPEECH_FILES)
+        )
+    )
+
+
+def engine_checkpoint(vllm_config) -> Path:
+    """The checkpoint directory an engine serves (its model, `--revision` and `--download-dir`)."""
+    return local_checkpoint(
+        vllm_config.model_config.model,
+        revision=vllm_config.model_config.revision,
+        download_dir=vllm_config.load_config.download_dir,
+    )
 
 
 def tensor_files(model_dir: str | Path) -> dict[str, Path]:

@@ -71,6 +71,41 @@ def wants_hidden_states(params: Any) -> bool:
     return bool(extra) and bool(extra.get(OPT_IN_KEY))
 
 
+def check_speech_config(vllm_config: Any) -> None:
+    """Raise ValueError, naming what to change, if this engine's thinker cannot send hidden states.
+
+    Called where speech is served (SpeechEngine, OmniLLM), at start-up: rows flow only from our
+    thinker class on vLLM's V1 model runner (pinned by patches/model_runner_v1.py), without
+    pipeline parallelism or speculative decoding.
+    """
+    from patches.model_runner_v1 import serves_omni_thinker, v2_required_by
+
+    problems = []
+    if not serves_omni_thinker(vllm_config):
+        arch = getattr(vllm_config.model_config, "architecture", None)
+        problems.append(
+            f"the model runs as {arch}, not omni-vllm's thinker class (a Qwen2.5-Omni checkpoint "
+            "with the plugin installed; leave --model-impl and --hf-overrides' architectures alone)"
+        )
+    elif vllm_config.use_v2_model_runner:
+        problems.append(
+            "the engine uses vLLM's Model Runner V2, required here by "
+            f"{', '.join(v2_required_by(vllm_config)) or 'this configuration'}; remove it (unset "
+            "VLLM_USE_V2_MODEL_RUNNER): omni-vllm pins the V1 runner, whose hooks send the rows"
+        )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        problems.append(
+            "--pipeline-parallel-size > 1 is not supported; use --tensor-parallel-size instead"
+        )
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding is not supported; drop --speculative-config")
+    if problems:
+        raise ValueError(
+            "this engine cannot send the thinker's hidden states that speech needs: "
+            + "; ".join(problems)
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Worker side: one RunnerCapture per model runner
 # --------------------------------------------------------------------------------------------
@@ -137,7 +172,7 @@ class RunnerCapture:
         self.requests: dict[str, _Req] = {}
         self.step: _Step | None = None
         # Every TP rank computes the same rows; only the rank whose output reaches the scheduler
-        # (TP rank 0 of the last PP stage) needs them.
+        # (TP rank 0 of the last PP stage) keeps them (see before_forward for what all ranks do).
         self.is_output_rank = get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
         self.pp_size = get_pp_group().world_size
         self.speculative = runner.speculative_config is not None
@@ -178,7 +213,12 @@ class RunnerCapture:
         self, runner: Any, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
     ) -> None:
         self.step = None
-        if not self.requests or not self.is_output_rank:
+        # Token ids without embeddings (text-only serving: --language-model-only, or every media
+        # limit 0) are embedded below by the model's vocab-parallel embedding, a collective over
+        # the TP group: every TP rank makes the same selection (same scheduler output, same batch)
+        # and calls it, and only the output rank keeps the rows. With embeddings, no collective:
+        # the other ranks have nothing to do.
+        if not self.requests or (not self.is_output_rank and inputs_embeds is not None):
             return
         batch = runner.input_batch
         num_reqs = batch.num_reqs
@@ -190,7 +230,7 @@ class RunnerCapture:
             state = self.requests.get(rid)
             if state is None:
                 continue
-            if state.next_pos == 0:
+            if state.next_pos == 0 and self.is_output_rank:
                 cached = runner.requests[rid]
                 if cached.mrope_positions is not None:
                     state.positions = cached.mrope_positions[:, : len(cached.prompt_token_ids)]
@@ -212,7 +252,8 @@ class RunnerCapture:
             embeds = inputs_embeds.index_select(0, index)
         else:  # text-only serving of the thinker (no multimodal inputs): embed the ids ourselves
             embeds = runner.model.embed_input_ids(input_ids.index_select(0, index))
-        self.step = _Step(req_ids, counts, flush, index, embeds)
+        if self.is_output_rank:
+            self.step = _Step(req_ids, counts, flush, index, embeds)
 
     def after_forward(self, hidden_states: Any) -> None:
         step = self.step

@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from omni_vllm.checkpoint import local_checkpoint
+from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.errors import SpeechUnavailable, UnknownVoice
-from omni_vllm.hidden_states import HiddenStatesCollector, request_hidden_states, set_hidden_states_sink
+from omni_vllm.hidden_states import (
+    HiddenStatesCollector,
+    check_speech_config,
+    request_hidden_states,
+    set_hidden_states_sink,
+)
 from omni_vllm.memory import speech_dtypes
 from omni_vllm.speech import load_speech_modules
 from omni_vllm.talker import Talker, TalkerSampling
@@ -49,7 +54,12 @@ class OmniLLM:
         from vllm import LLM
 
         self.llm = LLM(model, **{**ENGINE_DEFAULTS, **engine_kwargs})
-        self.model_dir = local_checkpoint(model)
+        vllm_config = self.llm.llm_engine.vllm_config
+        try:  # refused here, before any request runs, if the thinker cannot send its hidden states
+            check_speech_config(vllm_config)
+        except ValueError as e:
+            raise SpeechUnavailable(str(e)) from None
+        self.model_dir = engine_checkpoint(vllm_config)  # the engine's revision and download dir
         self.default_voice = voice
         self.speech_device = speech_device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.speech_dtypes = speech_dtypes(speech_dtype, self.llm.llm_engine.model_config.dtype)

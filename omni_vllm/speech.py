@@ -29,11 +29,15 @@ another call could finish (slack = audio decoded - time since its first audio, b
 speaking stream has one, or the talker is idle. Chunks to the consumer merge whatever is ready when
 it asks, so a slow consumer gets fewer, larger chunks.
 
-Limits and back-pressure: at most `max_speaking` requests speak at once (the talker has that many
+Limits and waiting: at most `max_speaking` requests speak at once (the talker has that many
 KV-cache slots) and, while `max_queued_windows` or more decodable windows wait for Token2Wav, the
-talker pauses and no new speaker is admitted. A new audio request then waits (FIFO, at most
-`queue_timeout` seconds, at most `max_waiting` waiters) and is otherwise refused with SpeechBusy.
-Text requests are never held back.
+talker pauses and no new speaker is admitted. A new audio request then waits for a slot, in arrival
+order (FIFO: nobody overtakes a waiter), for as long as its caller waits, as vLLM's scheduler keeps
+text requests waiting: a caller that goes away (closes the generator, cancels its task, `abort`)
+leaves the queue at once, before its thinker request was ever started. Only two things refuse a
+request for load, with SpeechBusy (its `code` says which, its `retry_after` when to come back):
+`max_waiting` requests waiting already (the bound on what waiters hold), and the optional
+server-side wait limit `queue_timeout`. Text requests are never held back.
 
 Cancellation: closing the generator, cancelling its task, or `abort(request_id)` frees the
 request's talker slot, stream state and queued windows (worker command) and aborts its thinker
@@ -52,7 +56,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +65,14 @@ import numpy as np
 import torch
 from transformers import Qwen2_5OmniConfig
 
-from omni_vllm.checkpoint import local_checkpoint
+from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.errors import SpeechBusy, SpeechLoadError, SpeechUnavailable, UnknownVoice
-from omni_vllm.hidden_states import HiddenStatesChunk, request_hidden_states, set_hidden_states_sink
+from omni_vllm.hidden_states import (
+    HiddenStatesChunk,
+    check_speech_config,
+    request_hidden_states,
+    set_hidden_states_sink,
+)
 from omni_vllm.memory import speech_dtypes
 from omni_vllm.streaming import StreamConfig, StreamingToken2Wav, StreamState, decode_windows
 from omni_vllm.talker import Talker, TalkerSampling
@@ -98,6 +107,8 @@ class SpeechChunk:
     audio_tokens: int = 0  # talker codec codes (50 per second of speech)
     # The talker codes whose audio is in this chunk or earlier (codes travel with audio).
     audio_codes: list[int] = field(default_factory=list)
+    # Seconds the request waited for its speaking slot (audio requests; the same on every chunk).
+    queue_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +413,7 @@ class _Job:
         self.t_first_audio: float | None = None
         self.waiter: asyncio.Future | None = None  # while waiting for admission
         self.admitted = False  # holds a speaking slot
+        self.t_admitted: float | None = None
         self.pending_rows: list[torch.Tensor] = []  # rows before the prompt ids are known
         self.positions: torch.Tensor | None = None
         self.rows_seen = 0
@@ -486,7 +498,7 @@ class SpeechEngine:
         max_queued_windows: int = 256,
         stream_config: StreamConfig | None = None,
         default_voice: str = "Chelsie",
-        queue_timeout: float = 30.0,
+        queue_timeout: float | None = None,
         max_waiting: int = 1024,
         max_codes: int = 4096,
         talker_max_len: int | None = None,
@@ -500,18 +512,20 @@ class SpeechEngine:
         """`engine`: a vLLM AsyncLLM serving the checkpoint's thinker; `model_dir`: the
         checkpoint directory, from which the talker, Token2Wav and voices are loaded.
 
-        Extra settings: `queue_timeout` (s) an audio request may wait for admission (0: refuse at
-        once), `max_waiting` waiters at most; `max_codes` per request (the talker also stops on its
-        own stop codes); `talker_max_len` prompt + codes per request (None: the engine's max_model_len
-        + max_codes, at most the talker config's max_position_embeddings);
-        `window_delay` (s) a ready Token2Wav window may wait to share a batch; `log_interval` (s) of
-        progress logs. `speech_dtype` (omni_vllm.memory.speech_dtypes; `auto`: the talker in the
-        engine's dtype); `kv_cache_tokens` the talker's KV positions over all requests.
+        Extra settings: `queue_timeout` (s) an audio request may wait for admission (None: as long
+        as its caller waits; 0: refuse at once), `max_waiting` waiters at most; `max_codes` per
+        request (the talker also stops on its own stop codes); `talker_max_len` prompt + codes per
+        request (None: the engine's max_model_len + max_codes, at most the talker config's
+        max_position_embeddings); `window_delay` (s) a ready Token2Wav window may wait to share a
+        batch; `log_interval` (s) of progress logs. `speech_dtype` (omni_vllm.memory.speech_dtypes;
+        `auto`: the talker in the engine's dtype); `kv_cache_tokens` the talker's KV positions over
+        all requests.
 
         A speech path that fails to load raises SpeechLoadError naming the flag to change, or with
         `allow_text_only` leaves a text-only engine (logged); so does `text_only_reason` (the
         server's memory plan found no room) without loading anything. A checkpoint without speech
-        modules is always served text-only."""
+        modules, or an engine configuration in which the thinker cannot send its hidden states, is
+        served text-only."""
         if max_speaking < 1 or max_queued_windows < 1:
             raise ValueError("max_speaking and max_queued_windows must be >= 1")
         self.engine = engine
@@ -535,6 +549,11 @@ class SpeechEngine:
         try:
             if text_only_reason is not None:
                 raise SpeechUnavailable(text_only_reason)
+            if (vllm_config := getattr(engine, "vllm_config", None)) is not None:
+                try:
+                    check_speech_config(vllm_config)
+                except ValueError as e:
+                    raise SpeechUnavailable(str(e)) from None
             self.talker, self.token2wav = load_speech_modules(
                 self.model_dir, device=self.device, dtypes=speech_dtypes(speech_dtype, thinker_dtype),
                 max_slots=max_speaking, max_len=talker_max_len, kv_cache_tokens=kv_cache_tokens, max_codes=max_codes)
@@ -580,7 +599,8 @@ class SpeechEngine:
 
         self._jobs: dict[str, _Job] = {}
         self._speaking = 0  # admitted audio requests not yet released (slots reserved)
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()  # FIFO; result: admission time
+        self._hold_seconds: collections.deque[float] = collections.deque(maxlen=64)  # slot held, recent requests
         self._snapshot: dict = self._worker_snapshot
         self._counters = dict(audio_requests=0, text_requests=0, refused=0, aborted=0, failed=0,
                               audio_samples_total=0)
@@ -601,7 +621,7 @@ class SpeechEngine:
 
         engine = AsyncLLM.from_engine_args(engine_args)
         try:
-            self = cls(engine, local_checkpoint(engine_args.model), **kwargs)
+            self = cls(engine, engine_checkpoint(engine.vllm_config), **kwargs)
         except BaseException:
             engine.shutdown()
             raise
@@ -621,6 +641,7 @@ class SpeechEngine:
         talker_sampling: TalkerSampling = TalkerSampling(),
         noise=None,
         max_codes: int | None = None,
+        on_queued: Callable[[], Any] | None = None,
     ) -> AsyncIterator[SpeechChunk]:
         """Stream one request's text (deltas) and, with `audio=True`, its speech.
 
@@ -628,9 +649,11 @@ class SpeechEngine:
         always deltas, whatever the params' output_kind). `noise` is Token2Wav's initial noise for
         the request (int seed, CPU torch.Generator, tensor, or None). `max_codes` caps this
         request's speech (codes, 50 per second). The last chunk has `finished=True` and the counts;
-        it comes after both text and audio are done.
+        it comes after both text and audio are done. `on_queued` is called (on the loop) if the
+        request has to wait for a speaking slot: it is then in the queue, and only the optional
+        wait limit can still refuse it (a server sends its response's first bytes then).
 
-        Raises SpeechUnavailable (checkpoint cannot speak), UnknownVoice, SpeechBusy (limits),
+        Raises SpeechUnavailable (checkpoint cannot speak), UnknownVoice, SpeechBusy (load),
         ValueError (n > 1, duplicate request id)."""
         from vllm.sampling_params import RequestOutputKind
 
@@ -658,15 +681,17 @@ class SpeechEngine:
         self._jobs[request_id] = job
         try:
             try:
-                await self._admit(job)
+                await self._admit(job, on_queued)
             except _Aborted:
-                yield SpeechChunk("", [], None, finished=True, finish_reason="abort")
+                yield SpeechChunk("", [], None, finished=True, finish_reason="abort",
+                                  queue_seconds=time.monotonic() - job.t_arrival)
                 return
             self._counters["audio_requests"] += 1
             job.producer = asyncio.get_running_loop().create_task(
                 self._produce(job, prompt, request_hidden_states(params)), name=f"omni-speech-{request_id}"
             )
             async for chunk in self._consume(job):
+                chunk.queue_seconds = job.t_admitted - job.t_arrival
                 yield chunk
         finally:
             await self._release(job)
@@ -678,7 +703,8 @@ class SpeechEngine:
             await self.engine.abort(request_id)  # a text request (its stream ends with "abort")
             return
         self._counters["aborted"] += 1
-        if job.waiter is not None and not job.waiter.done():
+        if job.waiter is not None and not job.waiter.done():  # still waiting: leaves the queue now
+            self._waiters.remove(job.waiter)
             job.waiter.set_exception(_Aborted())
             return
         await self._release(job)
@@ -717,7 +743,7 @@ class SpeechEngine:
         self._closed = True
         for job in list(self._jobs.values()):
             if job.waiter is not None and not job.waiter.done():
-                job.waiter.set_exception(SpeechBusy("speech engine shut down"))
+                job.waiter.set_exception(SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN))
                 continue
             await self._release(job)
             job.queue.put_nowait(("error", RuntimeError("speech engine shut down")))
@@ -754,20 +780,23 @@ class SpeechEngine:
     def _can_admit(self) -> bool:
         return self._speaking < self.max_speaking and self._snapshot["queued_windows"] < self.max_queued_windows
 
-    async def _admit(self, job: _Job) -> None:
-        """Reserve a speaking slot: at once, after waiting in FIFO order, or SpeechBusy."""
+    async def _admit(self, job: _Job, on_queued: Callable[[], Any] | None = None) -> None:
+        """Reserve a speaking slot: at once when one is free and nobody waits, else after waiting in
+        FIFO order for as long as the caller waits (or `queue_timeout`). SpeechBusy at once when
+        `max_waiting` requests wait already. Cancelling the caller leaves the queue."""
         if not self._waiters and self._can_admit():
             self._speaking += 1
-            job.admitted = True
+            job.admitted, job.t_admitted = True, time.monotonic()
             return
-        if self.queue_timeout <= 0 or len(self._waiters) >= self.max_waiting:
-            self._counters["refused"] += 1
-            raise SpeechBusy(f"speech engine busy ({self._speaking} speaking, "
-                             f"{self._snapshot['queued_windows']} queued windows, {len(self._waiters)} waiting)")
+        if len(self._waiters) >= self.max_waiting or (self.queue_timeout is not None and self.queue_timeout <= 0):
+            raise self._refuse(SpeechBusy.QUEUE_FULL, f"speech engine busy: {self._speaking} speaking, "
+                               f"{len(self._waiters)} waiting (at most {self.max_waiting})")
         job.waiter = fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        if on_queued is not None:
+            on_queued()
         try:
-            await asyncio.wait_for(fut, self.queue_timeout)  # the waker reserves our slot
+            job.t_admitted = await asyncio.wait_for(fut, self.queue_timeout)  # the waker reserves our slot
             job.admitted = True
         except BaseException as e:
             if fut in self._waiters:
@@ -776,18 +805,35 @@ class SpeechEngine:
                 self._speaking -= 1  # a slot was reserved for us, but we are leaving
                 self._wake()
             if isinstance(e, TimeoutError):
-                self._counters["refused"] += 1
-                raise SpeechBusy(f"speech engine busy: no speaking slot within {self.queue_timeout} s") from None
+                raise self._refuse(SpeechBusy.WAIT_TIMEOUT,
+                                   f"speech engine busy: no speaking slot within {self.queue_timeout:g} s") from None
             raise
         finally:
             job.waiter = None
 
     def _wake(self) -> None:
+        """Hand free slots to the waiters, oldest first."""
         while self._waiters and self._can_admit():
             fut = self._waiters.popleft()
             if not fut.done():
                 self._speaking += 1
-                fut.set_result(None)
+                fut.set_result(time.monotonic())
+
+    def _refuse(self, code: str, message: str) -> SpeechBusy:
+        self._counters["refused"] += 1
+        return SpeechBusy(message, code=code, retry_after=self.retry_after())
+
+    def retry_after(self) -> float:
+        """Seconds until a request refused now would likely be taken (at least 1): until the
+        requests waiting now have got a slot, `max_speaking` at a time, each holding it for the
+        mean time recent requests held theirs (before any finished: the oldest speaker's age)."""
+        if self._hold_seconds:
+            hold = sum(self._hold_seconds) / len(self._hold_seconds)
+        else:
+            now = time.monotonic()
+            hold = max((now - j.t_admitted for j in self._jobs.values() if j.admitted and not j.released),
+                       default=1.0)
+        return max(1.0, (len(self._waiters) + 1) * hold / self.max_speaking)
 
     # ---------------------------------------------------------------------------- one request
 
@@ -890,6 +936,8 @@ class SpeechEngine:
                 reason, prompt, completion = text_end if text_end is not None else ("abort", 0, 0)
                 chunk.finished, chunk.finish_reason = True, "abort" if aborted else reason
                 chunk.prompt_tokens, chunk.completion_tokens, chunk.audio_tokens = prompt, completion, codes_total
+                if not aborted:  # a full service time, for retry_after()
+                    self._hold_seconds.append(time.monotonic() - job.t_admitted)
                 self._release_now(job)  # before the last yield: a consumer may stop iterating there
                 yield chunk
                 return

@@ -33,13 +33,22 @@ def tail(log: Path, n: int = 80) -> str:
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: Path, log: Path, *flags: str, name: str = "tiny-omni"):
-    """A real server on `checkpoint` (its own engine processes); yields its base URL and log."""
+def running_server(checkpoint: Path | None, log: Path, *flags: str, name: str = "tiny-omni", env: dict | None = None,
+                   module: str = "api.serve"):
+    """A real server on `checkpoint` (its own engine processes); yields its base URL and log.
+    `module`: our `api.serve`, or vLLM's own `vllm.entrypoints.openai.api_server`; `env`: added variables;
+    no `checkpoint`: our demo (its tiny checkpoint built once into .cache, its own model name)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "api.serve", str(checkpoint), "--port", str(port), *SERVER_FLAGS,
-           "--served-model-name", name, *flags]
+    model = [str(checkpoint)] if module == "api.serve" else ["--model", str(checkpoint)]
+    if checkpoint is None:  # our demo: its own checkpoint and model name
+        model, named = [], []
+    else:
+        named = ["--served-model-name", name]
+    cmd = [sys.executable, "-m", module, *model, "--port", str(port), *SERVER_FLAGS, *named, *flags]
+    if module != "api.serve":
+        cmd += ["--host", "127.0.0.1"]
     # Serve the way users do: conftest makes test engines in-process, a server keeps its own processes.
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env = {**{k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}, **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -167,17 +167,17 @@ def test_speech_system_prompt(client, server):
 
 
 def test_chat_audio_stream(client, server):
-    """pcm16 deltas with id, transcript pieces, expires_at at the end, usage chunk; the first audio
-    arrives before the text is finished."""
+    """pcm16 deltas with transcript pieces, the id (which carries the transcript) and expires_at at the
+    end, usage chunk; the first audio arrives before the text is finished."""
     stream = client.chat.completions.create(
         model=server["model"], messages=USER, max_tokens=300, modalities=["text", "audio"],
         audio={"voice": "Chelsie", "format": "pcm16"}, stream=True, stream_options={"include_usage": True},
         seed=11, extra_body={"max_audio_tokens": 48, "ignore_eos": True})
     chunks = list(stream)
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    assert deltas[0].role == "assistant" and deltas[0].content is None and deltas[0].audio.id.startswith("audio_")
-    ids = {d.audio.id for d in deltas if d.audio and d.audio.id}
-    assert len(ids) == 1
+    assert deltas[0].role == "assistant" and deltas[0].content is None
+    ids = [d.audio.id for d in deltas if d.audio and d.audio.id]
+    assert len(ids) == 1 and ids[0].startswith("audio_") and deltas[-1].audio.id == ids[0]
     pcm = b"".join(base64.b64decode(d.audio.data) for d in deltas if d.audio and d.audio.data)
     transcript = "".join(d.audio.transcript or "" for d in deltas if d.audio)
     assert chunks[-1].usage is not None and not chunks[-1].choices
@@ -310,6 +310,27 @@ def test_chat_errors(client, server, case):
     with pytest.raises(openai.APIStatusError) as ei:
         client.chat.completions.create(**args)
     api_error(ei, status, param, words)
+
+
+def test_media_urls_stay_outside(client, server, tmp_path):
+    """A media URL on the server's own host is a 400 and is never connected to, on our audio route and on
+    vLLM's text route; so is a file:// URL (vLLM answers those with a 500)."""
+    import openai
+    from test_media_fetch import listening
+
+    (tmp_path / "a.wav").write_bytes(base64.b64decode(wav_b64(np.zeros(1600, np.float32))))
+    with listening() as local:
+        for url, words in ((local.url(), "public addresses only"), (local.url(name="localhost"), "public"),
+                           (f"{server['root']}/metrics", "public"), (f"file://{tmp_path}/a.wav", "file://")):
+            msgs = [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}}]}]
+            for audio in (True, False):
+                with pytest.raises(openai.BadRequestError) as ei:
+                    if audio:
+                        speak(client, server, "wav", messages=msgs)
+                    else:
+                        client.chat.completions.create(model=server["model"], messages=msgs, max_tokens=1)
+                assert words in ei.value.response.json()["error"]["message"], ei.value.body
+        assert local.connections == 0
 
 
 def test_disconnect_aborts(client, server):

