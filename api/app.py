@@ -63,7 +63,15 @@ from api import audio as A
 from api.audio_ids import ENV_KEY, AudioIdError, AudioIds
 from api import limits as L
 from omni_vllm.checkpoint import engine_checkpoint
-from omni_vllm.speech import SpeechBusy, SpeechEngine, SpeechUnavailable, TalkerSampling, UnknownVoice
+from omni_vllm.memory import DEFAULT_MAX_SPEAKING
+from omni_vllm.speech import (
+    SpeechBusy,
+    SpeechEngine,
+    SpeechLoadError,
+    SpeechUnavailable,
+    TalkerSampling,
+    UnknownVoice,
+)
 from omni_vllm.streaming import StreamConfig
 
 logger = init_logger("omni_vllm.api")
@@ -92,12 +100,16 @@ class Settings:
     max_image_pixels: int = 36_000_000  # an 8K UHD frame is 33.2 M
     max_request_mb: float = 100.0
     speech_device: str | None = None
-    max_speaking: int = 32
+    max_speaking: int | None = None  # None: what the speech memory budget holds (api.server.plan_speech)
     speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
     max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
     max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
     audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
     max_audio_tokens_per_text_token: float = 40.0  # the runaway guard (0: off)
+    speech_dtype: str = "auto"  # omni_vllm.memory.speech_dtypes
+    speech_gpu_memory_gb: float | None = None
+    allow_text_only: bool = False
+    talker_max_len: int | None = None  # None: the talker config's, at most max_model_len + max_audio_tokens
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -292,16 +304,24 @@ class OmniEndpoints:
         self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
         voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
+        s, model_config = self.settings, engine_client.model_config
+        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_audio_tokens,
+                      model_config.max_model_len + s.max_audio_tokens)  # longer is never reached
+        max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
-                engine_client, engine_checkpoint(engine_client.vllm_config), device=self.settings.speech_device,
-                max_speaking=self.settings.max_speaking, default_voice=voice,
-                max_codes=self.settings.max_audio_tokens, max_waiting=self.settings.max_waiting,
-                queue_timeout=self.settings.max_wait_seconds,
-                max_codes_per_text_token=self.settings.max_audio_tokens_per_text_token or None,
-                stream_config=StreamConfig(**self.settings.speech_stream_config or {}))
+                engine_client, engine_checkpoint(engine_client.vllm_config), device=s.speech_device,
+                max_speaking=max_speaking, default_voice=voice, max_codes=s.max_audio_tokens,
+                max_waiting=s.max_waiting, queue_timeout=s.max_wait_seconds,
+                max_codes_per_text_token=s.max_audio_tokens_per_text_token or None,
+                stream_config=StreamConfig(**s.speech_stream_config or {}), speech_dtype=s.speech_dtype,
+                talker_max_len=max_len, kv_cache_tokens=max_speaking * max_len,
+                allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
+        except SpeechLoadError as e:  # a start-up error that says what to change, not a traceback
+            logger.error("the speech path did not load: %s", e)
+            raise SystemExit(f"omni-vllm: the speech path did not load: {e}") from None
         self.settings.default_voice = voice
         if self.speech.has_speech:
             self.metrics.attach(self.speech)
@@ -374,10 +394,15 @@ class OmniEndpoints:
         if isinstance(rendered, ErrorResponse):
             raise _Rendered(rendered)
         _, (engine_input,) = rendered
+        prompt_len = self.chat._extract_prompt_len(engine_input)
+        if prompt_len + 2 > (limit := self.speech.talker_max_len):  # before the thinker runs
+            raise APIError(f"the prompt has {prompt_len} tokens; speech can follow prompts of at most {limit - 2} "
+                           f"tokens (the talker's --talker-max-len {limit}); ask for modalities [\"text\"] or "
+                           "shorten the conversation", param="messages", err_type="BadRequestError")
         max_tokens = get_max_tokens(
             self.chat.model_config.max_model_len,
             request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
-            self.chat._extract_prompt_len(engine_input), self.chat.default_sampling_params,
+            prompt_len, self.chat.default_sampling_params,
             self.chat.override_max_tokens, truncate_prompt_tokens=request.truncate_prompt_tokens)
         params = request.to_sampling_params(max_tokens, self.chat.default_sampling_params)
         request_id = f"chatcmpl-{self.chat._base_request_id(raw_request, request.request_id)}"

@@ -15,6 +15,9 @@ still get a running server. So this wrapper
 - then runs vLLM's OpenAI API server with our routes (`api.server`: chat completions that speak,
   `/v1/audio/speech`) in this process, every other flag passed through. Our own flags
   (`--default-voice`, `--max-audio-tokens`, limits, ...) are listed by `--help`; see api/README.md.
+  Before vLLM's engine starts, `api.server.plan_speech` sizes the speech path from the checkpoint
+  config, prints it, chooses `--max-speaking`, and on a GPU that vLLM also uses lowers vLLM's default
+  `--gpu-memory-utilization` by the speech share.
 """
 
 from __future__ import annotations

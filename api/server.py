@@ -14,7 +14,14 @@ import os
 import signal
 from argparse import Namespace
 
+import torch
+from vllm.logger import init_logger
+
 from api.app import OmniEndpoints, Settings, check_scale_out
+from omni_vllm.memory import SPEECH_DTYPES, SpeechMemoryError, SpeechPlan, plan_speech_memory, speech_dtypes
+from omni_vllm.streaming import StreamConfig
+
+logger = init_logger("omni_vllm.api")
 
 D = Settings()
 
@@ -41,7 +48,8 @@ def add_omni_args(parser):
     g.add_argument("--speech-device", default=D.speech_device,
                    help="Device of the talker and Token2Wav; unset: cuda if available, else cpu.")
     g.add_argument("--max-speaking", type=int, default=D.max_speaking,
-                   help="Most requests producing audio at once; more wait for a slot.")
+                   help="Most requests producing audio at once; more wait for a slot. Unset: as many as the "
+                        "speech memory budget holds (printed at start-up; 32 on CPU).")
     g.add_argument("--speech-stream-config", type=json.loads, default=None,
                    help="Streaming Token2Wav windows, JSON of omni_vllm.streaming.StreamConfig fields, e.g. "
                         "'{\"first_chunk\": 12}'; unset: its defaults (first audio after 48 codes).")
@@ -63,10 +71,26 @@ def add_omni_args(parser):
                    help="Runaway guard: once the text is complete, its speech may have at most this many codes "
                         "per text token (at least 100, 2 s); a talker that never stops is cut there, with "
                         "finish_reason \"length\". Speech is 50 codes/s, replies ~3-4 tokens/s. 0: off.")
+    g.add_argument("--speech-dtype", choices=SPEECH_DTYPES, default=D.speech_dtype,
+                   help="dtype of the talker and Token2Wav. auto: the talker in the thinker's dtype, Token2Wav in "
+                        "float32 (the reference); bfloat16: both in bf16.")
+    g.add_argument("--speech-gpu-memory-gb", type=float, default=D.speech_gpu_memory_gb,
+                   help="GiB the speech path (talker weights and KV, Token2Wav) may use on its device; on the device "
+                        "vLLM uses, taken out of vLLM's share (a lower default --gpu-memory-utilization). Unset: "
+                        "what --max-speaking needs, or on a shared GPU at most 25%% of it, on a GPU of its own 90%%.")
+    g.add_argument("--allow-text-only", action="store_true", default=D.allow_text_only,
+                   help="If the speech path cannot load (out of memory, bad tensors), serve text only (logged) "
+                        "instead of stopping at start-up.")
+    g.add_argument("--talker-max-len", type=int, default=D.talker_max_len,
+                   help="Most talker positions per request (prompt tokens + speech codes); a longer prompt asking "
+                        "for audio is refused with a 400. Unset: the talker config's max_position_embeddings, at "
+                        "most --max-model-len + --max-audio-tokens.")
     return parser
 
 
-def parse_args(argv: list[str]) -> Namespace:
+def parse_args(argv: list[str], device_total: int | None = None) -> Namespace:
+    """vLLM's serve arguments plus ours, with the speech memory settled (`plan_speech`;
+    `device_total` simulates the speech GPU's size in tests)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -80,6 +104,7 @@ def parse_args(argv: list[str]) -> Namespace:
         check_scale_out(args)
     except ValueError as e:
         parser.error(str(e))
+    plan_speech(args, argv, device_total)
     # URL-fetched media gets the same limits, through vLLM's own settings (unless set already).
     os.environ.setdefault("VLLM_MAX_AUDIO_CLIP_FILESIZE_MB", str(max(1, int(args.max_media_mb))))
     os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))
@@ -89,6 +114,85 @@ def parse_args(argv: list[str]) -> Namespace:
 
         os.environ[ENV_ALLOW_PRIVATE] = "1"
     return args
+
+
+def plan_speech(args: Namespace, argv: list[str], device_total: int | None = None) -> SpeechPlan | None:
+    """Settle the speech path's memory before vLLM claims its share of the GPU (see
+    omni_vllm.memory): print the estimate, write the chosen `max_speaking` and budget back into
+    `args`, and lower vLLM's `gpu_memory_utilization` by the speech share when both use one device.
+    `device_total` simulates the speech device's size (tests); None asks the platform.
+    Returns None for a model that has no speech path. Raises SystemExit with the message of a
+    budget that cannot hold the speech path (unless --allow-text-only)."""
+    from vllm.platforms import current_platform
+
+    try:
+        config = speech_config(args)
+    except Exception as e:  # not a transformers config: vLLM will say what it makes of the model
+        logger.warning("no speech memory plan: cannot read %s's config (%s)", args.model, e)
+        return None
+    if config is None:
+        return None
+    device = args.speech_device or ("cuda" if current_platform.is_cuda_alike() else "cpu")
+    if device == "cuda":
+        device = "cuda:0"
+    on_gpu = device.startswith("cuda")
+    index = int(device.partition(":")[2] or 0) if on_gpu else None
+    if on_gpu and device_total is None:
+        device_total = current_platform.get_device_total_memory(index)
+    # vLLM's workers of this node use its first tp x pp x (local) dp devices.
+    dp = getattr(args, "data_parallel_size_local", None) or args.data_parallel_size
+    shared = on_gpu and index < args.tensor_parallel_size * args.pipeline_parallel_size * dp
+    dtypes = speech_dtypes(args.speech_dtype, thinker_dtype(args, config))
+    try:
+        plan = plan_speech_memory(
+            config, device=device, device_total=device_total if on_gpu else None, shared=shared,
+            talker_dtype=dtypes["talker"], token2wav_dtype=dtypes["token2wav"], vocoder_dtype=dtypes["vocoder"],
+            max_model_len=args.max_model_len or config.thinker_config.text_config.max_position_embeddings,
+            max_codes=args.max_audio_tokens, max_len=args.talker_max_len, max_speaking=args.max_speaking,
+            budget_gb=args.speech_gpu_memory_gb,
+            gpu_memory_utilization=args.gpu_memory_utilization if _given(argv, "--gpu-memory-utilization",
+                                                                         "--device-memory-utilization") else None,
+            vllm_utilization=args.gpu_memory_utilization,
+            stream=StreamConfig(**args.speech_stream_config or {}))
+    except SpeechMemoryError as e:
+        if not args.allow_text_only:
+            raise SystemExit(f"omni-vllm: {e}") from None
+        logger.warning("speech path disabled, serving text only (--allow-text-only): %s", e)
+        args.speech_disabled = str(e)
+        return None
+    logger.info("%s", plan.report())
+    args.max_speaking = plan.max_speaking
+    args.talker_max_len = plan.talker_max_len
+    if plan.budget is not None:
+        args.speech_gpu_memory_gb = plan.budget / 2**30
+    if plan.gpu_memory_utilization is not None:
+        args.gpu_memory_utilization = plan.gpu_memory_utilization
+    return plan
+
+
+def speech_config(args: Namespace):
+    """The checkpoint's Qwen2_5OmniConfig if it has a speech path (else None), read as vLLM will
+    (local folder or hub id, --revision, --download-dir)."""
+    from transformers import AutoConfig, Qwen2_5OmniConfig
+
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision, cache_dir=args.download_dir,
+                                        trust_remote_code=args.trust_remote_code)
+    if not isinstance(config, Qwen2_5OmniConfig) or not getattr(config, "enable_audio_output", True):
+        return None
+    return config
+
+
+def thinker_dtype(args: Namespace, config) -> torch.dtype:
+    """The thinker's dtype as vLLM will choose it (`--dtype`, `auto`: the checkpoint's)."""
+    if args.dtype not in (None, "auto"):
+        return getattr(torch, {"half": "float16", "float": "float32"}.get(args.dtype, args.dtype))
+    dtype = getattr(config.thinker_config, "dtype", None) or getattr(config, "dtype", None) or torch.bfloat16
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _given(argv: list[str], *flags: str) -> bool:
+    names = {a.split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}
+    return any(f in names for f in flags)
 
 
 async def run_server(args: Namespace, **uvicorn_kwargs) -> None:

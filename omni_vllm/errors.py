@@ -23,3 +23,8 @@ class SpeechBusy(RuntimeError):
     def __init__(self, message: str, *, code: str = QUEUE_FULL, retry_after: float | None = None):
         super().__init__(message)
         self.code, self.retry_after = code, retry_after
+
+
+class SpeechLoadError(RuntimeError):
+    """The speech path failed to load (out of memory, tensors that do not match the config, an
+    unusable dtype); the message names the flag to change."""

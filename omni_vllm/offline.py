@@ -23,6 +23,8 @@ from omni_vllm.hidden_states import (
     request_hidden_states,
     set_hidden_states_sink,
 )
+from omni_vllm.memory import speech_dtypes
+from omni_vllm.speech import load_speech_modules
 from omni_vllm.talker import Talker, TalkerSampling
 from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
 
@@ -45,7 +47,10 @@ class OmniOutput:
 class OmniLLM:
     """Qwen2.5-Omni offline: `generate(prompts, voice=...)` returns text and speech per prompt."""
 
-    def __init__(self, model: str, *, voice: str = "Chelsie", speech_device: str | None = None, **engine_kwargs):
+    def __init__(self, model: str, *, voice: str = "Chelsie", speech_device: str | None = None,
+                 speech_dtype: str = "auto", **engine_kwargs):
+        """`speech_dtype`: the talker's and Token2Wav's, as the server's `--speech-dtype` (`auto`:
+        the talker in the thinker's dtype, Token2Wav in float32; `float32`; `bfloat16`)."""
         from vllm import LLM
 
         self.llm = LLM(model, **{**ENGINE_DEFAULTS, **engine_kwargs})
@@ -57,19 +62,18 @@ class OmniLLM:
         self.model_dir = engine_checkpoint(vllm_config)  # the engine's revision and download dir
         self.default_voice = voice
         self.speech_device = speech_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.speech_dtypes = speech_dtypes(speech_dtype, self.llm.llm_engine.model_config.dtype)
         self._talker: Talker | None = None
         self._token2wav: Token2Wav | None = None
 
     def _speech_modules(self) -> tuple[Talker, Token2Wav]:
         """Talker and Token2Wav, loaded on first use; a clear error if the checkpoint has none."""
         if self._talker is None:
-            missing = [f for f in ("spk_dict.pt",) if not (self.model_dir / f).exists()]
             try:
-                if missing:
-                    raise ValueError(f"{self.model_dir} has no {', '.join(missing)}")
-                self._talker = Talker.from_pretrained(self.model_dir, device=self.speech_device)
-                self._token2wav = Token2Wav.from_pretrained(self.model_dir, device=self.speech_device)
-            except ValueError as e:
+                self._talker, self._token2wav = load_speech_modules(
+                    self.model_dir, device=self.speech_device, dtypes=self.speech_dtypes, max_slots=16,
+                    max_len=4096, kv_cache_tokens=None, max_codes=4096)
+            except SpeechUnavailable as e:
                 raise SpeechUnavailable(
                     f"this checkpoint cannot speak (no talker/token2wav weights or voices): {e}"
                 ) from e

@@ -64,15 +64,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import Qwen2_5OmniConfig
 
 from omni_vllm.checkpoint import engine_checkpoint
-from omni_vllm.errors import SpeechBusy, SpeechUnavailable, UnknownVoice
+from omni_vllm.errors import SpeechBusy, SpeechLoadError, SpeechUnavailable, UnknownVoice
 from omni_vllm.hidden_states import (
     HiddenStatesChunk,
     check_speech_config,
     request_hidden_states,
     set_hidden_states_sink,
 )
+from omni_vllm.memory import speech_dtypes
 from omni_vllm.streaming import StreamConfig, StreamingToken2Wav, StreamState, decode_windows
 from omni_vllm.talker import Talker, TalkerSampling
 from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
@@ -82,6 +84,7 @@ __all__ = [
     "SpeechBusy",
     "SpeechChunk",
     "SpeechEngine",
+    "SpeechLoadError",
     "SpeechUnavailable",
     "TalkerSampling",
     "UnknownVoice",
@@ -438,6 +441,54 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+TOKEN2WAV_TAKES_DTYPE = False
+
+_FIX_MEMORY = ("give it more memory with --speech-gpu-memory-gb (on the GPU vLLM uses), lower --max-speaking or "
+               "--talker-max-len, use --speech-dtype bfloat16, put it on its own GPU with --speech-device cuda:1, "
+               "or serve text only with --allow-text-only")
+
+
+def load_speech_modules(model_dir: str | Path, *, device: str | torch.device, dtypes: dict, max_slots: int,
+                        max_len: int | None, kv_cache_tokens: int | None, max_codes: int) -> tuple[Talker, Token2Wav]:
+    """The talker and Token2Wav of a checkpoint, on `device`, in `dtypes` (omni_vllm.memory.speech_dtypes).
+
+    Raises SpeechUnavailable for a checkpoint without speech modules (a text-only export), and
+    SpeechLoadError, naming the flag to change, for one whose speech path does not load: out of
+    memory, tensors that do not match the config (missing, unexpected, wrong shape), a dtype the
+    device cannot run."""
+    from omni_vllm.checkpoint import tensor_files
+
+    model_dir, device = Path(model_dir), torch.device(device)
+    if not (model_dir / "spk_dict.pt").exists():
+        raise SpeechUnavailable(f"{model_dir} has no spk_dict.pt (speaker table)")
+    if not any(name.startswith("talker.") for name in tensor_files(model_dir)):
+        raise SpeechUnavailable(f"{model_dir} holds no talker.* weights (a thinker-only checkpoint)")
+    for role, dtype in dtypes.items():
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise SpeechLoadError(f"the {role} cannot run in {dtype}: use --speech-dtype float32 or bfloat16")
+        if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SpeechLoadError(f"{device} has no bfloat16 support: use --speech-dtype float32")
+    config = Qwen2_5OmniConfig.from_pretrained(model_dir)
+    limit = config.talker_config.max_position_embeddings
+    talker_kwargs = dict(device=device, dtype=dtypes["talker"], max_slots=max_slots, max_codes=max_codes,
+                         max_len=min(max_len or limit, limit), kv_cache_tokens=kv_cache_tokens)
+    token2wav_kwargs = dict(device=device)
+    if TOKEN2WAV_TAKES_DTYPE:
+        token2wav_kwargs.update(dtype=dtypes["token2wav"], vocoder_dtype=dtypes["vocoder"])
+    try:
+        talker = Talker.from_pretrained(model_dir, **talker_kwargs)
+        return talker, Token2Wav.from_pretrained(model_dir, **token2wav_kwargs)
+    except torch.OutOfMemoryError as e:
+        raise SpeechLoadError(f"out of memory loading the speech path on {device} ({e}): {_FIX_MEMORY}") from e
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        if isinstance(e, RuntimeError) and "state_dict" not in str(e):  # not load_state_dict's: a bug, show it
+            raise
+        raise SpeechLoadError(
+            f"the speech modules' tensors in {model_dir} do not match its config ({str(e).strip()[:800]}): "
+            "fetch the checkpoint again (--revision, --download-dir) or serve text only with --allow-text-only"
+        ) from e
+
+
 class SpeechEngine:
     """Text and streamed speech for AsyncLLM requests (see the module docstring)."""
 
@@ -455,9 +506,13 @@ class SpeechEngine:
         max_waiting: int = 1024,
         max_codes: int = 4096,
         max_codes_per_text_token: float | None = 40.0,
-        talker_max_len: int = 4096,
+        talker_max_len: int | None = None,
         window_delay: float = 0.05,
         log_interval: float = 10.0,
+        speech_dtype: str | torch.dtype = "auto",
+        kv_cache_tokens: int | None = None,
+        allow_text_only: bool = False,
+        text_only_reason: str | None = None,
     ):
         """`engine`: a vLLM AsyncLLM serving the checkpoint's thinker; `model_dir`: the
         checkpoint directory, from which the talker, Token2Wav and voices are loaded.
@@ -465,9 +520,17 @@ class SpeechEngine:
         Extra settings: `queue_timeout` (s) an audio request may wait for admission (None: as long
         as its caller waits; 0: refuse at once), `max_waiting` waiters at most; `max_codes` per
         request (the talker also stops on its own stop codes); `max_codes_per_text_token`: the runaway
-        guard, see `runaway_cap` (None: off); `talker_max_len` prompt + codes per
-        talker KV slot; `window_delay` (s) a ready Token2Wav window may wait to share a batch;
-        `log_interval` (s) of progress logs."""
+        guard, see `runaway_cap` (None: off); `talker_max_len` prompt + codes per request (None: the engine's max_model_len + max_codes, at most the talker config's
+        max_position_embeddings); `window_delay` (s) a ready Token2Wav window may wait to share a
+        batch; `log_interval` (s) of progress logs. `speech_dtype` (omni_vllm.memory.speech_dtypes;
+        `auto`: the talker in the engine's dtype); `kv_cache_tokens` the talker's KV positions over
+        all requests.
+
+        A speech path that fails to load raises SpeechLoadError naming the flag to change, or with
+        `allow_text_only` leaves a text-only engine (logged); so does `text_only_reason` (the
+        server's memory plan found no room) without loading anything. A checkpoint without speech
+        modules, or an engine configuration in which the thinker cannot send its hidden states, is
+        served text-only."""
         if max_speaking < 1 or max_queued_windows < 1:
             raise ValueError("max_speaking and max_queued_windows must be >= 1")
         self.engine = engine
@@ -484,15 +547,27 @@ class SpeechEngine:
         self.token2wav: Token2Wav | None = None
         self.unavailable_reason: str | None = None
         t0 = time.perf_counter()
+        model_config = getattr(engine, "model_config", None)
+        thinker_dtype = getattr(model_config, "dtype", torch.float32)
+        if talker_max_len is None and model_config is not None:  # a longer request never reaches the talker
+            talker_max_len = model_config.max_model_len + max_codes
         try:
-            check_speech_config(engine.vllm_config)
-            if not (self.model_dir / "spk_dict.pt").exists():
-                raise ValueError(f"{self.model_dir} has no spk_dict.pt (speaker table)")
-            self.talker = Talker.from_pretrained(self.model_dir, device=self.device, max_slots=max_speaking,
-                                                 max_len=talker_max_len, max_codes=max_codes)
-            self.token2wav = Token2Wav.from_pretrained(self.model_dir, device=self.device)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            self.talker = self.token2wav = None
+            if text_only_reason is not None:
+                raise SpeechUnavailable(text_only_reason)
+            if (vllm_config := getattr(engine, "vllm_config", None)) is not None:
+                try:
+                    check_speech_config(vllm_config)
+                except ValueError as e:
+                    raise SpeechUnavailable(str(e)) from None
+            self.talker, self.token2wav = load_speech_modules(
+                self.model_dir, device=self.device, dtypes=speech_dtypes(speech_dtype, thinker_dtype),
+                max_slots=max_speaking, max_len=talker_max_len, kv_cache_tokens=kv_cache_tokens, max_codes=max_codes)
+        except SpeechUnavailable as e:
+            self.unavailable_reason = str(e)
+        except SpeechLoadError as e:
+            if not allow_text_only:
+                raise
+            logger.error("speech engine: %s; serving text only (--allow-text-only)", e)
             self.unavailable_reason = str(e)
         self.has_speech = self.talker is not None
         self.voices: list[str] = list(self.token2wav.voices) if self.has_speech else []
@@ -511,14 +586,15 @@ class SpeechEngine:
             self._worker.start()
             cfg, tcfg = self.stream_config, self.talker.model.config
             logger.info(
-                "speech engine: talker (%d layers, hidden %d) and token2wav (DiT %d layers) loaded from %s "
-                "on %s in %.1f s; voices %s (default %s); max_speaking=%d, max_queued_windows=%d, "
+                "speech engine: talker (%d layers, hidden %d, %s) and token2wav (DiT %d layers, %s) loaded from "
+                "%s on %s in %.1f s; voices %s (default %s); max_speaking=%d, max_queued_windows=%d, "
                 "max_codes=%d, talker_max_len=%d; stream: first chunk %d codes, chunk %d, DiT context "
                 "%d back / %d ahead, vocoder %d/%d frames, %d ODE points; first audio after %d codes "
                 "(%.2f s of speech)",
-                tcfg.num_hidden_layers, tcfg.hidden_size, len(self.token2wav.dit.transformer_blocks),
+                tcfg.num_hidden_layers, tcfg.hidden_size, self.talker.dtype, len(self.token2wav.dit.transformer_blocks),
+                next(self.token2wav.dit.parameters()).dtype,
                 self.model_dir, self.device, time.perf_counter() - t0, ", ".join(self.voices), default_voice,
-                max_speaking, max_queued_windows, max_codes, talker_max_len, cfg.first, cfg.chunk,
+                max_speaking, max_queued_windows, max_codes, self.talker.max_len, cfg.first, cfg.chunk,
                 cfg.left_context, cfg.look_ahead, cfg.vocoder_left, cfg.vocoder_right, cfg.num_steps,
                 cfg.first_audio_codes(), cfg.first_audio_codes() / 50,
             )
@@ -537,6 +613,11 @@ class SpeechEngine:
         self._aborts: set[asyncio.Task] = set()
         self._closed = False
         self._previous_sink = set_hidden_states_sink(self._on_hidden_states)
+
+    @property
+    def talker_max_len(self) -> int | None:
+        """Most talker positions of one request (prompt tokens + 2 must fit); None without speech."""
+        return self.talker.max_len if self.talker is not None else None
 
     @classmethod
     def from_engine_args(cls, engine_args, **kwargs) -> SpeechEngine:
