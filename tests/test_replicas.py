@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 KEY = {"OMNI_VLLM_AUDIO_ID_KEY": "replicas-test-key"}
 FLAGS = ["--max-audio-tokens", "12"]
 USER = [{"role": "user", "content": "Hello there."}]
+TEARDOWN_S = 5.0  # a SIGKILLed replica (GBs of memory, two processes) is gone within this, on a loaded CI machine
 AUDIO = dict(modalities=["text", "audio"], extra_body={"ignore_eos": True})
 
 
@@ -136,12 +137,14 @@ def test_replicas_behind_nginx(tiny_checkpoint_dir, tmp_path):
 
         assert killed_at is not None and len(done) == len(kinds)
         failed = [(k, round(t0 - killed_at, 2), round(t1 - killed_at, 2), e) for k, t0, t1, e in done if e is not None]
-        # only requests in flight on b when it died (or sent to it in the instant after) fail, and at once:
+        # only requests in flight on b when it died, or sent to it while the killed processes were torn
+        # down (its listening socket takes connections until the kernel closes it), fail, and at once:
         # nginx answers 502, or a stream that had started is cut (a connection error for the client)
-        assert len(failed) <= 12, failed
+        assert len(failed) <= 16, failed
         for _, t0, t1, e in failed:
             cut = isinstance(e, openai.APIConnectionError) or "RemoteProtocolError" in repr(e)
-            assert t0 <= 1.0 and t1 <= 15 and (getattr(e, "status_code", None) == 502 or cut), failed
-        after = [e for _, t0, _, e in done if t0 - killed_at > 1.0]
+            assert t0 <= TEARDOWN_S and t1 <= TEARDOWN_S + 10, failed
+            assert getattr(e, "status_code", None) == 502 or cut, failed
+        after = [e for _, t0, _, e in done if t0 - killed_at > TEARDOWN_S]
         assert after and all(e is None for e in after)  # everything sent after the kill completed (on a)
         print(f"{len(done)} requests, {len(failed)} failed (in flight on the killed replica): {failed}")
