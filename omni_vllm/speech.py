@@ -50,6 +50,7 @@ import asyncio
 import collections
 import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -118,6 +119,7 @@ class _Speaker:
 
     new_codes: list[int] = field(default_factory=list)  # not yet sent back (they ride with audio)
     talker_done: bool = False
+    thinker_done: bool = False
     first_audio: float | None = None  # when its first samples were decoded (worker clock)
     samples: int = 0  # decoded so far
 
@@ -173,7 +175,24 @@ class _Worker(threading.Thread):
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _cpu_threads(self) -> None:
+        """On the CPU, give the speech path every core this process may use while none of its
+        requests is still in the thinker (whose process then idles), and the thread count it started
+        with otherwise. Text-only requests are not seen here: they share the cores as before. Off
+        when vLLM's CPU worker runs in this process (it pins threads to cores and replaces
+        `torch.set_num_threads`; the thinker would not idle elsewhere anyway)."""
+        if self._threads is None:
+            return
+        base, cores = self._threads
+        n = base if any(not sp.thinker_done for sp in self.speakers.values()) else cores
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)  # OpenMP: this thread's parallel regions
+
     def run(self) -> None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        on_cpu = getattr(self.talker, "device", torch.device("cpu")).type == "cpu"
+        own = torch.set_num_threads is torch._C.set_num_threads  # no in-process vLLM CPU worker
+        self._threads = (torch.get_num_threads(), cores) if on_cpu and own and cores > torch.get_num_threads() else None
         while True:
             with self.cond:
                 while not self.inbox and not self.stopping:
@@ -190,6 +209,7 @@ class _Worker(threading.Thread):
             try:
                 for cmd in commands:
                     self._apply(cmd, results)
+                self._cpu_threads()
                 self._iteration(results)
             except Exception as e:  # a bug or a device error: fail every speaking request, keep serving
                 logger.exception("speech worker iteration failed; failing %d speaking request(s)", len(self.speakers))
@@ -226,6 +246,8 @@ class _Worker(threading.Thread):
         elif kind == "finish":
             if rid in self.talker:
                 self.talker.finish_thinker(rid)
+            if rid in self.speakers:
+                self.speakers[rid].thinker_done = True
         elif kind == "cancel":
             self._drop(rid)
             results.pop(rid, None)
