@@ -57,9 +57,11 @@ from omni_vllm.checkpoint import load_prefixed
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
-# BigVGAN's dtype when none is given. float32: on this project's CPUs (AVX-512 BF16) the vocoder
-# ran slower in bf16 than in fp32 at the real size (benchmarks/real_size.py); on CUDA the GPU
-# script measures both.
+# BigVGAN's dtype when none is given: float32, the reference's. At the real size on this project's
+# CPU (AVX-512 BF16, one thread) bf16 was no faster: 3.8-11.9 vs 4.6-10.3 s per audio second in an
+# interleaved A/B on a shared machine, within noise (transformers' own vocoder: 10.6 vs 5.2 s per
+# 2 s in bf16 vs fp32), while the DiT gains 3.8x from bf16. On CUDA benchmarks/real_size.py
+# measures both.
 DEFAULT_VOCODER_DTYPE = torch.float32
 
 NoiseSpec = torch.Tensor | torch.Generator | int | None
