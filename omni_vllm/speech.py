@@ -186,7 +186,8 @@ class _Worker(threading.Thread):
         base, cores = self._threads
         n = base if any(not sp.thinker_done for sp in self.speakers.values()) else cores
         if n != torch.get_num_threads():
-            torch.set_num_threads(n)  # OpenMP: this thread's parallel regions
+            logger.debug("speech worker: %d torch thread(s) (thinker %s)", n, "busy" if n == base else "idle")
+            torch.set_num_threads(n)  # process-wide; the other threads here do little torch work
 
     def run(self) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
