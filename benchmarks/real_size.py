@@ -27,7 +27,7 @@ OUT/real_size.png.
 Dtypes: `fp32`, `bf16`, and on CUDA `tf32` (float32 weights, TF32 tensor-core matmuls and
 convolutions allowed: torch.backends.{cuda.matmul,cudnn}.allow_tf32). `fp32` means TF32 off.
 
-    python benchmarks/real_size.py --device cpu             # about 15 min on 2 cores
+    python benchmarks/real_size.py --device cpu             # 30+ min on 2 cores (README: a smaller run)
     python benchmarks/real_size.py --device cuda            # the H200 run, < 8 min in one call
     python benchmarks/real_size.py --smoke                  # CI: real widths, depths cut to 2-3
                                                             # layers, tiny work; NOT a measurement
@@ -272,14 +272,21 @@ def snr_db(reference: torch.Tensor, x: torch.Tensor) -> float:
     return 10 * math.log10(reference.pow(2).mean().item() / max((reference - x).pow(2).mean().item(), 1e-30))
 
 
-def quality(t2w32, t2w16, window_codes: int, ode_steps: int) -> dict:
-    """bf16 against float32 on the same codes and noise (random weights: rounding, not fidelity)."""
+def quality(t2ws: dict, dev: Device, window_codes: int, ode_steps: int) -> dict:
+    """Each dtype against float32 (TF32 off) on the same codes and noise: the DiT's mel SNR and
+    BigVGAN's waveform SNR on the float32 mel, in dB (random weights: rounding, not fidelity)."""
     g = torch.Generator().manual_seed(7)
     codes = [torch.randint(0, 8192, (window_codes,), generator=g)]
-    m32 = t2w32.code2mel(codes, ["Chelsie"], [3], num_steps=ode_steps)[0]
-    m16 = t2w16.code2mel(codes, ["Chelsie"], [3], num_steps=ode_steps)[0]
-    w32, w16 = t2w32.mel2wav([m32])[0], t2w16.mel2wav([m32])[0]
-    return dict(dit_bf16_mel_snr_db=snr_db(m32, m16), bigvgan_bf16_wav_snr_db=snr_db(w32, w16))
+    dev.use("fp32")
+    m32 = t2ws["fp32"].code2mel(codes, ["Chelsie"], [3], num_steps=ode_steps)[0]
+    w32 = t2ws["fp32"].mel2wav([m32])[0]
+    out = {}
+    for label, t2w in t2ws.items():
+        if label != "fp32":
+            dev.use(label)
+            mel = t2w.code2mel(codes, ["Chelsie"], [3], num_steps=ode_steps)[0]
+            out[label] = dict(mel_snr_db=snr_db(m32, mel), wav_snr_db=snr_db(w32, t2w.mel2wav([m32])[0]))
+    return out
 
 
 def bench_pipeline(talker, t2w, dev: Device, concurrency: list[int], codes: int, thinker_tokens: int,
@@ -446,10 +453,9 @@ def table(report: dict) -> str:
         for row in r["rows"]:
             lines.append(f"| {label} | {row['batch']} | {row['dit_s_per_audio_s']:.3f} | "
                          f"{row['bigvgan_s_per_audio_s']:.3f} | {row['s_per_audio_s']:.3f} | {r['peak_mib']:.0f} |")
-    if report.get("quality"):
-        q = report["quality"]
-        lines += ["", f"bf16 against float32 (same codes and noise, random weights): DiT mel SNR "
-                  f"**{q['dit_bf16_mel_snr_db']:.1f} dB**, BigVGAN waveform SNR **{q['bigvgan_bf16_wav_snr_db']:.1f} dB**"]
+    for label, q in report.get("quality", {}).items():
+        lines += ["", f"{label} against fp32 (same codes and noise, random weights): DiT mel SNR "
+                  f"**{q['mel_snr_db']:.1f} dB**, BigVGAN waveform SNR **{q['wav_snr_db']:.1f} dB**"]
     p = report.get("pipeline")
     if p is None:
         return "\n".join(lines)
@@ -572,9 +578,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = bench_token2wav(t2w, dev, batches, window, kept, ode_steps, evaluations)
         report["token2wav"][f"{label} / {label}"] = dict(rows=rows, peak_mib=dev.peak_mib())
         t2ws[label] = t2w
-    if "fp32" in t2ws and "bf16" in t2ws:
-        dev.use("fp32")
-        report["quality"] = quality(t2ws["fp32"], t2ws["bf16"], window, 10 if cuda else ode_steps)
+    if "fp32" in t2ws and len(t2ws) > 1:
+        report["quality"] = quality(t2ws, dev, window, 10 if cuda else ode_steps)
 
     # Best dtypes for the pipeline: the fastest talker at the top concurrency; DiT and BigVGAN apart.
     top = lambda label, key: report["token2wav"][f"{label} / {label}"]["rows"][-1][key]  # noqa: E731

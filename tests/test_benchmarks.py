@@ -146,7 +146,7 @@ def test_real_size_smoke_runs_without_vllm(tmp_path):
         assert [row["concurrency"] for row in r["rows"]] == [1, 2] and all(row["codes_per_s"] > 0 for row in r["rows"])
     for r in report["token2wav"].values():
         assert [row["batch"] for row in r["rows"]] == [1, 2] and all(row["s_per_audio_s"] > 0 for row in r["rows"])
-    assert report["quality"]["dit_bf16_mel_snr_db"] > 20
+    assert report["quality"]["bf16"]["mel_snr_db"] > 20 and report["quality"]["bf16"]["wav_snr_db"] > 20
     pipeline = report["pipeline"]["rows"]
     assert [row["concurrency"] for row in pipeline] == [1, 2]
     for row in pipeline:
