@@ -372,7 +372,7 @@ def table(results: dict, r: dict, args) -> str:
         + ", ".join(f"c={c}: {v:.1%}" for c, v in r["ttfa_vs_reference"].items()),
         "",
         "thinker / talker / token2wav s: busy seconds (reference: inside generate, talker = the rest; omni-vllm: "
-        "the speech path's talker steps and Token2Wav calls, on one thread; its thinker runs in vLLM's processes "
+        "the speech path's talker steps and Token2Wav calls, on the speech worker's thread; its thinker runs in vLLM's processes "
         "beside them).",
     ]
     return "\n".join(lines)
