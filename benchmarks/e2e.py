@@ -24,15 +24,21 @@ throughput at the highest concurrency / reference (target >= 8x) and streaming T
 non-streaming completion p50 per concurrency (target <= 15%). Writes e2e.md, e2e.json, e2e.png
 and one log per system to `--out`.
 
-Threads: every process runs `--threads` torch threads (default 1): the reference's one process,
-and omni-vllm's two (the EngineCore running the thinker, and the process whose SpeechEngine
-worker runs talker and Token2Wav). On a 2-core machine that is the sensible setting (more threads
-than cores spin and stall); omni-vllm then uses up to both cores and the reference one, which the
-per-CPU-second column and ratio take out.
+Equal cores: each system gets every core of the machine. The reference is one process, so it
+runs `--reference-threads` torch threads (default: all cores). omni-vllm is two processes (vLLM's
+EngineCore running the thinker, and the process whose SpeechEngine worker runs talker and
+Token2Wav), each with `--threads` torch threads (default: half the cores, at least 1), so that
+together they use the same cores and never more threads than cores (which spin and stall); the
+speech worker takes every core while no request is in the thinker (omni_vllm.speech). The
+reference runs in `--reference-dtype` (default `--dtype`; its Token2Wav is float32 whatever it is,
+as transformers runs it). Audio seconds per CPU second is reported beside wall time.
 
     python benchmarks/e2e.py          # bench checkpoint (omni_vllm.testing.tiny --bench), built
                                       # once into .cache/bench-omni
     python benchmarks/e2e.py --model DIR --device cuda --requests 64 --concurrency 1 8 32 64
+
+The speech path at the real model's sizes (which the bench checkpoint's widths / 8 do not show):
+benchmarks/real_size.py.
 """
 
 from __future__ import annotations
@@ -169,7 +175,7 @@ def reference_worker(args) -> dict:
     from omni_vllm.testing.reference import corrected_reference
 
     meter = Meter()
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.reference_dtype))
     model.to(args.device).eval()
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model)
     busy = dict(thinker=0.0, token2wav=0.0)
@@ -246,6 +252,11 @@ async def omni_worker(args, path: str) -> dict:
     return dict(rows=rows, gpu_peak_mib=_gpu_peak_mib())
 
 
+def _cores() -> int:
+    """The cores this process may run on (all of them, for the equal-cores comparison)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -281,11 +292,13 @@ def bench_checkpoint(path: Path) -> Path:
 
 def run_worker(system: str, args, out: Path) -> dict:
     result, log = out / f"e2e-{system}.json", out / f"e2e-{system}.log"
+    threads = args.reference_threads if system == "reference" else args.threads
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result", str(result),
-           "--model", str(args.model), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--model", str(args.model), "--device", args.device, "--dtype", args.dtype, "--threads", str(threads),
+           "--reference-dtype", args.reference_dtype,
            "--requests", str(args.requests), "--tokens", str(args.tokens), "--codes", str(args.codes),
            "--kv-cache-bytes", str(args.kv_cache_bytes), "--concurrency", *map(str, args.concurrency)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print(f"{system}: running (log {log})", flush=True)
     t = time.perf_counter()
     with log.open("w") as f:
@@ -333,7 +346,9 @@ COLUMNS = [
 
 def table(results: dict, r: dict, args) -> str:
     lines = [
-        f"model {args.model}; device {args.device}; dtype {args.dtype}; {args.threads} torch thread(s) per process; "
+        f"model {args.model}; device {args.device}; equal cores ({_cores()}): reference one process of "
+        f"{args.reference_threads} torch thread(s) in {args.reference_dtype}, omni-vllm two processes of "
+        f"{args.threads} in {args.dtype}; "
         f"{args.requests} requests (text / audio / image in turn), {args.tokens} thinker tokens and at most "
         f"{args.codes} talker codes ({args.codes / 50:.1f} s of speech) each",
         "",
@@ -348,7 +363,7 @@ def table(results: dict, r: dict, args) -> str:
     top = r["top_concurrency"]
     lines += [
         "",
-        f"- throughput, omni-vllm streaming c={top} / reference: **{r['throughput']:.2f}x** (target >= 8x); "
+        f"- throughput, omni-vllm streaming c={top} / reference, equal cores: **{r['throughput']:.2f}x** (target >= 8x); "
         f"per CPU second: {r['throughput_per_cpu']:.2f}x",
         "- streaming TTFA p50 / non-streaming completion p50: "
         + ", ".join(f"c={c}: **{v:.1%}**" for c, v in r["ttfa_over_completion"].items())
@@ -357,7 +372,7 @@ def table(results: dict, r: dict, args) -> str:
         + ", ".join(f"c={c}: {v:.1%}" for c, v in r["ttfa_vs_reference"].items()),
         "",
         "thinker / talker / token2wav s: busy seconds (reference: inside generate, talker = the rest; omni-vllm: "
-        "the speech path's talker steps and Token2Wav calls, on one thread; its thinker runs in vLLM's processes "
+        "the speech path's talker steps and Token2Wav calls, on the speech worker's thread; its thinker runs in vLLM's processes "
         "beside them).",
     ]
     return "\n".join(lines)
@@ -403,13 +418,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codes", type=int, default=120, help="talker codes per request at most (50 per second)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default="float32", help="thinker (vLLM) and reference model dtype")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (see the docstring)")
+    parser.add_argument("--threads", type=int, default=max(1, _cores() // 2),
+                        help="torch threads of each omni-vllm process (see the docstring)")
+    parser.add_argument("--reference-threads", type=int, default=_cores(), help="torch threads of the reference")
+    parser.add_argument("--reference-dtype", help="the reference model's dtype (default: --dtype)")
     parser.add_argument("--kv-cache-bytes", type=int, default=2**28, help="vLLM KV cache size")
     parser.add_argument("--out", default=str(ROOT / ".cache" / "bench"), help="directory for e2e.{md,json,png}")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.concurrency = sorted(set(args.concurrency))
+    args.reference_dtype = args.reference_dtype or args.dtype
     if args.worker:
         return worker(args)
 

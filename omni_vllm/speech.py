@@ -55,6 +55,7 @@ import collections
 import copy
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -138,6 +139,7 @@ class _Speaker:
     talker_done: bool = False
     talker_reason: str | None = None  # "stop" | "length" once talker_done
     guarded: bool = False  # the runaway guard lowered its cap on codes
+    thinker_done: bool = False
     first_audio: float | None = None  # when its first samples were decoded (worker clock)
     samples: int = 0  # decoded so far
 
@@ -193,7 +195,25 @@ class _Worker(threading.Thread):
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _cpu_threads(self) -> None:
+        """On the CPU, give the speech path every core this process may use while none of its
+        requests is still in the thinker (whose process then idles), and the thread count it started
+        with otherwise. Text-only requests are not seen here: they share the cores as before. Off
+        when vLLM's CPU worker runs in this process (it pins threads to cores and replaces
+        `torch.set_num_threads`; the thinker would not idle elsewhere anyway)."""
+        if self._threads is None:
+            return
+        base, cores = self._threads
+        n = base if any(not sp.thinker_done for sp in self.speakers.values()) else cores
+        if n != torch.get_num_threads():
+            logger.debug("speech worker: %d torch thread(s) (thinker %s)", n, "busy" if n == base else "idle")
+            torch.set_num_threads(n)  # process-wide; the other threads here do little torch work
+
     def run(self) -> None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        on_cpu = getattr(self.talker, "device", torch.device("cpu")).type == "cpu"
+        own = torch.set_num_threads is torch._C.set_num_threads  # no in-process vLLM CPU worker
+        self._threads = (torch.get_num_threads(), cores) if on_cpu and own and cores > torch.get_num_threads() else None
         while True:
             with self.cond:
                 while not self.inbox and not self.stopping:
@@ -210,6 +230,7 @@ class _Worker(threading.Thread):
             try:
                 for cmd in commands:
                     self._apply(cmd, results)
+                self._cpu_threads()
                 self._iteration(results)
             except Exception as e:  # a bug or a device error: fail every speaking request, keep serving
                 logger.exception("speech worker iteration failed; failing %d speaking request(s)", len(self.speakers))
@@ -246,6 +267,8 @@ class _Worker(threading.Thread):
         elif kind == "finish":  # ("finish", rid, cap on codes from the runaway guard or None)
             if rid in self.talker and self.talker.finish_thinker(rid, max_codes=cmd[2]):
                 self.speakers[rid].guarded = True
+            if rid in self.speakers:
+                self.speakers[rid].thinker_done = True
         elif kind == "cancel":
             self._drop(rid)
             results.pop(rid, None)
@@ -441,7 +464,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-TOKEN2WAV_TAKES_DTYPE = False
 
 _FIX_MEMORY = ("give it more memory with --speech-gpu-memory-gb (on the GPU vLLM uses), lower --max-speaking or "
                "--talker-max-len, use --speech-dtype bfloat16, put it on its own GPU with --speech-device cuda:1, "
@@ -472,9 +494,7 @@ def load_speech_modules(model_dir: str | Path, *, device: str | torch.device, dt
     limit = config.talker_config.max_position_embeddings
     talker_kwargs = dict(device=device, dtype=dtypes["talker"], max_slots=max_slots, max_codes=max_codes,
                          max_len=min(max_len or limit, limit), kv_cache_tokens=kv_cache_tokens)
-    token2wav_kwargs = dict(device=device)
-    if TOKEN2WAV_TAKES_DTYPE:
-        token2wav_kwargs.update(dtype=dtypes["token2wav"], vocoder_dtype=dtypes["vocoder"])
+    token2wav_kwargs = dict(device=device, dtype=dtypes["token2wav"], vocoder_dtype=dtypes["vocoder"])
     try:
         talker = Talker.from_pretrained(model_dir, **talker_kwargs)
         return talker, Token2Wav.from_pretrained(model_dir, **token2wav_kwargs)

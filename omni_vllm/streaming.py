@@ -472,11 +472,11 @@ class StreamingToken2Wav:
     def ready(self) -> list:
         return [rid for rid, s in self.streams.items() if s.ready]
 
-    def step(self, max_windows: int = 1, max_streams: int | None = None) -> dict:
-        """One batched decode of every ready stream (oldest first, at most `max_streams`);
-        returns {request_id: StreamOutput}. Finished streams that emitted their last samples are
-        closed."""
-        ids = self.ready()[:max_streams]
+    def step(self, max_windows: int = 1, max_streams: int | None = None, request_ids: Sequence | None = None) -> dict:
+        """One batched decode of every ready stream (oldest first, at most `max_streams`), or of the
+        given ready `request_ids`; returns {request_id: StreamOutput}. Finished streams that emitted
+        their last samples are closed."""
+        ids = self.ready()[:max_streams] if request_ids is None else list(request_ids)
         wavs = decode_windows(self.t2w, [self.streams[r] for r in ids], max_windows)
         out = {}
         for rid, wav in zip(ids, wavs):

@@ -24,6 +24,14 @@ voice, one length per call, noise drawn inside). What this module adds is batchi
 Sampling is the reference's: `num_steps=10` time points (9 RK4 steps) on the cosine-warped
 ("sway") schedule, classifier-free guidance 0.5, transformers' `RungeKutta4ODESolver`.
 
+Dtypes: the DiT runs in `dtype` and BigVGAN in `vocoder_dtype`, separately, because they do not
+gain alike from bf16 (the DiT is matmuls; BigVGAN is convolutions and elementwise Snake
+activations that bf16 slows down on CPU). What stays float32 whatever they are: the speaker
+encodings (computed once per voice in float32), RoPE frequencies, the time step's sinusoids, the
+ODE state and its RK4 updates (each velocity is cast back to float32), and the mel and waveform
+returned. transformers runs all of Token2Wav in float32; bf16's mel error against it is measured
+in benchmarks/real_size.py and bounded in tests/test_token2wav.py.
+
 Initial noise is injectable per request (a tensor, a `torch.Generator`, an int seed, or None for
 the global RNG). The reference draws `torch.randn([1, 2 * num_codes, mel_dim])` on the codes'
 device as its first random call, so `noise=seed` here equals `torch.manual_seed(seed)` right
@@ -49,6 +57,12 @@ from omni_vllm.checkpoint import load_prefixed
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24000
+# BigVGAN's dtype when none is given: float32, the reference's. At the real size on this project's
+# CPU (AVX-512 BF16, one thread) bf16 was no faster: 3.8-11.9 vs 4.6-10.3 s per audio second in an
+# interleaved A/B on a shared machine, within noise (transformers' own vocoder: 10.6 vs 5.2 s per
+# 2 s in bf16 vs fp32), while the DiT gains 3.8x from bf16. On CUDA benchmarks/real_size.py
+# measures both.
+DEFAULT_VOCODER_DTYPE = torch.float32
 
 NoiseSpec = torch.Tensor | torch.Generator | int | None
 
@@ -66,9 +80,19 @@ class _Voice:
 class Token2Wav:
     """Qwen2.5-Omni Token2Wav (DiT + BigVGAN) decoding many requests of different lengths at once."""
 
-    def __init__(self, config, state_dict: dict[str, torch.Tensor], speakers: dict, device="cpu"):
+    def __init__(
+        self,
+        config,
+        state_dict: dict[str, torch.Tensor],
+        speakers: dict,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        vocoder_dtype: torch.dtype | None = None,
+    ):
         """`config`: a `Qwen2_5OmniToken2WavConfig`; `state_dict`: its weights without the
-        `token2wav.` prefix; `speakers`: the `spk_dict.pt` table. Always float32 (as the reference)."""
+        `token2wav.` prefix; `speakers`: the `spk_dict.pt` table. `dtype` is the DiT's compute dtype,
+        `vocoder_dtype` BigVGAN's (None: `DEFAULT_VOCODER_DTYPE`); see the module docstring. Inputs
+        and outputs (noise, ODE state, mel, waveform) stay float32 whatever the dtypes."""
         from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
 
         self._ref = ref
@@ -78,6 +102,8 @@ class Token2Wav:
         self.dit = self.model.code2wav_dit_model
         self.bigvgan = self.model.code2wav_bigvgan_model
         self.device = torch.device(device)
+        self.dtype = dtype
+        self.vocoder_dtype = DEFAULT_VOCODER_DTYPE if vocoder_dtype is None else vocoder_dtype
         self.mel_dim = self.dit.mel_dim
         self.repeats = self.dit.repeats  # mel frames per code
         self.block_size = self.dit.block_size  # attention block, in mel frames
@@ -95,6 +121,12 @@ class Token2Wav:
                     ref_enc=encoder(ref_mel)[0],
                     null_enc=encoder(torch.zeros_like(ref_mel))[0],
                 )
+        # Voices are encoded in float32 above (once per voice); then the networks take their
+        # compute dtypes. RoPE frequencies stay float32 (a bf16 inv_freq would shift every angle).
+        inv_freq = self.dit.rotary_embed.inv_freq.clone()
+        self.dit.to(dtype)
+        self.dit.rotary_embed.inv_freq = inv_freq
+        self.bigvgan.to(self.vocoder_dtype)
 
         # BigVGAN boundary hooks (see module docstring); active only during a padded call.
         self._frames: torch.Tensor | None = None  # mel frames per row of the padded batch
@@ -113,14 +145,21 @@ class Token2Wav:
             logger.warning("Unknown BigVGAN layer type: vocoding one batch per distinct length.")
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device="cpu") -> Token2Wav:
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device="cpu",
+        dtype: torch.dtype = torch.float32,
+        vocoder_dtype: torch.dtype | None = None,
+    ) -> Token2Wav:
         """Load from a Qwen2.5-Omni checkpoint directory (config.json, safetensors, spk_dict.pt)."""
         from transformers import Qwen2_5OmniConfig
 
         model_dir = Path(model_dir)
         config = Qwen2_5OmniConfig.from_pretrained(model_dir).token2wav_config
         speakers = torch.load(model_dir / "spk_dict.pt", map_location="cpu", weights_only=True)
-        return cls(config, load_prefixed(model_dir, "token2wav."), speakers, device=device)
+        return cls(config, load_prefixed(model_dir, "token2wav."), speakers, device=device, dtype=dtype,
+                   vocoder_dtype=vocoder_dtype)
 
     @property
     def voices(self) -> list[str]:
@@ -157,6 +196,15 @@ class Token2Wav:
         beyond = 1 + max(layer.look_ahead_block for layer in self.dit.transformer_blocks)
         # (B, 1, T, T): the layers' masks broadcast over heads instead of materialising them.
         return diff.masked_fill(hide, beyond)[:, None]
+
+    def _time_embedding(self, time_step: torch.Tensor) -> torch.Tensor:
+        """The DiT's `time_embed` for a float32 time step (in bf16, 1000 * t would be off by up to
+        2): the reference feeds its sinusoids to `time_mlp` in the time step's dtype, we in the DiT's."""
+        embed = self.dit.time_embed
+        hidden = embed.time_embed(time_step.float()).to(self.dtype)
+        for layer in embed.time_mlp:
+            hidden = layer(hidden)
+        return hidden
 
     @torch.no_grad()
     def code2mel(
@@ -200,12 +248,12 @@ class Token2Wav:
         # Everything but the ODE state is fixed over the solve: build it once. Rows are
         # [conditional; unconditional] as in the reference's `DiTInputEmbedding` (apply_cfg=True).
         cfg = guidance_scale >= 1e-5
-        cond = torch.stack([s.cond for s in spk])
-        ref_enc = torch.stack([s.ref_enc for s in spk])
+        cond = torch.stack([s.cond for s in spk]).to(self.dtype)
+        ref_enc = torch.stack([s.ref_enc for s in spk]).to(self.dtype)
         code_embed = self.dit.text_embed(code_pad)
         if cfg:
             cond = torch.cat([cond, torch.zeros_like(cond)])
-            ref_enc = torch.cat([ref_enc, torch.stack([s.null_enc for s in spk])])
+            ref_enc = torch.cat([ref_enc, torch.stack([s.null_enc for s in spk]).to(self.dtype)])
             code_embed = torch.cat([code_embed, self.dit.text_embed(code_pad, drop_code=True)])
             frames_t = torch.cat([frames_t, frames_t])
         rows = len(frames_t)
@@ -222,15 +270,17 @@ class Token2Wav:
         block_diff = self._block_diff(frames_t, length)
 
         def velocity(time_step, x):
-            """The reference's DiT forward (minus the cached speaker encoder) plus guidance."""
+            """The reference's DiT forward (minus the cached speaker encoder) plus guidance, in the
+            DiT's dtype; the ODE state and the returned velocity are float32."""
+            x = x.to(self.dtype)
             hidden = torch.cat([x, x]) if cfg else x
             hidden = self.dit.input_embed.proj(torch.cat((hidden, static), dim=-1))
-            time_embedding = self.dit.time_embed(time_step.repeat(rows))
+            time_embedding = self._time_embedding(time_step.repeat(rows))
             for layer in self.dit.transformer_blocks:
                 hidden = layer(
                     hidden, time_embedding, position_embeddings=position_embeddings, block_diff=block_diff
                 )
-            out = self.dit.proj_out(self.dit.norm_out(hidden, time_embedding))
+            out = self.dit.proj_out(self.dit.norm_out(hidden, time_embedding)).float()
             if not cfg:
                 return out
             guided, null = torch.chunk(out, 2, dim=0)
@@ -280,7 +330,7 @@ class Token2Wav:
                     out[i] = wav
             return out
         length = max(frames)
-        batch = torch.zeros(len(mels), self.mel_dim, length, device=self.device)
+        batch = torch.zeros(len(mels), self.mel_dim, length, device=self.device, dtype=self.vocoder_dtype)
         for i, m in enumerate(mels):
             batch[i, :, : frames[i]] = m.reshape(self.mel_dim, -1)
         padded = len(set(frames)) > 1

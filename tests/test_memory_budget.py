@@ -23,7 +23,7 @@ import torch
 
 from omni_vllm import memory as M
 from omni_vllm.errors import SpeechLoadError
-from omni_vllm.speech import TOKEN2WAV_TAKES_DTYPE, SpeechEngine, load_speech_modules
+from omni_vllm.speech import SpeechEngine, load_speech_modules
 from omni_vllm.streaming import StreamConfig
 from omni_vllm.testing.device_memory import SimulatedDeviceMemory
 from omni_vllm.testing.released import released_config
@@ -246,7 +246,7 @@ def test_speech_dtype_bf16_reaches_the_modules(tiny_checkpoint_dir, speech_dtype
         talker_dtype = torch.bfloat16 if bf16 else torch.float32  # auto: the thinker's (none here: fp32)
         assert speech.talker.dtype == talker_dtype
         assert {p.dtype for p in speech.talker.model.parameters()} == {talker_dtype}
-        dit_dtype = torch.bfloat16 if bf16 and TOKEN2WAV_TAKES_DTYPE else torch.float32
+        dit_dtype = torch.bfloat16 if bf16 else torch.float32
         assert {p.dtype for p in speech.token2wav.dit.parameters()} == {dit_dtype}
     finally:
         _close(speech)
