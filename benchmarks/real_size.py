@@ -419,6 +419,8 @@ def pipeline(config, dev: Device, args, smoke: bool, talker_label: str, dit_labe
     """The streaming pipeline in the fastest dtypes measured (TF32 is one global switch)."""
     dev.use("tf32" if "tf32" in (talker_label, dit_label, voc_label) else "fp32")
     t2w = build_token2wav(config, DTYPES[dit_label], DTYPES[voc_label], dev.name)
+    if not dev.cuda and not smoke:
+        t2w.vocoder_batch = 1  # at the real size one request per BigVGAN call is cheaper on a CPU (README)
     dev.reset_peak()
     talker = build_talker(config, DTYPES[talker_label], dev.name, slots, max_len)
     # The server's stream windows (smoke: the smallest ones, first audio after 24 codes).
