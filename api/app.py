@@ -126,12 +126,16 @@ class Settings:
 
 
 def check_scale_out(args: Namespace) -> None:
-    """Refuse, at start-up and saying why, the scale-out flags of vLLM's that speech does not support.
+    """Refuse, at start-up and saying why, the scale-out flags of vLLM's that speech does not support
+    (with --allow-text-only: serve text only, saying why, instead).
 
-    Supported: --tensor-parallel-size (every rank runs the same hooks, rank 0 sends the rows) and the
-    executor backends (mp, uni, ray: the hooks are applied wherever our model class is built). Pipeline
-    parallelism is refused by the hidden-states check (omni_vllm.hidden_states.check_speech_config)."""
+    Supported: --tensor-parallel-size (every rank runs the same hooks, rank 0 sends the rows) with the
+    mp and uni executors (tested). Refused: pipeline and data parallelism, several API server
+    processes, and the Ray executor (never run with speech: no Ray on our machines)."""
     problems = []
+    if (getattr(args, "pipeline_parallel_size", None) or 1) > 1:
+        problems.append("--pipeline-parallel-size > 1: the talker needs each step's input embeddings (first "
+                        "stage) and last hidden states (last stage) in one process; use --tensor-parallel-size")
     if (getattr(args, "api_server_count", None) or 1) > 1:
         problems.append("--api-server-count > 1: each API server process would load its own talker and "
                         "Token2Wav and the requests would be spread over them blindly; run one API server per "
@@ -140,8 +144,16 @@ def check_scale_out(args: Namespace) -> None:
         problems.append("--data-parallel-size > 1 is not supported with speech (not tested: the speech "
                         "engine is one per API server); run one replica per GPU (or --tensor-parallel-size "
                         "per replica) behind a load balancer instead (README: Replicas)")
-    if problems:
-        raise ValueError("omni-vllm: " + "; ".join(problems))
+    if getattr(args, "distributed_executor_backend", None) == "ray":
+        problems.append("--distributed-executor-backend ray has never run with speech here; use mp (vLLM's "
+                        "default on one node: a 7B fits one GPU) and replicas for more than one node")
+    if not problems:
+        return
+    reason = "omni-vllm: " + "; ".join(problems)
+    if Settings.from_args(args).allow_text_only:
+        args.speech_disabled = getattr(args, "speech_disabled", None) or reason  # SpeechEngine serves text only
+        return
+    raise ValueError(reason + " (or serve text only with --allow-text-only)")
 
 
 def _parse_setting(name: str, raw: str, typ) -> Any:

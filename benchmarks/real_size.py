@@ -545,7 +545,6 @@ def main(argv: list[str] | None = None) -> dict:
     PROMPT_TOKENS = args.prompt_tokens
     dev = Device(args.device)
     config = build_config(512, SMOKE_SIZES if smoke else REAL_SIZES)
-    dit = config.token2wav_config.dit_config
     evaluations = 4 * (10 - 1)
     window, kept = (24, 12) if smoke else (72, 36)  # StreamConfig defaults: chunk 36 + left 24 + ahead 12
     settings = dict(smoke=smoke, dtypes=dtypes, concurrency=conc, pipeline_concurrency=pconc, batches=batches,

@@ -97,12 +97,17 @@ def test_args_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize("flags, words", [
     (["--api-server-count", "2"], "--api-server-count > 1"),
     (["--data-parallel-size", "2"], "--data-parallel-size > 1"),
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size > 1"),
+    (["--distributed-executor-backend", "ray"], "ray has never run with speech"),
 ])
 def test_unsupported_scale_out_refused(flags, words, capsys):
-    """vLLM scale-out flags that speech does not support are refused at start-up, saying why."""
+    """vLLM scale-out flags that speech does not support are refused at start-up, saying why and what to
+    do instead; with --allow-text-only the server starts and serves text only, saying why."""
     from api.server import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--model", "Qwen/Qwen2.5-Omni-7B", *flags])
     err = capsys.readouterr().err
-    assert words in err and "replicas" in err.lower(), err
+    assert words in err and "--allow-text-only" in err, err
+    args = parse_args(["--model", "Qwen/Qwen2.5-Omni-7B", "--allow-text-only", *flags])
+    assert words in args.speech_disabled
