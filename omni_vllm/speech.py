@@ -166,9 +166,10 @@ class _Worker(threading.Thread):
     to touch them. Fed through `submit` (thread-safe), answers through `post` once per iteration."""
 
     def __init__(self, talker: Talker, streamer: StreamingToken2Wav, post, *, max_queued_windows: int,
-                 window_delay: float, log_interval: float):
+                 window_delay: float, log_interval: float, thinker_busy: Callable[[], bool] = lambda: False):
         super().__init__(name="omni-speech", daemon=True)
         self.talker, self.streamer, self.post = talker, streamer, post
+        self.thinker_busy = thinker_busy  # whether the thinker has any request (text-only ones too)
         self.max_queued_windows, self.window_delay, self.log_interval = max_queued_windows, window_delay, log_interval
         self.cond = threading.Condition()
         self.inbox: collections.deque = collections.deque()
@@ -196,15 +197,16 @@ class _Worker(threading.Thread):
     # -- the loop ------------------------------------------------------------------------------
 
     def _cpu_threads(self) -> None:
-        """On the CPU, give the speech path every core this process may use while none of its
-        requests is still in the thinker (whose process then idles), and the thread count it started
-        with otherwise. Text-only requests are not seen here: they share the cores as before. Off
-        when vLLM's CPU worker runs in this process (it pins threads to cores and replaces
-        `torch.set_num_threads`; the thinker would not idle elsewhere anyway)."""
+        """On the CPU, give the speech path every core this process may use while the thinker has
+        no request at all (its process then idles: two busy processes on one core's threads would
+        slow both), and the thread count it started with otherwise. Off when vLLM's CPU worker runs
+        in this process (it pins threads to cores and replaces `torch.set_num_threads`; the thinker
+        would not idle elsewhere anyway)."""
         if self._threads is None:
             return
         base, cores = self._threads
-        n = base if any(not sp.thinker_done for sp in self.speakers.values()) else cores
+        busy = any(not sp.thinker_done for sp in self.speakers.values()) or self.thinker_busy()
+        n = base if busy else cores
         if n != torch.get_num_threads():
             logger.debug("speech worker: %d torch thread(s) (thinker %s)", n, "busy" if n == base else "idle")
             torch.set_num_threads(n)  # process-wide; the other threads here do little torch work
@@ -601,7 +603,8 @@ class SpeechEngine:
                 raise UnknownVoice(f"default voice {default_voice!r} is not one of {', '.join(self.voices)}")
             self._streamer = StreamingToken2Wav(self.token2wav, self.stream_config)  # validates the config
             self._worker = _Worker(self.talker, self._streamer, self._post, max_queued_windows=max_queued_windows,
-                                   window_delay=window_delay, log_interval=log_interval)
+                                   window_delay=window_delay, log_interval=log_interval,
+                                   thinker_busy=lambda: engine.get_num_unfinished_requests() > 0)
             self._worker_snapshot = self._worker._snapshot()
             self._worker.start()
             cfg, tcfg = self.stream_config, self.talker.model.config

@@ -70,6 +70,8 @@ from omni_vllm.talker_sampler import CodecSampler, TalkerSampling
 
 __all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
 
+KV_BLOCK_SIZE = 64  # talker KV positions per allocation block (a request's buffer is whole blocks)
+
 logger = logging.getLogger(__name__)
 
 
@@ -153,7 +155,9 @@ class Talker:
             head_dim=tcfg.head_dim,
             device=self.device,
             dtype=dtype,
-            max_tokens=kv_cache_tokens or max_slots * self.max_len,
+            # Buffers are whole blocks: by default room for `max_slots` requests of `max_len` rounded up.
+            max_tokens=kv_cache_tokens or max_slots * -(-self.max_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE,
+            block_size=KV_BLOCK_SIZE,
         )
         self.sampler = CodecSampler(
             max_slots,
@@ -267,8 +271,8 @@ class Talker:
         most_tokens = n + 1 + max_codes
         if not self.kv.reserve(req_id, n + 2, most_tokens):  # last: nothing to undo when refused
             raise TalkerFull(
-                f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions, "
-                f"{self.kv.free_tokens} of {self.kv.max_tokens} are free"
+                f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions (in blocks of "
+                f"{self.kv.block_size}), {self.kv.free_tokens} of {self.kv.max_tokens} are free"
             )
         self.free_slots.pop(0)
         self.requests[req_id] = _Request(

@@ -124,7 +124,7 @@ def test_kv_cache_full_refuses_admission_and_ends_growing_requests(make_talker, 
     talker = make_talker(max_slots=4, max_len=1024, kv_cache_tokens=3 * 64)
     _start(talker, "a", 100, max_codes=500)  # 102 positions: two blocks (no room for headroom beyond)
     assert talker.kv.allocated_tokens == 128
-    with pytest.raises(TalkerFull, match="KV cache full.*needs 102 positions, 64 of 192 are free"):
+    with pytest.raises(TalkerFull, match="KV cache full.*needs 102 positions .in blocks of 64., 64 of 192 are free"):
         talker.add_request("b", **_prompt(talker, 100))
     assert "b" not in talker and talker.num_free_slots == 3
     _start(talker, "c", 20, max_codes=500)  # takes the last block
