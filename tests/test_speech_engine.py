@@ -37,6 +37,9 @@ from omni_vllm.token2wav import Token2Wav
 torch.set_num_threads(1)
 
 MAX_TOKENS = 512  # thinker tokens per request (ignore_eos): the text outlasts the speech's start
+# The 16-at-once test: long enough that every request's first window (decoded alone, one after another)
+# comes before its text ends even when the suite has left the machine busy.
+LONG_TOKENS = 1024
 MAX_CODES = 48  # talker codes per request (random weights never stop on their own)
 # A short first chunk so that audio starts early (after 24 codes); small vocoder contexts and 4 ODE
 # points keep the tiny Token2Wav (BigVGAN above all) cheap on two cores.
@@ -211,14 +214,14 @@ def assert_idle(speech, engine, loop):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference(engine, loop, cases, talker, t2w):
+def reference(engine, loop, cases, talker, t2w, max_tokens=MAX_TOKENS):
     """The one-at-a-time speech path: the thinker's rows (collected from AsyncLLM), then each
     request alone through a separate Talker (fed as omni_vllm.offline does) and `stream_decode`."""
     collector = HiddenStatesCollector()
     previous = set_hidden_states_sink(collector)
 
     async def thinker(case):
-        async for out in engine.generate(case.prompt, request_hidden_states(params()), case.rid + "-ref"):
+        async for out in engine.generate(case.prompt, request_hidden_states(params(max_tokens)), case.rid + "-ref"):
             pass
         return out
 
@@ -258,20 +261,20 @@ def test_concurrent_requests_equal_one_at_a_time(engine, loop, processor, t2w, s
     cases = make_cases(processor, 16, "c")
     cases += [dataclasses.replace(c, rid=f"t{i}", audio=False) for i, c in enumerate(cases[:2])]  # text out only
     talker = Talker.from_pretrained(tiny_checkpoint_dir, max_slots=1, max_len=512)
-    refs = reference(engine, loop, cases, talker, t2w)
+    refs = reference(engine, loop, cases, talker, t2w, LONG_TOKENS)
 
     speech = speech_factory()
     assert speech.has_speech and sorted(speech.voices) == ["Chelsie", "Ethan"]
 
     async def all_at_once():
-        return await asyncio.gather(*(consume(run_speech(speech, c), Outcome()) for c in cases))
+        return await asyncio.gather(*(consume(run_speech(speech, c, LONG_TOKENS), Outcome()) for c in cases))
 
     results = dict(zip([c.rid for c in cases], loop.run_until_complete(all_at_once()), strict=True))
     for case in cases:
         got, (ids, codes, wav) = results[case.rid], refs[case.rid]
-        assert got.tokens == ids and len(ids) == MAX_TOKENS, case.rid
+        assert got.tokens == ids and len(ids) == LONG_TOKENS, case.rid
         assert got.final is not None and got.final.finished and got.final.finish_reason == "length"
-        assert got.final.completion_tokens == MAX_TOKENS and got.final.prompt_tokens > 10
+        assert got.final.completion_tokens == LONG_TOKENS and got.final.prompt_tokens > 10
         if not case.audio:
             assert got.audio == [] and got.codes == [] and got.final.audio_tokens == 0
             continue
@@ -280,7 +283,7 @@ def test_concurrent_requests_equal_one_at_a_time(engine, loop, processor, t2w, s
         assert audio.shape == wav.shape == (MAX_CODES * 2 * t2w.hop,)
         np.testing.assert_allclose(audio, wav, atol=ATOL, rtol=0, err_msg=case.rid)
         # Streamed: the first audio reached the consumer before the thinker's last token did.
-        assert got.tokens_at_first_audio is not None and got.tokens_at_first_audio < MAX_TOKENS, case.rid
+        assert got.tokens_at_first_audio is not None and got.tokens_at_first_audio < LONG_TOKENS, case.rid
         assert len(got.audio) >= 2  # and in pieces
     stats = speech.stats()
     assert stats["audio_requests"] == 16 and stats["text_requests"] == 2 and len(stats["ttfa_samples"]) == 16
