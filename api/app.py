@@ -73,7 +73,7 @@ from omni_vllm.speech import (
     UnknownVoice,
 )
 from omni_vllm.streaming import StreamConfig
-from omni_vllm.talker import KV_BLOCK_SIZE
+from omni_vllm.talker import kv_tokens_for
 
 logger = init_logger("omni_vllm.api")
 
@@ -328,7 +328,7 @@ class OmniEndpoints:
                 max_waiting=s.max_waiting, queue_timeout=s.max_wait_seconds,
                 max_codes_per_text_token=s.max_audio_tokens_per_text_token or None,
                 stream_config=StreamConfig(**s.speech_stream_config or {}), speech_dtype=s.speech_dtype,
-                talker_max_len=max_len, kv_cache_tokens=max_speaking * -(-max_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE,
+                talker_max_len=max_len, kv_cache_tokens=kv_tokens_for(max_speaking, max_len),
                 allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None

@@ -72,6 +72,11 @@ __all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
 
 KV_BLOCK_SIZE = 64  # talker KV positions per allocation block (a request's buffer is whole blocks)
 
+
+def kv_tokens_for(num_requests: int, max_len: int) -> int:
+    """KV positions that hold `num_requests` requests of `max_len` each, in whole blocks."""
+    return num_requests * -(-max_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+
 logger = logging.getLogger(__name__)
 
 
@@ -156,7 +161,7 @@ class Talker:
             device=self.device,
             dtype=dtype,
             # Buffers are whole blocks: by default room for `max_slots` requests of `max_len` rounded up.
-            max_tokens=kv_cache_tokens or max_slots * -(-self.max_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE,
+            max_tokens=kv_cache_tokens or kv_tokens_for(max_slots, self.max_len),
             block_size=KV_BLOCK_SIZE,
         )
         self.sampler = CodecSampler(
