@@ -46,9 +46,10 @@ class FakeSpeech:
     has_speech = True
 
     def __init__(self, fail: BaseException | None):
-        self.fail, self.aborted = fail, []
+        self.fail, self.aborted, self.calls = fail, [], []
 
     async def generate(self, prompt, params, request_id, *, audio=True, voice=None, max_codes=None, **kw):
+        self.calls.append(dict(audio=audio, voice=voice, max_codes=max_codes))
         yield SpeechChunk("Hello", [1], np.full(480, 0.1, np.float32))
         if self.fail is not None:
             raise self.fail
@@ -83,11 +84,15 @@ class FakeChat:
         return None
 
 
-def _client(fail: BaseException | None):
-    speech = FakeSpeech(fail)
-    core = OmniServing(settings=Settings(), speech=speech, speech_error=None, audio_ids=AudioIds(60.0),
+def _core(fail: BaseException | None) -> OmniServing:
+    return OmniServing(settings=Settings(), speech=FakeSpeech(fail), speech_error=None, audio_ids=AudioIds(60.0),
                        metrics=SimpleNamespace(queue_time=_Nop(), speaking=_Nop(), ttfa=_Nop(),
                                                audio_seconds=_Nop()), chat=FakeChat())
+
+
+def _client(fail: BaseException | None):
+    core = _core(fail)
+    speech = core.speech
     app = FastAPI()
     OmniEndpoints().attach_router(app)
     app.state.omni_serving = core
@@ -172,6 +177,29 @@ def test_refusals_before_the_response(body, status, param, words):
     err = r.json()["error"]
     assert err["param"] == param and err["code"] == status and words in err["message"], err
     assert "(parameter=" not in err["message"]  # our messages as raised, not VLLMValidationError's str()
+
+
+def test_start_text_only():
+    """`audio=False` (the Realtime API's text mode): no speech system prompt, the SpeechEngine asked
+    for text only, the chunks and usage as for audio."""
+    import asyncio
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    core = _core(None)
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}])
+
+    async def run():
+        started = await core.start(request, request_id="rt-1", voice=None, max_codes=None, audio=False)
+        return started, [c async for c in core.chunks(started, 0.0)]
+
+    started, chunks = asyncio.run(run())
+    assert started.request_id == "rt-1" and not started.audio
+    assert [m["role"] for m in request.messages] == ["user"]
+    assert core.speech.calls == [dict(audio=False, voice=None, max_codes=None)]
+    assert "".join(c.text for c in chunks) == "Hello there" and chunks[-1].finished
+    assert core.usage(chunks[-1], started.mm_counts).completion_tokens == 2 + 4
+    assert core.speech.aborted == []
 
 
 def test_error_vocabulary():
