@@ -21,7 +21,7 @@ import os
 import time
 import typing
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -66,13 +66,13 @@ from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import (
     SpeechBusy,
+    SpeechConfig,
     SpeechEngine,
     SpeechLoadError,
     SpeechUnavailable,
     TalkerSampling,
     UnknownVoice,
 )
-from omni_vllm.streaming import StreamConfig
 from omni_vllm.talker import kv_tokens_for
 
 logger = init_logger("omni_vllm.api")
@@ -92,25 +92,14 @@ MAX_SPEECH_INPUT_CHARS = 4096
 class Settings:
     """Our server settings (flags of `python -m api.serve`, see api.server)."""
 
-    default_voice: str = "Chelsie"
-    max_audio_tokens: int = 4096  # talker codes per request (50 per second of speech)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)  # the speech path's flags
     audio_id_ttl: float = 3600.0  # seconds an `audio.id` can be sent back
     max_media_mb: float = 25.0
     max_audio_input_seconds: float = 600.0
     max_video_input_seconds: float = 600.0
     max_image_pixels: int = 36_000_000  # an 8K UHD frame is 33.2 M
     max_request_mb: float = 100.0
-    speech_device: str | None = None
-    max_speaking: int | None = None  # None: what the speech memory budget holds (api.server.plan_speech)
-    speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
-    max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
-    max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
     audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
-    max_audio_tokens_per_text_token: float = 40.0  # the runaway guard (0: off)
-    speech_dtype: str = "auto"  # omni_vllm.memory.speech_dtypes
-    speech_gpu_memory_gb: float | None = None
-    allow_text_only: bool = False
-    talker_max_len: int | None = None  # None: the talker config's, at most max_model_len + max_audio_tokens
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -118,12 +107,17 @@ class Settings:
         variable OMNI_VLLM_<FLAG> (e.g. OMNI_VLLM_MAX_AUDIO_TOKENS: `vllm serve` has no such flags),
         else the default."""
         values = {}
-        for name, typ in typing.get_type_hints(cls).items():
+        speech = SpeechConfig.cli_fields()  # {field: flag dest}
+        hints = typing.get_type_hints(SpeechConfig)
+        flags = {**typing.get_type_hints(cls), **{dest: hints[name] for name, dest in speech.items()}}
+        del flags["speech"]
+        for name, typ in flags.items():
             if hasattr(args, name):
                 values[name] = getattr(args, name)
             elif (raw := os.environ.get(f"OMNI_VLLM_{name.upper()}")) is not None:
                 values[name] = _parse_setting(name, raw, typ)
-        return cls(**values)
+        speech_args = Namespace(**{dest: values.pop(dest) for dest in speech.values() if dest in values})
+        return cls(speech=SpeechConfig.from_cli_args(speech_args), **values)
 
 
 def check_scale_out(args: Namespace) -> None:
@@ -151,18 +145,20 @@ def check_scale_out(args: Namespace) -> None:
     if not problems:
         return
     reason = "omni-vllm: " + "; ".join(problems)
-    if Settings.from_args(args).allow_text_only:
+    if Settings.from_args(args).speech.allow_text_only:
         args.speech_disabled = getattr(args, "speech_disabled", None) or reason  # SpeechEngine serves text only
         return
     raise ValueError(reason + " (or serve text only with --allow-text-only)")
 
 
 def _parse_setting(name: str, raw: str, typ) -> Any:
+    if typing.get_origin(typ) is Literal:
+        return raw
     base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
     try:
         if base is bool:
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if base is dict:
+        if base is dict or is_dataclass(base):  # JSON of its fields
             return json.loads(raw)
         return base(raw)
     except ValueError as e:
@@ -316,26 +312,22 @@ class OmniEndpoints:
         self.state, self.settings = state, Settings.from_args(args)
         self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
-        voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
-        s, model_config = self.settings, engine_client.model_config
-        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_audio_tokens,
-                      model_config.max_model_len + s.max_audio_tokens)  # longer is never reached
+        s, model_config = self.settings.speech, engine_client.model_config
+        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_codes,
+                      model_config.max_model_len + s.max_codes)  # longer is never reached
         max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
-                engine_client, engine_checkpoint(engine_client.vllm_config), device=s.speech_device,
-                max_speaking=max_speaking, default_voice=voice, max_codes=s.max_audio_tokens,
-                max_waiting=s.max_waiting, queue_timeout=s.max_wait_seconds,
-                max_codes_per_text_token=s.max_audio_tokens_per_text_token or None,
-                stream_config=StreamConfig(**s.speech_stream_config or {}), speech_dtype=s.speech_dtype,
-                talker_max_len=max_len, kv_cache_tokens=kv_tokens_for(max_speaking, max_len),
-                allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
+                engine_client, engine_checkpoint(engine_client.vllm_config),
+                config=replace(s, max_speaking=max_speaking, talker_max_len=max_len,
+                               kv_cache_tokens=kv_tokens_for(max_speaking, max_len)),
+                text_only_reason=getattr(args, "speech_disabled", None))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
         except SpeechLoadError as e:  # a start-up error that says what to change, not a traceback
             logger.error("the speech path did not load: %s", e)
             raise SystemExit(f"omni-vllm: the speech path did not load: {e}") from None
-        self.settings.default_voice = voice
+        self.settings.speech = self.speech.config  # the default voice as the checkpoint spells it
         if self.speech.has_speech:
             self.metrics.attach(self.speech)
         else:
@@ -353,11 +345,12 @@ class OmniEndpoints:
         return self.state.openai_serving_chat
 
     def _voice(self, voice: Any, param: str) -> str:
-        name = _voice_name(voice) or self.settings.default_voice
-        for v in self.speech.voices:
-            if v.lower() == str(name).lower():
-                return v
-        raise APIError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}", param=param)
+        name = _voice_name(voice) or self.settings.speech.default_voice
+        try:
+            return self.speech.resolve_voice(name)
+        except UnknownVoice:
+            raise APIError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
+                           param=param) from None
 
     def _need_speech(self) -> None:
         if self.speech is None or self.speech_error:
@@ -389,10 +382,10 @@ class OmniEndpoints:
 
     def _max_codes(self, value: Any, param: str) -> int:
         if value is None:
-            return self.settings.max_audio_tokens
+            return self.settings.speech.max_codes
         if not isinstance(value, int) or value < 1:
             raise APIError("max_audio_tokens must be a positive integer", param=param)
-        return min(value, self.settings.max_audio_tokens)
+        return min(value, self.settings.speech.max_codes)
 
     async def _start(self, request: ChatCompletionRequest, raw_request: Request, voice: str, max_codes: int,
                      respond_while_queued: bool = False):
