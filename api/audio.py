@@ -15,8 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from api.limits import MediaError
-
-SAMPLE_RATE = 24000
+from omni_vllm.token2wav import SAMPLE_RATE  # Token2Wav's output rate
 
 # format name -> (libsndfile format, subtype, content type); None: raw pcm16; "aac": PyAV's
 # (container, codec, content type)

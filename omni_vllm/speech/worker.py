@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from omni_vllm.speech.config import SpeechConfig
 from omni_vllm.speech.scheduler import Speaker, SpeechScheduler
 from omni_vllm.streaming import StreamingToken2Wav
 from omni_vllm.talker import Talker, TalkerSampling
@@ -127,13 +128,13 @@ class SpeechWorker(threading.Thread):
     """The speech path's one thread (see the module docstring)."""
 
     def __init__(self, talker: Talker, streamer: StreamingToken2Wav,
-                 post: Callable[[dict[str, WorkerOutput], WorkerStats, list], None], *,
-                 scheduler: SpeechScheduler, log_interval: float,
+                 post: Callable[[dict[str, WorkerOutput], WorkerStats, list], None], config: SpeechConfig, *,
                  thinker_busy: Callable[[], bool] = lambda: False):
         super().__init__(name="omni-speech", daemon=True)
-        self.talker, self.streamer, self.post, self.scheduler = talker, streamer, post, scheduler
+        self.talker, self.streamer, self.post = talker, streamer, post
+        self.scheduler = SpeechScheduler(max_queued_windows=config.max_queued_windows, window_delay=config.window_delay)
         self.thinker_busy = thinker_busy  # whether the thinker has any request (text-only ones too)
-        self.log_interval = log_interval
+        self.log_interval = config.log_interval
         self.cond = threading.Condition()
         self.inbox: collections.deque[Command] = collections.deque()
         self.stopping = False
