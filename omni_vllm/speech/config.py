@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from omni_vllm.memory import SpeechDtype
 from omni_vllm.streaming import StreamConfig
@@ -83,8 +82,8 @@ class SpeechConfig:
     max_speaking and talker_max_len); unset: the talker's default."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stream_config, dict):  # JSON from the command line or the environment
-            self.stream_config = StreamConfig(**self.stream_config)
+        # JSON from the command line or the environment (a dict), or None: the defaults.
+        self.stream_config = _stream_config(self.stream_config)
         if (self.max_speaking is not None and self.max_speaking < 1) or self.max_queued_windows < 1:
             raise ValueError("max_speaking and max_queued_windows must be >= 1")
 
@@ -110,15 +109,9 @@ class SpeechConfig:
         return parser
 
     @classmethod
-    def from_cli_args(cls, args: argparse.Namespace | Any) -> "SpeechConfig":
+    def from_cli_args(cls, args: argparse.Namespace) -> "SpeechConfig":
         """The config of parsed flags (fields whose flag `args` lacks keep their default)."""
-        values = {}
-        for name, dest in cls.cli_fields().items():
-            value = getattr(args, dest, None) if name == "stream_config" else getattr(args, dest, _UNSET)
-            if name == "stream_config":
-                values[name] = _stream_config(value)
-            elif value is not _UNSET:
-                values[name] = value
+        values = {name: getattr(args, dest) for name, dest in cls.cli_fields().items() if hasattr(args, dest)}
         return cls(**values)
 
 
@@ -133,7 +126,6 @@ CLI_NAMES = {
     "gpu_memory_gb": "speech_gpu_memory_gb",
 }
 NO_FLAG = frozenset({"kv_cache_tokens"})
-_UNSET = object()
 
 
 def _stream_config(value: StreamConfig | dict | None) -> StreamConfig:
