@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from argparse import Namespace
+from dataclasses import replace
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute, APIWebSocketRoute
@@ -31,7 +32,6 @@ from api.speech.serving import TTS_USER_PROMPT, OmniServingSpeech
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import SpeechEngine, SpeechLoadError, UnknownVoice
-from omni_vllm.streaming import StreamConfig
 from omni_vllm.talker import kv_tokens_for
 
 __all__ = ["MAX_SPEECH_INPUT_CHARS", "SPEECH_SYSTEM_PROMPT", "TTS_USER_PROMPT", "OmniEndpoints", "Settings", "SpeechRequest",
@@ -93,26 +93,22 @@ class OmniEndpoints:
         self.settings = Settings.from_args(args)
         self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
-        voice = self.settings.default_voice.capitalize()  # the checkpoint's names: Chelsie, Ethan
-        s, model_config = self.settings, engine_client.model_config
-        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_audio_tokens,
-                      model_config.max_model_len + s.max_audio_tokens)  # longer is never reached
+        s, model_config = self.settings.speech, engine_client.model_config
+        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_codes,
+                      model_config.max_model_len + s.max_codes)  # longer is never reached
         max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
-                engine_client, engine_checkpoint(engine_client.vllm_config), device=s.speech_device,
-                max_speaking=max_speaking, default_voice=voice, max_codes=s.max_audio_tokens,
-                max_waiting=s.max_waiting, queue_timeout=s.max_wait_seconds,
-                max_codes_per_text_token=s.max_audio_tokens_per_text_token or None,
-                stream_config=StreamConfig(**s.speech_stream_config or {}), speech_dtype=s.speech_dtype,
-                talker_max_len=max_len, kv_cache_tokens=kv_tokens_for(max_speaking, max_len),
-                allow_text_only=s.allow_text_only, text_only_reason=getattr(args, "speech_disabled", None))
+                engine_client, engine_checkpoint(engine_client.vllm_config),
+                config=replace(s, max_speaking=max_speaking, talker_max_len=max_len,
+                               kv_cache_tokens=kv_tokens_for(max_speaking, max_len)),
+                text_only_reason=getattr(args, "speech_disabled", None))
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
         except SpeechLoadError as e:  # a start-up error that says what to change, not a traceback
             logger.error("the speech path did not load: %s", e)
             raise SystemExit(f"omni-vllm: the speech path did not load: {e}") from None
-        self.settings.default_voice = voice
+        self.settings.speech = self.speech.config  # the default voice as the checkpoint spells it
         if self.speech.has_speech:
             self.metrics.attach(self.speech)
         else:

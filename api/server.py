@@ -19,7 +19,8 @@ from vllm.logger import init_logger
 
 from api.app import OmniEndpoints
 from api.settings import Settings, check_scale_out
-from omni_vllm.memory import SPEECH_DTYPES, SpeechMemoryError, SpeechPlan, plan_speech_memory, speech_dtypes
+from omni_vllm.memory import SpeechMemoryError, SpeechPlan, plan_speech_memory, speech_dtypes
+from omni_vllm.speech import SpeechConfig
 from omni_vllm.streaming import StreamConfig
 
 logger = init_logger("omni_vllm.api")
@@ -28,11 +29,9 @@ D = Settings()
 
 
 def add_omni_args(parser):
-    g = parser.add_argument_group("omni-vllm (speech output)")
-    g.add_argument("--default-voice", default=D.default_voice,
-                   help="Voice when a request names none (Chelsie or Ethan, case-insensitive).")
-    g.add_argument("--max-audio-tokens", type=int, default=D.max_audio_tokens,
-                   help="Most talker codec tokens per request (50 per second of speech).")
+    """Our flags: the speech path's, generated from SpeechConfig, and the HTTP front's."""
+    SpeechConfig.add_cli_args(parser)
+    g = parser.add_argument_group("omni-vllm (HTTP front)")
     g.add_argument("--audio-id-ttl", type=float, default=D.audio_id_ttl,
                    help="Seconds an assistant `audio.id` can be sent back in a later turn.")
     g.add_argument("--max-media-mb", type=float, default=D.max_media_mb,
@@ -46,20 +45,6 @@ def add_omni_args(parser):
                         "vLLM's 400 (fetched).")
     g.add_argument("--max-request-mb", type=float, default=D.max_request_mb,
                    help="Largest request body, MiB; larger is a 413 before it is read.")
-    g.add_argument("--speech-device", default=D.speech_device,
-                   help="Device of the talker and Token2Wav; unset: cuda if available, else cpu.")
-    g.add_argument("--max-speaking", type=int, default=D.max_speaking,
-                   help="Most requests producing audio at once; more wait for a slot. Unset: as many as the "
-                        "speech memory budget holds (printed at start-up; 32 on CPU).")
-    g.add_argument("--speech-stream-config", type=json.loads, default=None,
-                   help="Streaming Token2Wav windows, JSON of omni_vllm.streaming.StreamConfig fields, e.g. "
-                        "'{\"first_chunk\": 12}'; unset: its defaults (first audio after 48 codes).")
-    g.add_argument("--max-waiting", type=int, default=D.max_waiting,
-                   help="Most audio requests waiting for a speaking slot (they wait, in arrival order, as long as "
-                        "their client stays connected); more get a 503 with Retry-After.")
-    g.add_argument("--max-wait-seconds", type=float, default=D.max_wait_seconds,
-                   help="Server-side limit on the wait for a speaking slot (a 503 with Retry-After, or an error "
-                        "event in a stream); unset: no limit, the client's timeout decides.")
     g.add_argument("--audio-id-key", default=D.audio_id_key,
                    help="Secret that signs assistant `audio.id`s; give every replica the same one so that any "
                         "accepts the others' ids (prefer the environment variable OMNI_VLLM_AUDIO_ID_KEY: "
@@ -68,24 +53,6 @@ def add_omni_args(parser):
                    help="Fetch media URLs that resolve to loopback, private or link-local addresses too (by "
                         "default they are a 400 and no connection is made; OMNI_VLLM_ALLOWED_MEDIA_NETWORKS "
                         "opens chosen networks only).")
-    g.add_argument("--max-audio-tokens-per-text-token", type=float, default=D.max_audio_tokens_per_text_token,
-                   help="Runaway guard: once the text is complete, its speech may have at most this many codes "
-                        "per text token (at least 100, 2 s); a talker that never stops is cut there, with "
-                        "finish_reason \"length\". Speech is 50 codes/s, replies ~3-4 tokens/s. 0: off.")
-    g.add_argument("--speech-dtype", choices=SPEECH_DTYPES, default=D.speech_dtype,
-                   help="dtype of the talker and Token2Wav. auto: the talker in the thinker's dtype, Token2Wav in "
-                        "float32 (the reference); bfloat16: both in bf16.")
-    g.add_argument("--speech-gpu-memory-gb", type=float, default=D.speech_gpu_memory_gb,
-                   help="GiB the speech path (talker weights and KV, Token2Wav) may use on its device; on the device "
-                        "vLLM uses, taken out of vLLM's share (a lower default --gpu-memory-utilization). Unset: "
-                        "what --max-speaking needs, or on a shared GPU at most 25%% of it, on a GPU of its own 90%%.")
-    g.add_argument("--allow-text-only", action="store_true", default=D.allow_text_only,
-                   help="If the speech path cannot load (out of memory, bad tensors), serve text only (logged) "
-                        "instead of stopping at start-up.")
-    g.add_argument("--talker-max-len", type=int, default=D.talker_max_len,
-                   help="Most talker positions per request (prompt tokens + speech codes); a longer prompt asking "
-                        "for audio is refused with a 400. Unset: the talker config's max_position_embeddings, at "
-                        "most --max-model-len + --max-audio-tokens.")
     return parser
 
 

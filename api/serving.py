@@ -77,12 +77,12 @@ class OmniServing:
 
     def voice(self, name: Any, param: str) -> str:
         """The checkpoint's spelling of a voice (case-insensitive; None: the default voice)."""
-        name = voice_name(name) or self.settings.default_voice
-        for v in self.speech.voices:
-            if v.lower() == str(name).lower():
-                return v
-        raise VLLMValidationError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
-                                  parameter=param)
+        name = voice_name(name) or self.settings.speech.default_voice
+        try:
+            return self.speech.resolve_voice(name)
+        except UnknownVoice:
+            raise VLLMValidationError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
+                                      parameter=param) from None
 
     def need_speech(self, param: str = "modalities") -> None:
         """Refuse audio where this server has no speech path (text-only checkpoint, load failure)."""
@@ -100,10 +100,10 @@ class OmniServing:
     def max_codes(self, value: Any, param: str) -> int:
         """A request's speech cap, at most the server's --max-audio-tokens."""
         if value is None:
-            return self.settings.max_audio_tokens
+            return self.settings.speech.max_codes
         if not isinstance(value, int) or value < 1:
             raise VLLMValidationError("max_audio_tokens must be a positive integer", parameter=param)
-        return min(value, self.settings.max_audio_tokens)
+        return min(value, self.settings.speech.max_codes)
 
     def resolve_audio_ids(self, messages: list) -> None:
         """Assistant turns sent back as `audio: {id}` become their transcript (kept audio_id_ttl s)."""

@@ -8,33 +8,24 @@ import json
 import os
 import typing
 from argparse import Namespace
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Literal
+
+from omni_vllm.speech import SpeechConfig
 
 
 @dataclass
 class Settings:
     """Our server settings (flags of `python -m api.serve`, see api.server)."""
 
-    default_voice: str = "Chelsie"
-    max_audio_tokens: int = 4096  # talker codes per request (50 per second of speech)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)  # the speech path's flags
     audio_id_ttl: float = 3600.0  # seconds an `audio.id` can be sent back
     max_media_mb: float = 25.0
     max_audio_input_seconds: float = 600.0
     max_video_input_seconds: float = 600.0
     max_image_pixels: int = 36_000_000  # an 8K UHD frame is 33.2 M
     max_request_mb: float = 100.0
-    speech_device: str | None = None
-    max_speaking: int | None = None  # None: what the speech memory budget holds (api.server.plan_speech)
-    speech_stream_config: dict | None = None  # omni_vllm.streaming.StreamConfig fields
-    max_waiting: int = 1024  # audio requests waiting for a speaking slot; more: 503
-    max_wait_seconds: float | None = None  # server-side wait limit for a speaking slot (None: none)
     audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
-    max_audio_tokens_per_text_token: float = 40.0  # the runaway guard (0: off)
-    speech_dtype: str = "auto"  # omni_vllm.memory.speech_dtypes
-    speech_gpu_memory_gb: float | None = None
-    allow_text_only: bool = False
-    talker_max_len: int | None = None  # None: the talker config's, at most max_model_len + max_audio_tokens
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -42,12 +33,17 @@ class Settings:
         variable OMNI_VLLM_<FLAG> (e.g. OMNI_VLLM_MAX_AUDIO_TOKENS: `vllm serve` has no such flags),
         else the default."""
         values = {}
-        for name, typ in typing.get_type_hints(cls).items():
+        speech = SpeechConfig.cli_fields()  # {field: flag dest}
+        hints = typing.get_type_hints(SpeechConfig)
+        flags = {**typing.get_type_hints(cls), **{dest: hints[name] for name, dest in speech.items()}}
+        del flags["speech"]
+        for name, typ in flags.items():
             if hasattr(args, name):
                 values[name] = getattr(args, name)
             elif (raw := os.environ.get(f"OMNI_VLLM_{name.upper()}")) is not None:
                 values[name] = _parse_setting(name, raw, typ)
-        return cls(**values)
+        speech_args = Namespace(**{dest: values.pop(dest) for dest in speech.values() if dest in values})
+        return cls(speech=SpeechConfig.from_cli_args(speech_args), **values)
 
 
 def check_scale_out(args: Namespace) -> None:
@@ -75,18 +71,20 @@ def check_scale_out(args: Namespace) -> None:
     if not problems:
         return
     reason = "omni-vllm: " + "; ".join(problems)
-    if Settings.from_args(args).allow_text_only:
+    if Settings.from_args(args).speech.allow_text_only:
         args.speech_disabled = getattr(args, "speech_disabled", None) or reason  # SpeechEngine serves text only
         return
     raise ValueError(reason + " (or serve text only with --allow-text-only)")
 
 
 def _parse_setting(name: str, raw: str, typ) -> Any:
+    if typing.get_origin(typ) is Literal:
+        return raw
     base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)  # X | None -> X
     try:
         if base is bool:
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if base is dict:
+        if base is dict or is_dataclass(base):  # JSON of its fields
             return json.loads(raw)
         return base(raw)
     except ValueError as e:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 import torch
 
@@ -53,7 +54,8 @@ OWN_DEVICE_FRACTION = 0.9  # of a device the speech path has to itself (as vLLM'
 MARGIN_FRACTION, MARGIN_FIXED = 0.10, 512 * MiB
 TOKEN2WAV_FIXED = 64 * MiB  # Token2Wav's working set that does not grow with the batch (24 MiB measured at 7B)
 BIGVGAN_LIVE = 12  # live tensors of BigVGAN's largest stage per window (11.3 measured, tiny and 7B)
-SPEECH_DTYPES = ("auto", "float32", "bfloat16")
+SpeechDtype = Literal["auto", "float32", "bfloat16"]  # --speech-dtype
+SPEECH_DTYPES = get_args(SpeechDtype)
 
 
 class SpeechMemoryError(ValueError):

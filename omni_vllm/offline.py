@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from omni_vllm.checkpoint import engine_checkpoint
-from omni_vllm.errors import SpeechUnavailable, UnknownVoice
+from omni_vllm.errors import SpeechUnavailable
 from omni_vllm.hidden_states import (
     HiddenStatesCollector,
     check_speech_config,
@@ -24,9 +24,10 @@ from omni_vllm.hidden_states import (
     set_hidden_states_sink,
 )
 from omni_vllm.memory import speech_dtypes
-from omni_vllm.speech import load_speech_modules
+from omni_vllm.speech.loading import default_device, load_speech_modules
 from omni_vllm.talker import Talker, TalkerSampling
 from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
+from omni_vllm.voices import resolve_voice
 
 # Engine settings that suit the speech path; any of them can be overridden by the caller.
 ENGINE_DEFAULTS = dict(enable_prefix_caching=False, limit_mm_per_prompt={"audio": 4, "image": 4, "video": 1})
@@ -61,7 +62,7 @@ class OmniLLM:
             raise SpeechUnavailable(str(e)) from None
         self.model_dir = engine_checkpoint(vllm_config)  # the engine's revision and download dir
         self.default_voice = voice
-        self.speech_device = speech_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.speech_device = speech_device or default_device()
         self.speech_dtypes = speech_dtypes(speech_dtype, self.llm.llm_engine.model_config.dtype)
         self._talker: Talker | None = None
         self._token2wav: Token2Wav | None = None
@@ -112,9 +113,7 @@ class OmniLLM:
 
         talker, token2wav = self._speech_modules()
         voices = [voice or self.default_voice] * n if voice is None or isinstance(voice, str) else list(voice)
-        for v in voices:
-            if v not in token2wav.voices:  # before any work is done
-                raise UnknownVoice(f"unknown voice {v!r}; available voices: {', '.join(token2wav.voices)}")
+        voices = [resolve_voice(v, token2wav.voices) for v in voices]  # UnknownVoice before any work is done
         samplings = [talker_sampling] * n if isinstance(talker_sampling, TalkerSampling) else list(talker_sampling)
 
         collector = HiddenStatesCollector()

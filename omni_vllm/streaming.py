@@ -60,9 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omni_vllm.token2wav import Token2Wav
-
-NoiseSource = torch.Tensor | torch.Generator | int | None
+from omni_vllm.token2wav import NoiseSource, Token2Wav
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,8 @@ def bigvgan_receptive_field(t2w: Token2Wav) -> tuple[int, int]:
 
 class StreamState:
     """One request's stream: codes so far, its noise, the mel still needed as vocoder context, and
-    how far its audio has been emitted. Fed with :meth:`append`; decoded by :func:`decode_windows`."""
+    how far its audio has been emitted. Fed with :meth:`append`; decoded by :func:`decode_windows` (usually through
+    :meth:`StreamingToken2Wav.step`)."""
 
     def __init__(
         self,
@@ -252,6 +251,13 @@ class StreamState:
         if self.finished:
             return start < self.num_codes
         return self.num_codes >= end + self.config.look_ahead
+
+    def queued_windows(self) -> int:
+        """Chunks whose codes exist (with their look-ahead) but which are not decoded yet."""
+        k = self.next_chunk
+        while self._chunk_ready(k):
+            k += 1
+        return k - self.next_chunk
 
     def _tail_ready(self) -> bool:
         """A finished stream whose chunks are all decoded but whose last frames are still held."""

@@ -67,6 +67,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 from omni_vllm.checkpoint import load_embedding_rows, load_prefixed
 from omni_vllm.talker_kv_cache import TalkerKVCache
 from omni_vllm.talker_sampler import CodecSampler, TalkerSampling
+from omni_vllm.voices import load_speakers, resolve_voice
 
 __all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
 
@@ -179,11 +180,7 @@ class Talker:
         """Load from a Qwen2.5-Omni checkpoint directory (config.json, safetensors, spk_dict.pt)."""
         model_dir = Path(model_dir)
         config = Qwen2_5OmniConfig.from_pretrained(model_dir)
-        spk_path = model_dir / "spk_dict.pt"
-        if not spk_path.exists():
-            raise ValueError(f"{model_dir}: no spk_dict.pt, so no voices for the talker")
-        speakers = torch.load(spk_path, map_location="cpu", weights_only=True)
-        voices = {name: int(params["bos_token"]) for name, params in speakers.items()}
+        voices = {name: int(params["bos_token"]) for name, params in load_speakers(model_dir).items()}
         tc = config.talker_config
         token_ids = sorted({*voices.values(), tc.tts_text_end_token_id, tc.tts_text_pad_token_id})
         talker_state = load_prefixed(model_dir, "talker.")
@@ -227,8 +224,7 @@ class Talker:
 
         Raises ValueError when the request can never run here (unknown voice, a prompt that does
         not fit `max_len`) and TalkerFull when there is no slot or KV memory for it now."""
-        if voice not in self.voices:
-            raise ValueError(f"unknown voice {voice!r}; available voices: {sorted(self.voices)}")
+        voice = resolve_voice(voice, self.voices)
         if req_id in self.requests:
             raise ValueError(f"request {req_id!r} is already in the talker")
         prompt_ids = torch.as_tensor(prompt_ids).reshape(-1).cpu()

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from omni_vllm.checkpoint import load_prefixed
+from omni_vllm.voices import load_speakers
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ SAMPLE_RATE = 24000
 # measures both.
 DEFAULT_VOCODER_DTYPE = torch.float32
 
-NoiseSpec = torch.Tensor | torch.Generator | int | None
+NoiseSource = torch.Tensor | torch.Generator | int | None
 
 
 @dataclass
@@ -163,8 +164,7 @@ class Token2Wav:
 
         model_dir = Path(model_dir)
         config = Qwen2_5OmniConfig.from_pretrained(model_dir).token2wav_config
-        speakers = torch.load(model_dir / "spk_dict.pt", map_location="cpu", weights_only=True)
-        return cls(config, load_prefixed(model_dir, "token2wav."), speakers, device=device, dtype=dtype,
+        return cls(config, load_prefixed(model_dir, "token2wav."), load_speakers(model_dir), device=device, dtype=dtype,
                    vocoder_dtype=vocoder_dtype)
 
     @property
@@ -176,7 +176,7 @@ class Token2Wav:
             raise ValueError(f"Unknown voice {name!r}; available voices: {', '.join(self.voices)}")
         return self._voices[name]
 
-    def noise(self, num_codes: int, noise: NoiseSpec = None) -> torch.Tensor:
+    def noise(self, num_codes: int, noise: NoiseSource = None) -> torch.Tensor:
         """Initial ODE state (1, repeats * num_codes, mel_dim) for one request, drawn exactly as the
         reference draws it, or the given tensor checked and moved to the device."""
         shape = (1, num_codes * self.repeats, self.mel_dim)
@@ -217,7 +217,7 @@ class Token2Wav:
         self,
         codes: Sequence[torch.Tensor | Sequence[int]],
         voices: Sequence[str],
-        noise: Sequence[NoiseSpec] | None = None,
+        noise: Sequence[NoiseSource] | None = None,
         *,
         num_steps: int = 10,
         guidance_scale: float = 0.5,
@@ -357,7 +357,7 @@ class Token2Wav:
         self,
         codes: Sequence[torch.Tensor | Sequence[int]],
         voices: Sequence[str],
-        noise: Sequence[NoiseSpec] | None = None,
+        noise: Sequence[NoiseSource] | None = None,
         **sampling,
     ) -> list[torch.Tensor]:
         """Codes -> waveforms for a batch of requests (`code2mel` then `mel2wav`)."""
