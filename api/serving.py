@@ -36,6 +36,7 @@ from api.metrics import Metrics
 from api.settings import Settings
 from omni_vllm.errors import SpeechBusy, SpeechUnavailable, UnknownVoice
 from omni_vllm.speech import SpeechChunk, SpeechEngine, TalkerSampling
+from omni_vllm.voices import resolve_voice
 
 logger = init_logger("omni_vllm.api")
 
@@ -79,7 +80,7 @@ class OmniServing:
         """The checkpoint's spelling of a voice (case-insensitive; None: the default voice)."""
         name = voice_name(name) or self.settings.speech.default_voice
         try:
-            return self.speech.resolve_voice(name)
+            return resolve_voice(name, self.speech.voices)
         except UnknownVoice:
             raise VLLMValidationError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
                                       parameter=param) from None
