@@ -61,6 +61,7 @@ from vllm.logger import init_logger
 
 from api import audio as A
 from api.audio_ids import ENV_KEY, AudioIdError, AudioIds
+from api.realtime.playground import router as playground_router
 from api import limits as L
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
@@ -286,6 +287,7 @@ class OmniEndpoints:
                                   dependencies=[Depends(validate_json_request)])
         self.router.add_api_route("/v1/audio/speech", self.audio_speech, methods=["POST"],
                                   dependencies=[Depends(validate_json_request)])
+        self.router.include_router(playground_router)
         self.speech = None
         self.speech_error: str | None = None
 

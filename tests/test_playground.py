@@ -1,0 +1,128 @@
+"""The browser playground (GET /playground) in headless Chromium against the real server.
+
+Chromium's fake microphone plays a WAV file (an espeak-ng phrase, then silence, looped); the page
+streams it to /v1/realtime, the server's VAD ends the turn, and the reply must be played by the
+page's AudioContext and its transcript shown. Debian's `chromium` is driven with the `playwright`
+package (no browser download); neither is optional: a missing one fails the test, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from api_server import running_server
+from omni_vllm.testing import media
+
+CHROMIUM = os.environ.get("OMNI_VLLM_CHROMIUM", "/usr/bin/chromium")
+MIC_SR = 48000  # the fake capture device's file; Chromium resamples it to the device rate
+# Random weights never stop speaking: a short reply (speech codes and text tokens capped).
+SERVER_ARGS = ["--max-audio-tokens", "48", "--default-voice", "ethan"]
+MAX_OUTPUT_TOKENS = 6
+REPLY_TIMEOUT_MS = 240_000  # two busy cores: the first turn warms up the thinker, talker and vocoder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint_dir, tmp_path_factory):
+    with running_server(tiny_checkpoint_dir, tmp_path_factory.mktemp("playground") / "server.log",
+                        *SERVER_ARGS) as s:
+        yield s
+
+
+def fake_microphone(path: Path) -> Path:
+    """0.5 s of silence, a spoken phrase, then 8 s of silence: one turn per loop of the file."""
+    import soundfile as sf
+
+    phrase = media.spoken_phrase("Hello! Can you hear me? Please tell me a story.", sr=MIC_SR)
+    assert phrase is not None, "espeak-ng is not installed: apt-get install espeak-ng (.ci/run installs it)"
+    phrase = 0.7 * phrase / max(1e-6, float(np.abs(phrase).max()))
+    audio = np.concatenate([np.zeros(MIC_SR // 2), phrase, np.zeros(8 * MIC_SR)]).astype(np.float32)
+    sf.write(path, audio, MIC_SR, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Debian Chromium with the fake microphone; a missing browser or driver fails, saying so."""
+    assert Path(CHROMIUM).exists() or shutil.which(CHROMIUM), (
+        f"Chromium not found at {CHROMIUM}: apt-get install chromium (.ci/run installs it) "
+        "or set OMNI_VLLM_CHROMIUM")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the `playwright` package is missing: pip install -e '.[test]' (the system "
+                    "Chromium is used, no browser download)")
+    wav = fake_microphone(tmp_path / "mic.wav")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+            "--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def test_playground_page_is_served_whole(server):
+    """One static page with everything inline: no external URL for a browser to fetch."""
+    with urllib.request.urlopen(server["root"] + "/playground", timeout=30) as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("text/html")
+        page = r.read().decode()
+    assert "/v1/realtime" in page and "audioWorklet" in page
+    assert "http://" not in page and "https://" not in page and "src=" not in page
+
+
+def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1100, "height": 720})
+    console = []
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+    page.goto(server["root"] + "/playground")
+    page.wait_for_function("window.playground.model !== null", timeout=30_000)
+    assert page.evaluate("window.playground.model") == server["model"]
+    page.fill("#max-tokens", str(MAX_OUTPUT_TOKENS))
+    page.fill("#instructions", "Answer in one short sentence.")
+    page.click("#connect")
+
+    def state():
+        return page.evaluate("({status: playground.status, counts: playground.counts, errors: playground.errors,"
+                             " sent: playground.sentSamples, got: playground.receivedSamples,"
+                             " played: playground.playedSamples, transcript: playground.transcript})")
+
+    try:
+        page.wait_for_function("playground.counts['session.updated'] > 0", timeout=60_000)
+        # A reply heard (its audio played out by the AudioContext) and its words on the page.
+        page.wait_for_function(
+            "playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
+            timeout=REPLY_TIMEOUT_MS)
+    except Exception:
+        print("page state:", state(), "\nconsole:", "\n".join(console[-30:]))
+        raise
+    s = state()
+    print("page state:", {k: v for k, v in s.items() if k != "transcript"})
+    counts = s["counts"]
+    for event in ("session.created", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                  "input_audio_buffer.committed", "response.created", "response.output_audio.delta",
+                  "response.output_audio_transcript.delta"):
+        assert counts.get(event, 0) > 0, (event, counts)
+    assert s["errors"] == [], s["errors"]
+    session = page.evaluate("playground.session")
+    assert session["max_output_tokens"] == MAX_OUTPUT_TOKENS
+    assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"
+    # What was sent was the microphone at 24 kHz; what was played is at most what came (24 kHz too).
+    assert s["sent"] >= 24000 and 0 < s["played"] <= s["got"]
+    # The page shows both sides: the spoken user turn and the assistant's words.
+    assert page.locator(".msg.user").count() >= 1
+    assistant = page.locator(".msg.assistant .text").first.inner_text()
+    assert assistant.strip(), s["transcript"]
+    assert page.inner_text("#status") == s["status"] != "disconnected"
+    page.wait_for_function("playground.counts['response.done'] > 0", timeout=60_000)  # the whole reply shown
+    shot = Path(os.environ.get("OMNI_VLLM_PLAYGROUND_SCREENSHOT", tmp_path / "playground.png"))
+    page.screenshot(path=str(shot), full_page=True)
+    print("screenshot:", shot)
