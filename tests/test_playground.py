@@ -95,15 +95,20 @@ def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
                              " sent: playground.sentSamples, got: playground.receivedSamples,"
                              " played: playground.playedSamples, transcript: playground.transcript})")
 
-    try:
-        page.wait_for_function("playground.counts['session.updated'] > 0", timeout=60_000)
-        # A reply heard (its audio played out by the AudioContext) and its words on the page.
-        page.wait_for_function(
-            "playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
-            timeout=REPLY_TIMEOUT_MS)
-    except Exception:
-        print("page state:", state(), "\nconsole:", "\n".join(console[-30:]))
-        raise
+    def wait_for(condition: str, timeout_ms: int) -> None:
+        """Until `condition` holds in the page; an error the page shows fails at once."""
+        try:
+            page.wait_for_function(f"({condition}) || playground.errors.length > 0", timeout=timeout_ms)
+        except Exception:
+            print("page state:", state(), "\nconsole:", "\n".join(console[-30:]))
+            raise
+        errors = page.evaluate("playground.errors")
+        assert not errors, f"the page shows errors: {errors}; state: {state()}"
+
+    wait_for("playground.counts['session.updated'] > 0", 60_000)
+    # A reply heard (its audio played out by the AudioContext) and its words on the page.
+    wait_for("playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
+             REPLY_TIMEOUT_MS)
     s = state()
     print("page state:", {k: v for k, v in s.items() if k != "transcript"})
     counts = s["counts"]
@@ -119,10 +124,9 @@ def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
     assert s["sent"] >= 24000 and 0 < s["played"] <= s["got"]
     # The page shows both sides: the spoken user turn and the assistant's words.
     assert page.locator(".msg.user").count() >= 1
-    assistant = page.locator(".msg.assistant .text").first.inner_text()
-    assert assistant.strip(), s["transcript"]
-    assert page.inner_text("#status") == s["status"] != "disconnected"
-    page.wait_for_function("playground.counts['response.done'] > 0", timeout=60_000)  # the whole reply shown
+    assert page.locator(".msg.assistant .text").first.text_content(), s["transcript"]
+    assert page.evaluate("document.getElementById('status').textContent === playground.status")
+    wait_for("playground.counts['response.done'] > 0", 60_000)  # the whole reply shown
     shot = Path(os.environ.get("OMNI_VLLM_PLAYGROUND_SCREENSHOT", tmp_path / "playground.png"))
     page.screenshot(path=str(shot), full_page=True)
     print("screenshot:", shot)
