@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from openai.types.chat.chat_completion_audio import ChatCompletionAudio
 from pydantic import Field
 from vllm.entrypoints.generate.base.protocol import DeltaMessage
@@ -62,6 +62,7 @@ from vllm.logger import init_logger
 from api import audio as A
 from api.audio_ids import ENV_KEY, AudioIdError, AudioIds
 from api import limits as L
+from api.realtime.router import router as realtime_router
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import (
@@ -111,6 +112,10 @@ class Settings:
     speech_gpu_memory_gb: float | None = None
     allow_text_only: bool = False
     talker_max_len: int | None = None  # None: the talker config's, at most max_model_len + max_audio_tokens
+    realtime_max_sessions: int = 32  # /v1/realtime sessions at once; more: closed with 1013
+    realtime_max_session_seconds: float = 1800.0  # then closed with 1008
+    realtime_max_input_audio_seconds: float = 120.0  # uncommitted input audio per session
+    realtime_idle_seconds: float = 300.0  # no client event and no reply running: closed with 1008
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
@@ -286,16 +291,20 @@ class OmniEndpoints:
                                   dependencies=[Depends(validate_json_request)])
         self.router.add_api_route("/v1/audio/speech", self.audio_speech, methods=["POST"],
                                   dependencies=[Depends(validate_json_request)])
+        self.router.include_router(realtime_router)
         self.speech = None
         self.speech_error: str | None = None
 
     # ---------------------------------------------------------------- wiring
 
     def attach_router(self, app: FastAPI) -> None:
-        """Add our routes; they replace vLLM's for the same path and method."""
-        ours = {(r.path, m) for r in self.router.routes for m in r.methods}
+        """Add our routes; they replace vLLM's for the same path and method (WebSocket routes, which
+        have no methods: for the same path, e.g. vLLM's transcription-only /v1/realtime)."""
+        ours = {(r.path, m) for r in self.router.routes for m in getattr(r, "methods", None) or ()}
+        our_sockets = {r.path for r in self.router.routes if isinstance(r, APIWebSocketRoute)}
         for route in list(app.router.routes):
-            if isinstance(route, APIRoute) and any((route.path, m) in ours for m in route.methods):
+            if (isinstance(route, APIRoute) and any((route.path, m) in ours for m in route.methods)) or (
+                    isinstance(route, APIWebSocketRoute) and route.path in our_sockets):
                 app.router.routes.remove(route)
         app.include_router(self.router)
         app.openapi_schema = None
@@ -336,11 +345,26 @@ class OmniEndpoints:
             logger.error("the speech path did not load: %s", e)
             raise SystemExit(f"omni-vllm: the speech path did not load: {e}") from None
         self.settings.default_voice = voice
+        state.omni_realtime = self._realtime(state, model_config)
         if self.speech.has_speech:
             self.metrics.attach(self.speech)
         else:
             self.speech_error = self.speech.unavailable_reason or "no talker / token2wav weights"
             logger.warning("no speech output (%s); text requests are served as usual", self.speech_error)
+
+    def _realtime(self, state, model_config):
+        from api.realtime._core import EndpointsCore, error_body
+        from api.realtime.serving import RealtimeLimits, RealtimeServing
+
+        s, tokenizer = self.settings, self.chat.renderer.tokenizer
+        limits = RealtimeLimits(s.realtime_max_sessions, s.realtime_max_session_seconds,
+                                s.realtime_max_input_audio_seconds, s.realtime_idle_seconds)
+        return RealtimeServing(
+            getattr(state, "omni_serving", None) or EndpointsCore(self), error_body, limits,
+            model_name=state.openai_serving_models.base_model_paths[0].name, instructions=SPEECH_SYSTEM_PROMPT,
+            default_voice=s.default_voice, max_model_len=model_config.max_model_len,
+            talker_max_len=self.speech.talker_max_len if self.speech.has_speech else None,
+            count_text=lambda text: len(tokenizer.encode(text, add_special_tokens=False)) if text else 0)
 
     async def shutdown(self) -> None:
         if self.speech is not None:
