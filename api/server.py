@@ -17,7 +17,8 @@ from argparse import Namespace
 import torch
 from vllm.logger import init_logger
 
-from api.app import OmniEndpoints, Settings, check_scale_out
+from api.app import OmniEndpoints
+from api.settings import Settings, check_scale_out
 from omni_vllm.memory import SPEECH_DTYPES, SpeechMemoryError, SpeechPlan, plan_speech_memory, speech_dtypes
 from omni_vllm.streaming import StreamConfig
 

@@ -244,8 +244,7 @@ def fake_app(core, **limits):
     app = FastAPI()
     app.include_router(router)
     app.state.omni_realtime = RealtimeServing(
-        core, lambda e: {"error": {"message": str(e), "type": "BadRequestError", "code": 400}},
-        RealtimeLimits(**limits), model_name="tiny", instructions="Be brief.", default_voice="Chelsie",
+        core, RealtimeLimits(**limits), model_name="tiny", instructions="Be brief.", default_voice="Chelsie",
         max_model_len=2048, talker_max_len=2048, count_text=lambda t: len(t.split()))
     return app
 

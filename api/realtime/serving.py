@@ -20,6 +20,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.logger import init_logger
 
+from api.errors import error_body
 from api.realtime import protocol as P
 from api.realtime.session import (
     Conversation,
@@ -33,6 +34,7 @@ from api.realtime.session import (
     item_from_event,
 )
 from api.realtime.vad import ServerVad
+from api.serving import SPEECH_SYSTEM_PROMPT
 
 logger = init_logger("omni_vllm.api.realtime")
 
@@ -52,12 +54,25 @@ class RealtimeLimits:
 class RealtimeServing:
     """The sessions of one server, on the serving core `core` (OmniServing's interface)."""
 
-    def __init__(self, core, error_body, limits: RealtimeLimits, *, model_name: str, instructions: str,
+    def __init__(self, core, limits: RealtimeLimits, *, model_name: str, instructions: str,
                  default_voice: str, max_model_len: int, talker_max_len: int | None, count_text):
-        self.core, self.error_body, self.limits = core, error_body, limits
+        self.core, self.limits = core, limits
         self.model_name, self.instructions, self.default_voice = model_name, instructions, default_voice
         self.max_model_len, self.talker_max_len, self.count_text = max_model_len, talker_max_len, count_text
         self.sessions: set[RealtimeConnection] = set()
+
+    @classmethod
+    def create(cls, core, state, model_config) -> "RealtimeServing":
+        """On the serving core (`app.state.omni_serving`), with the server's settings."""
+        s, speech = core.settings, core.speech
+        tokenizer = core.chat.renderer.tokenizer
+        limits = RealtimeLimits(s.realtime_max_sessions, s.realtime_max_session_seconds,
+                                s.realtime_max_input_audio_seconds, s.realtime_idle_seconds)
+        return cls(core, limits, model_name=state.openai_serving_models.base_model_paths[0].name,
+                   instructions=SPEECH_SYSTEM_PROMPT, default_voice=s.default_voice,
+                   max_model_len=model_config.max_model_len,
+                   talker_max_len=speech.talker_max_len if speech is not None and speech.has_speech else None,
+                   count_text=lambda text: len(tokenizer.encode(text, add_special_tokens=False)) if text else 0)
 
     async def handle(self, ws: WebSocket) -> None:
         await ws.accept()
@@ -382,7 +397,7 @@ class RealtimeConnection:
                                                                      "message": str(e)}}
             await self.send(P.client_error_event(e))
         except Exception as e:  # refused by the core (prompt too long, busy, ...), or failed
-            body = self.serving.error_body(e).get("error", {})
+            body = error_body(e)
             logger.info("realtime response %s failed: %s", resp.id, body.get("message") or e)
             code = body.get("code")
             err = {"type": body.get("type") or "server_error", "code": None if code is None else str(code),
