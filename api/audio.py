@@ -14,9 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from api.limits import MediaError
-
-SAMPLE_RATE = 24000
+from api.errors import VLLMValidationError
+from omni_vllm.token2wav import SAMPLE_RATE  # Token2Wav's output rate
 
 # format name -> (libsndfile format, subtype, content type); None: raw pcm16; "aac": PyAV's
 # (container, codec, content type)
@@ -37,7 +36,7 @@ AAC_BIT_RATE = 64000  # mono speech at 24 kHz
 def check_format(fmt: str | None, allowed: tuple[str, ...], param: str) -> str:
     fmt = (fmt or "").lower()
     if fmt not in allowed:
-        raise MediaError(f"unknown audio format {fmt!r}; use one of {', '.join(allowed)}", param=param)
+        raise VLLMValidationError(f"unknown audio format {fmt!r}; use one of {', '.join(allowed)}", parameter=param)
     return fmt
 
 

@@ -11,15 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from dataclasses import dataclass
 
-
-class MediaError(ValueError):
-    """A problem with media in a request; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
+from api.errors import RequestTooLargeError, VLLMUnprocessableEntityError, VLLMValidationError, error_body
 
 
 @dataclass(frozen=True)
@@ -34,16 +29,16 @@ def _b64decode(data: str, param: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise MediaError(f"{param}: invalid base64 data ({e})", param=param) from None
+        raise VLLMValidationError(f"{param}: invalid base64 data ({e})", parameter=param) from None
 
 
-def _too_long(param: str, what: str, seconds: float, limit: float) -> MediaError:
-    return MediaError(f"{param}: {what} is {seconds:.1f} s long, the limit is {limit:g} s", status=413, param=param)
+def _too_long(param: str, what: str, seconds: float, limit: float) -> RequestTooLargeError:
+    return RequestTooLargeError(f"{param}: {what} is {seconds:.1f} s long, the limit is {limit:g} s", parameter=param)
 
 
-def _too_large(param: str, what: str, w: int, h: int, limit: int) -> MediaError:
-    return MediaError(f"{param}: {what} is {w}x{h} ({w * h} pixels), the limit is {limit} pixels",
-                      status=413, param=param)
+def _too_large(param: str, what: str, w: int, h: int, limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"{param}: {what} is {w}x{h} ({w * h} pixels), the limit is {limit} pixels",
+                                parameter=param)
 
 
 # What browsers, phones and files send: FFmpeg (PyAV) opens them all here; vLLM's audio loader then
@@ -83,10 +78,12 @@ def _check_audio(raw: bytes, param: str, limits: MediaLimits) -> None:
             stream = container.streams.audio[0] if container.streams.audio else None
             seconds = None if stream is None else _audio_seconds(container, stream)
     except Exception as e:  # noqa: BLE001 - FFmpeg's errors are many; we report its reason
-        raise MediaError(f"{param}: the audio could not be decoded ({_ffmpeg_reason(e)}); send {AUDIO_FORMATS}",
-                         status=422, param=param) from None
+        raise VLLMUnprocessableEntityError(
+            f"{param}: the audio could not be decoded ({_ffmpeg_reason(e)}); send {AUDIO_FORMATS}",
+            parameter=param) from None
     if stream is None:
-        raise MediaError(f"{param}: the file has no audio stream; send {AUDIO_FORMATS}", status=422, param=param)
+        raise VLLMUnprocessableEntityError(f"{param}: the file has no audio stream; send {AUDIO_FORMATS}",
+                                           parameter=param)
     if seconds is not None and seconds > limits.max_audio_seconds:
         raise _too_long(param, "audio", seconds, limits.max_audio_seconds)
 
@@ -99,7 +96,7 @@ def _check_image(raw: bytes, param: str, limits: MediaLimits) -> None:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
     except Image.DecompressionBombError as e:  # PIL's own limit, far above any sane setting of ours
-        raise MediaError(f"{param}: the image has too many pixels ({e})", status=413, param=param) from None
+        raise RequestTooLargeError(f"{param}: the image has too many pixels ({e})", parameter=param) from None
     except Exception:  # noqa: BLE001 - any other reader error: vLLM reports it
         return
     if w * h > limits.max_image_pixels:
@@ -117,10 +114,10 @@ def _check_video(raw: bytes, param: str, limits: MediaLimits) -> None:
             if video is not None and seconds is None and video.duration and video.time_base:
                 seconds = float(video.duration * video.time_base)
     except Exception:  # noqa: BLE001 - FFmpeg's errors are many; none is ours to distinguish
-        raise MediaError(f"{param}: the video could not be decoded (send MP4, WebM, MKV or AVI)",
-                         status=422, param=param) from None
+        raise VLLMUnprocessableEntityError(f"{param}: the video could not be decoded (send MP4, WebM, MKV or AVI)",
+                                           parameter=param) from None
     if video is None:
-        raise MediaError(f"{param}: the file has no video stream", status=422, param=param)
+        raise VLLMUnprocessableEntityError(f"{param}: the file has no video stream", parameter=param)
     if seconds is not None and seconds > limits.max_video_seconds:
         raise _too_long(param, "the video", seconds, limits.max_video_seconds)
     w, h = video.codec_context.width, video.codec_context.height
@@ -133,7 +130,7 @@ _CHECKS = {"input_audio": _check_audio, "audio_url": _check_audio, "image_url": 
 
 
 def check_message_media(messages: list, limits: MediaLimits) -> None:
-    """Raise MediaError for inline media (data URLs, `input_audio`) that is malformed or too big."""
+    """Raise VLLMValidationError (400), RequestTooLargeError (413) or VLLMUnprocessableEntityError (422) for inline media (data URLs, `input_audio`) that is malformed or too big."""
     for i, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
         if not isinstance(content, list):
@@ -156,8 +153,8 @@ def check_message_media(messages: list, limits: MediaLimits) -> None:
             if not isinstance(data, str):
                 continue  # a wrong type: vLLM's request model rejects it
             if len(data) * 3 // 4 > limits.max_bytes:
-                raise MediaError(f"{param}: media is larger than the server's limit of "
-                                 f"{limits.max_bytes / 2**20:g} MiB", status=413, param=param)
+                raise RequestTooLargeError(f"{param}: media is larger than the server's limit of "
+                                           f"{limits.max_bytes / 2**20:g} MiB", parameter=param)
             _CHECKS[kind](_b64decode(data, param), param, limits)
 
 
@@ -196,14 +193,9 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
-        from http import HTTPStatus
-
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-        err = create_error_response(
-            f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB",
-            err_type="RequestTooLargeError", status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        body = err.model_dump_json().encode()
+        err = RequestTooLargeError(
+            f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB")
+        body = json.dumps({"error": error_body(err)}).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})

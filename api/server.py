@@ -17,7 +17,8 @@ from argparse import Namespace
 import torch
 from vllm.logger import init_logger
 
-from api.app import OmniEndpoints, Settings, check_scale_out
+from api.app import OmniEndpoints
+from api.settings import Settings, check_scale_out
 from omni_vllm.memory import SPEECH_DTYPES, SpeechMemoryError, SpeechPlan, plan_speech_memory, speech_dtypes
 from omni_vllm.streaming import StreamConfig
 
@@ -85,6 +86,18 @@ def add_omni_args(parser):
                    help="Most talker positions per request (prompt tokens + speech codes); a longer prompt asking "
                         "for audio is refused with a 400. Unset: the talker config's max_position_embeddings, at "
                         "most --max-model-len + --max-audio-tokens.")
+    r = parser.add_argument_group("omni-vllm (/v1/realtime: OpenAI's Realtime API)")
+    r.add_argument("--realtime-max-sessions", type=int, default=D.realtime_max_sessions,
+                   help="Most realtime WebSocket sessions at once; one more is closed with code 1013 (try again "
+                        "later).")
+    r.add_argument("--realtime-max-session-seconds", type=float, default=D.realtime_max_session_seconds,
+                   help="Longest realtime session, seconds; then it is closed with code 1008 saying so.")
+    r.add_argument("--realtime-max-input-audio-seconds", type=float, default=D.realtime_max_input_audio_seconds,
+                   help="Most uncommitted input audio a realtime session buffers (and the longest audio item); "
+                        "an append beyond it is answered with an error event and dropped.")
+    r.add_argument("--realtime-idle-seconds", type=float, default=D.realtime_idle_seconds,
+                   help="A realtime session with no client event and no reply running for this long is closed "
+                        "with code 1008 saying so.")
     return parser
 
 

@@ -149,17 +149,16 @@ def test_refusal_shapes():
     string `code`) and, once a stream has started (the wait limit passed), as its error event."""
     import json
 
-    from api.app import APIError
+    from api.errors import SSE_DONE, error_response, sse_error
     from omni_vllm.errors import SpeechBusy
 
-    e = APIError.busy(SpeechBusy("speech engine busy: no speaking slot within 5 s", code=SpeechBusy.WAIT_TIMEOUT,
-                                 retry_after=2.2))
-    r = e.response()
+    e = SpeechBusy("speech engine busy: no speaking slot within 5 s", code=SpeechBusy.WAIT_TIMEOUT, retry_after=2.2)
+    r = error_response(e)
     assert r.status_code == 503 and r.headers["retry-after"] == "3"
     body = json.loads(r.body)
     assert body == {"error": {"message": "speech engine busy: no speaking slot within 5 s; retry after 3 s",
                               "type": "ServiceUnavailableError", "param": None, "code": "speech_wait_timeout"}}
-    event, done, rest = e.sse().split("\n\n")
+    event, done, rest = (sse_error(e) + SSE_DONE).split("\n\n")
     assert json.loads(event.removeprefix("data: ")) == body and done == "data: [DONE]" and rest == ""
-    shutdown = APIError.busy(SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)).response()
+    shutdown = error_response(SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN))
     assert shutdown.status_code == 503 and "retry-after" not in shutdown.headers

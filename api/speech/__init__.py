@@ -1,0 +1,1 @@
+"""POST /v1/audio/speech: protocol (SpeechRequest), router (route) and serving (the handler)."""
