@@ -1,6 +1,6 @@
 """The browser playground (GET /playground) in headless Chromium against the real server.
 
-Chromium's fake microphone plays a WAV file (an espeak-ng phrase, then silence, looped); the page
+Chromium's fake microphone plays a WAV file once (an espeak-ng phrase, then silence); the page
 streams it to /v1/realtime, the server's VAD ends the turn, and the reply must be played by the
 page's AudioContext and its transcript shown. Debian's `chromium` is driven with the `playwright`
 package (no browser download); neither is optional: a missing one fails the test, saying so.
@@ -35,7 +35,8 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
 
 
 def fake_microphone(path: Path) -> Path:
-    """0.5 s of silence, a spoken phrase, then 8 s of silence: one turn per loop of the file."""
+    """0.5 s of silence, a spoken phrase, then 8 s of silence: one turn (Chromium plays it once: a
+    second turn on a slow machine would interrupt the first reply before its audio came)."""
     import soundfile as sf
 
     phrase = media.spoken_phrase("Hello! Can you hear me? Please tell me a story.", sr=MIC_SR)
@@ -61,7 +62,7 @@ def browser(tmp_path):
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+            f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required",
             "--no-sandbox"])
         try:
             yield b
@@ -112,6 +113,7 @@ def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
     s = state()
     print("page state:", {k: v for k, v in s.items() if k != "transcript"})
     counts = s["counts"]
+    assert counts["input_audio_buffer.speech_started"] == 1, counts  # one phrase, one turn
     for event in ("session.created", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                   "input_audio_buffer.committed", "response.created", "response.output_audio.delta",
                   "response.output_audio_transcript.delta"):
