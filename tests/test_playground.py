@@ -79,56 +79,85 @@ def test_playground_page_is_served_whole(server):
     assert "http://" not in page and "https://" not in page and "src=" not in page
 
 
-def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1100, "height": 720})
-    console = []
-    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-    page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-    page.goto(server["root"] + "/playground")
-    page.wait_for_function("window.playground.model !== null", timeout=30_000)
-    assert page.evaluate("window.playground.model") == server["model"]
-    page.fill("#max-tokens", str(MAX_OUTPUT_TOKENS))
-    page.fill("#instructions", "Answer in one short sentence.")
-    page.click("#connect")
+class Playground:
+    """The page in a browser tab, read through `window.playground`."""
 
-    def state():
-        return page.evaluate("({status: playground.status, counts: playground.counts, errors: playground.errors,"
-                             " sent: playground.sentSamples, got: playground.receivedSamples,"
-                             " played: playground.playedSamples, transcript: playground.transcript})")
+    def __init__(self, browser, server):
+        self.page = page = browser.new_page(viewport={"width": 1100, "height": 720})
+        self.console: list[str] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.goto(server["root"] + "/playground")
+        page.wait_for_function("window.playground.model !== null", timeout=30_000)
+        assert page.evaluate("window.playground.model") == server["model"]
+        page.fill("#max-tokens", str(MAX_OUTPUT_TOKENS))
+        page.fill("#instructions", "Answer in one short sentence.")
 
-    def wait_for(condition: str, timeout_ms: int) -> None:
+    def state(self) -> dict:
+        return self.page.evaluate(
+            "({status: playground.status, counts: playground.counts, errors: playground.errors,"
+            " sent: playground.sentSamples, got: playground.receivedSamples, played: playground.playedSamples,"
+            " transcript: playground.transcript})")
+
+    def wait_for(self, condition: str, timeout_ms: int) -> None:
         """Until `condition` holds in the page; an error the page shows fails at once."""
         try:
-            page.wait_for_function(f"({condition}) || playground.errors.length > 0", timeout=timeout_ms)
+            self.page.wait_for_function(f"({condition}) || playground.errors.length > 0", timeout=timeout_ms)
         except Exception:
-            print("page state:", state(), "\nconsole:", "\n".join(console[-30:]))
+            print("page state:", self.state(), "\nconsole:", "\n".join(self.console[-30:]))
             raise
-        errors = page.evaluate("playground.errors")
-        assert not errors, f"the page shows errors: {errors}; state: {state()}"
+        errors = self.page.evaluate("playground.errors")
+        assert not errors, f"the page shows errors: {errors}; state: {self.state()}"
 
-    wait_for("playground.counts['session.updated'] > 0", 60_000)
+    def connect(self) -> None:
+        self.page.click("#connect")
+        self.wait_for("playground.counts['session.updated'] > 0", 60_000)
+
+
+def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
+    """The fake microphone's phrase -> server VAD -> a spoken reply, played, its transcript shown."""
+    pg = Playground(browser, server)
+    page = pg.page
+    pg.connect()
     # A reply heard (its audio played out by the AudioContext) and its words on the page.
-    wait_for("playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
-             REPLY_TIMEOUT_MS)
-    s = state()
+    pg.wait_for("playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
+                REPLY_TIMEOUT_MS)
+    s = pg.state()
     print("page state:", {k: v for k, v in s.items() if k != "transcript"})
     counts = s["counts"]
     assert counts["input_audio_buffer.speech_started"] == 1, counts  # one phrase, one turn
-    for event in ("session.created", "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                  "input_audio_buffer.committed", "response.created", "response.output_audio.delta",
-                  "response.output_audio_transcript.delta"):
+    for event in ("session.created", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                  "response.created", "response.output_audio.delta", "response.output_audio_transcript.delta"):
         assert counts.get(event, 0) > 0, (event, counts)
-    assert s["errors"] == [], s["errors"]
     session = page.evaluate("playground.session")
-    assert session["max_output_tokens"] == MAX_OUTPUT_TOKENS
+    assert session["max_output_tokens"] == MAX_OUTPUT_TOKENS and session["output_modalities"] == ["audio"]
     assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"
     # What was sent was the microphone at 24 kHz; what was played is at most what came (24 kHz too).
     assert s["sent"] >= 24000 and 0 < s["played"] <= s["got"]
     # The page shows both sides: the spoken user turn and the assistant's words.
-    assert page.locator(".msg.user").count() >= 1
+    assert "spoken" in page.locator(".msg.user").first.text_content()
     assert page.locator(".msg.assistant .text").first.text_content(), s["transcript"]
     assert page.evaluate("document.getElementById('status').textContent === playground.status")
-    wait_for("playground.counts['response.done'] > 0", 60_000)  # the whole reply shown
+    pg.wait_for("playground.counts['response.done'] > 0", 60_000)  # the whole reply shown
     shot = Path(os.environ.get("OMNI_VLLM_PLAYGROUND_SCREENSHOT", tmp_path / "playground.png"))
     page.screenshot(path=str(shot), full_page=True)
     print("screenshot:", shot)
+
+
+def test_typed_message_answered_in_text(server, browser):
+    """Microphone muted, "text" chosen, a typed message: a text reply shown, no audio sent or received."""
+    pg = Playground(browser, server)
+    page = pg.page
+    page.click("#mute")
+    page.check('input[name="modality"][value="text"]')
+    pg.connect()
+    assert page.evaluate("playground.session.output_modalities") == ["text"]
+    page.fill("#text", "Hello, who are you?")
+    page.press("#text", "Enter")
+    pg.wait_for("playground.counts['response.done'] > 0", REPLY_TIMEOUT_MS)
+    s = pg.state()
+    counts = s["counts"]
+    assert counts.get("response.output_text.delta", 0) > 0, counts
+    assert "response.output_audio.delta" not in counts and s["got"] == 0 and s["sent"] == 0, s
+    user, assistant = (page.locator(f".msg.{role} .text").first.text_content() for role in ("user", "assistant"))
+    assert user == "Hello, who are you?" and assistant, s["transcript"]
