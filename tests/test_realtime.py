@@ -377,3 +377,221 @@ def test_fake_core_vad_turn_and_barge_in(phrase):
         done = until(ws, "response.done")["response"]
         assert done["status"] == "cancelled" and done["status_details"]["reason"] == "turn_detected"
         assert core.aborted == [done["id"]]
+
+
+# ------------------------------------------------------------------------------- the real server, the SDK's client
+
+MAX_SESSIONS, MAX_INPUT_S = 2, 10
+SERVER_ARGS = ["--max-audio-tokens", "48", "--speech-stream-config", '{"first_chunk": 12, "chunk": 24, '
+               '"left_context": 12, "look_ahead": 12, "num_steps": 4}', "--realtime-max-sessions", str(MAX_SESSIONS),
+               "--realtime-max-input-audio-seconds", str(MAX_INPUT_S)]
+NO_VAD = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint_dir, tmp_path_factory):
+    from api_server import running_server
+
+    log = tmp_path_factory.mktemp("realtime") / "server.log"
+    with running_server(tiny_checkpoint_dir, log, *SERVER_ARGS) as s:
+        yield s
+        text = log.read_text(errors="replace")  # read before the shutdown, whose races are not ours
+        assert "Traceback" not in text, text[text.index("Traceback"):][:3000]
+
+
+def connect(server):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=server["base_url"], api_key="-").realtime.connect(model=server["model"])
+
+
+async def recv_until(conn, kind: str, seen: list | None = None, timeout: float = 180.0):
+    while True:
+        ev = await asyncio.wait_for(conn.recv(), timeout)
+        if seen is not None:
+            seen.append(ev)
+        if ev.type == kind:
+            return ev
+
+
+async def append_audio(conn, clip: bytes, step: int = 4800) -> None:
+    for i in range(0, len(clip), step):
+        await conn.input_audio_buffer.append(audio=base64.b64encode(clip[i:i + step]).decode())
+
+
+def test_sdk_spoken_turn_ended_by_server_vad(server, phrase):
+    async def main():
+        async with connect(server) as conn:
+            created = await recv_until(conn, "session.created")
+            # our handler answers (vLLM's transcription-only one would show no voice and no VAD)
+            assert created.session.model == server["model"] and created.session.audio.output.voice == "Chelsie"
+            assert created.session.audio.input.turn_detection.type == "server_vad"
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 8,
+                                               "audio": {"output": {"voice": "ethan"}}})
+            assert (await recv_until(conn, "session.updated")).session.audio.output.voice == "Ethan"
+            await append_audio(conn, pcm16(np.concatenate([silence(0.5), phrase, silence(1.0)])))
+            seen = []
+            done = await recv_until(conn, "response.done", seen)
+            return seen, done
+
+    seen, done = asyncio.run(main())
+    kinds = [e.type for e in seen]
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "response.created", "response.output_item.added", "response.content_part.added",
+             "response.output_audio.delta", "response.output_audio.done", "response.output_audio_transcript.done",
+             "response.output_item.done"]
+    assert [kinds.index(k) for k in order] == sorted(kinds.index(k) for k in order), kinds
+    audio = b"".join(base64.b64decode(e.delta) for e in seen if e.type == "response.output_audio.delta")
+    assert len(audio) > 0 and len(audio) % 2 == 0
+    transcript = "".join(e.delta for e in seen if e.type == "response.output_audio_transcript.delta")
+    assert next(e for e in seen if e.type == "response.output_audio_transcript.done").transcript == transcript
+    r = done.response
+    assert r.status in ("completed", "incomplete") and r.output[0].content[0].transcript == transcript
+    assert r.usage.input_token_details.audio_tokens >= 25  # the thinker heard the phrase itself (> 1 s)
+    assert r.usage.output_token_details.audio_tokens > 0 and r.usage.output_token_details.text_tokens <= 8
+
+
+def test_sdk_manual_turns_and_memory(server, phrase):
+    async def main():
+        async with connect(server) as conn:
+            await recv_until(conn, "session.created")
+            await conn.session.update(session=NO_VAD)
+            await recv_until(conn, "session.updated")
+            await append_audio(conn, pcm16(phrase))
+            await conn.input_audio_buffer.commit()
+            committed = await recv_until(conn, "input_audio_buffer.committed")
+            await conn.response.create(response={"max_output_tokens": 4})
+            first = (await recv_until(conn, "response.done")).response
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "And then?"}]})
+            await conn.response.create(response={"max_output_tokens": 4})
+            second = (await recv_until(conn, "response.done")).response
+            return committed, first, second
+
+    committed, first, second = asyncio.run(main())
+    assert committed.item_id and first.status in ("completed", "incomplete")
+    # the second prompt holds the first turn: the user's audio (still audio) and the reply's transcript
+    assert second.usage.input_token_details.audio_tokens == first.usage.input_token_details.audio_tokens > 0
+    assert second.usage.input_tokens > first.usage.input_tokens
+
+
+def test_sdk_text_only(server):
+    async def main():
+        async with connect(server) as conn:
+            await recv_until(conn, "session.created")
+            await conn.session.update(session={**NO_VAD, "output_modalities": ["text"]})
+            await recv_until(conn, "session.updated")
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hello!"}]})
+            await conn.response.create(response={"max_output_tokens": 6})
+            seen = []
+            done = await recv_until(conn, "response.done", seen)
+            return seen, done.response
+
+    seen, r = asyncio.run(main())
+    kinds = {e.type for e in seen}
+    assert {"response.output_text.delta", "response.output_text.done"} <= kinds
+    assert not kinds & {"response.output_audio.delta", "response.output_audio_transcript.delta"}
+    text = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+    assert r.output_modalities == ["text"] and r.output[0].content[0].text == text and text
+    assert r.usage.output_token_details.audio_tokens == 0
+
+
+def test_sdk_barge_in_cancels_the_reply(server, phrase):
+    from api_server import metric
+
+    async def main():
+        async with connect(server) as conn:
+            await recv_until(conn, "session.created")
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Tell me a very long story."}]})
+            await conn.response.create(response={"max_output_tokens": 1500})
+            seen = []
+            await recv_until(conn, "response.output_audio_transcript.delta", seen)
+            await append_audio(conn, pcm16(np.concatenate([silence(0.3), phrase, silence(0.2)])))
+            started = await recv_until(conn, "input_audio_buffer.speech_started", seen)
+            t0 = time.monotonic()
+            done = await recv_until(conn, "response.done", seen)
+            latency = time.monotonic() - t0
+            await conn.conversation.item.retrieve(item_id=done.response.output[0].id)
+            item = (await recv_until(conn, "conversation.item.retrieved")).item
+            return seen, started, done.response, item, latency
+
+    seen, started, r, item, latency = asyncio.run(main())
+    print(f"barge-in: response.done {latency * 1000:.0f} ms after speech_started")
+    assert r.status == "cancelled" and r.status_details.reason == "turn_detected"
+    sent = "".join(e.delta for e in seen if e.type == "response.output_audio_transcript.delta")
+    assert item.status == "incomplete" and item.content[0].transcript == sent == r.output[0].content[0].transcript
+    assert len(sent.split()) < 1500
+    deadline = time.monotonic() + 30  # the thinker request and the talker slot are freed
+    while metric(server["root"], "omni_vllm:speaking_requests") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(server["root"], "omni_vllm:speaking_requests") == 0
+
+
+def test_sdk_two_sessions_at_once_and_the_limit(server):
+    from websockets.exceptions import ConnectionClosed
+
+    async def turn(conn, text: str):
+        await recv_until(conn, "session.created")
+        await conn.session.update(session=NO_VAD)
+        await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": text}]})
+        await conn.response.create(response={"max_output_tokens": 4})
+        seen = []
+        done = await recv_until(conn, "response.done", seen)
+        return done.response, sum(e.type == "response.output_audio.delta" for e in seen)
+
+    async def main():
+        async with connect(server) as a, connect(server) as b:
+            results = await asyncio.gather(turn(a, "Hi, I am A."), turn(b, "Hi, I am B."))
+            async with connect(server) as c:  # one more than --realtime-max-sessions
+                with pytest.raises(ConnectionClosed) as e:
+                    await recv_until(c, "session.created", timeout=30)
+            return results, e.value
+
+    results, closed = asyncio.run(main())
+    for r, deltas in results:
+        assert r.status in ("completed", "incomplete") and deltas > 0
+    assert results[0][0].id != results[1][0].id
+    assert closed.rcvd.code == 1013 and "realtime-max-sessions" in closed.rcvd.reason
+
+
+def test_sdk_bad_events_keep_the_socket(server):
+    async def main():
+        async with connect(server) as conn:
+            await recv_until(conn, "session.created")
+            await conn.session.update(session=NO_VAD)
+            await recv_until(conn, "session.updated")
+            errors = {}
+            for event_id, raw in (
+                    ("unknown", {"type": "response.fly"}),
+                    ("base64", {"type": "input_audio_buffer.append", "audio": "not base64!"}),
+                    ("voice", {"type": "session.update", "session": {"type": "realtime",
+                                                                     "audio": {"output": {"voice": "nobody"}}}}),
+                    ("payload", {"type": "conversation.item.truncate", "item_id": "x"}),
+                    ("buffer", {"type": "input_audio_buffer.append",
+                                "audio": base64.b64encode(pcm16(silence(MAX_INPUT_S + 1))).decode()})):
+                await conn.send_raw(json.dumps({**raw, "event_id": event_id}))
+                errors[event_id] = (await recv_until(conn, "error", timeout=60)).error
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hi."}]})
+            await conn.response.create(response={"max_output_tokens": 30})
+            await recv_until(conn, "response.created")
+            await conn.send_raw(json.dumps({"type": "response.create", "event_id": "busy"}))
+            seen = []
+            errors["busy"] = (await recv_until(conn, "error", seen)).error
+            await conn.response.cancel()
+            await recv_until(conn, "response.done")
+            await conn.session.update(session={"type": "realtime", "instructions": "Still here."})
+            still = await recv_until(conn, "session.updated")
+            return errors, still
+
+    errors, still = asyncio.run(main())
+    codes = {k: (e.code, e.event_id) for k, e in errors.items()}
+    assert codes == {"unknown": ("invalid_event_type", "unknown"), "base64": ("invalid_audio", "base64"),
+                     "voice": ("invalid_value", "voice"), "payload": ("invalid_value", "payload"),
+                     "buffer": ("input_audio_buffer_full", "buffer"),
+                     "busy": ("conversation_already_has_active_response", "busy")}, codes
+    assert "nobody" in errors["voice"].message and errors["voice"].param == "session.audio.output.voice"
+    assert still.session.instructions == "Still here."

@@ -214,10 +214,10 @@ class RealtimeConnection:
         for vad_event in events:
             if vad_event.kind == "speech_started":
                 self._speech_item = P.new_id("item")
-                if self.response is not None and td.get("interrupt_response", True):
-                    await self._cancel_response("turn_detected")  # barge-in
                 await self.send(P.server_event("input_audio_buffer.speech_started",
                                                audio_start_ms=vad_event.ms, item_id=self._speech_item))
+                if self.response is not None and td.get("interrupt_response", True):
+                    await self._cancel_response("turn_detected")  # barge-in: at once
             else:
                 await self.send(P.server_event("input_audio_buffer.speech_stopped", audio_end_ms=vad_event.ms,
                                                item_id=self._speech_item))
