@@ -21,8 +21,10 @@ from omni_vllm.testing import media
 
 CHROMIUM = os.environ.get("OMNI_VLLM_CHROMIUM", "/usr/bin/chromium")
 MIC_SR = 48000  # the fake capture device's file; Chromium resamples it to the device rate
-# Random weights never stop speaking: a short reply (speech codes and text tokens capped).
-SERVER_ARGS = ["--max-audio-tokens", "48", "--default-voice", "ethan"]
+# Random weights never stop speaking: a short reply (speech codes and text tokens capped). Greedy
+# text, so that a reply is the same every run (sampled, one ended after a few tokens now and then).
+SERVER_ARGS = ["--max-audio-tokens", "48", "--default-voice", "ethan",
+               "--override-generation-config", '{"temperature": 0}']
 MAX_OUTPUT_TOKENS = 6
 REPLY_TIMEOUT_MS = 240_000  # two busy cores: the first turn warms up the thinker, talker and vocoder
 
@@ -79,11 +81,35 @@ def test_playground_page_is_served_whole(server):
     assert "http://" not in page and "https://" not in page and "src=" not in page
 
 
+# A microphone the test speaks into when it chooses (`window.testSpeak(base64 pcm16 at 48 kHz)`), silent
+# otherwise: the page's getUserMedia gets the stream of a WebAudio graph instead of the fake device.
+TEST_MICROPHONE = """
+navigator.mediaDevices.getUserMedia = async () => {
+  const ctx = new AudioContext({ sampleRate: 48000 });
+  const out = ctx.createMediaStreamDestination();
+  window.testSpeak = (b64) => {
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const pcm = new Int16Array(bytes.buffer);
+    const buf = ctx.createBuffer(1, pcm.length, 48000);
+    buf.copyToChannel(Float32Array.from(pcm, (v) => v / 32768), 0);
+    const src = ctx.createBufferSource();
+    src.buffer = buf;
+    src.connect(out);
+    src.start();
+  };
+  await ctx.resume();
+  return out.stream;
+};
+"""
+
+
 class Playground:
     """The page in a browser tab, read through `window.playground`."""
 
-    def __init__(self, browser, server):
+    def __init__(self, browser, server, init_script: str | None = None):
         self.page = page = browser.new_page(viewport={"width": 1100, "height": 720})
+        if init_script:
+            page.add_init_script(init_script)
         self.console: list[str] = []
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
@@ -111,7 +137,7 @@ class Playground:
 
     def connect(self) -> None:
         self.page.click("#connect")
-        self.wait_for("playground.counts['session.updated'] > 0", 60_000)
+        self.wait_for("playground.counts['session.updated'] > 0", 120_000)
 
 
 def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
@@ -138,7 +164,7 @@ def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
     assert "spoken" in page.locator(".msg.user").first.text_content()
     assert page.locator(".msg.assistant .text").first.text_content(), s["transcript"]
     assert page.evaluate("document.getElementById('status').textContent === playground.status")
-    pg.wait_for("playground.counts['response.done'] > 0", 60_000)  # the whole reply shown
+    pg.wait_for("playground.counts['response.done'] > 0", REPLY_TIMEOUT_MS)  # the whole reply shown
     shot = Path(os.environ.get("OMNI_VLLM_PLAYGROUND_SCREENSHOT", tmp_path / "playground.png"))
     page.screenshot(path=str(shot), full_page=True)
     print("screenshot:", shot)
@@ -161,3 +187,43 @@ def test_typed_message_answered_in_text(server, browser):
     assert "response.output_audio.delta" not in counts and s["got"] == 0 and s["sent"] == 0, s
     user, assistant = (page.locator(f".msg.{role} .text").first.text_content() for role in ("user", "assistant"))
     assert user == "Hello, who are you?" and assistant, s["transcript"]
+
+
+def test_speaking_over_the_reply_cuts_it(server, browser, tmp_path):
+    """Barge-in: speech while a reply streams stops its playback at once, and the page sends
+    conversation.item.truncate with what it had played; the server cancels the reply."""
+    import base64
+
+    import soundfile as sf
+
+    pg = Playground(browser, server, init_script=TEST_MICROPHONE)
+    page = pg.page
+    page.fill("#max-tokens", "")  # a long reply: the text runs on after the speech cap's audio came
+    pg.connect()
+    page.fill("#text", "Tell me a very long story.")
+    page.press("#text", "Enter")
+    pg.wait_for("playground.receivedSamples > 0", REPLY_TIMEOUT_MS)
+    assert page.evaluate("playground.responding || playground.playing"), f"the reply was over: {pg.state()}"
+    mic = sf.read(fake_microphone(tmp_path / "phrase.wav"), dtype="int16")[0][MIC_SR // 2: 5 * MIC_SR]
+    page.evaluate("b64 => testSpeak(b64)", base64.b64encode(mic.tobytes()).decode())
+    # (then the server's VAD ends the user's turn and a new reply starts: not waited for)
+    pg.wait_for("playground.counts['conversation.item.truncated'] > 0 && playground.responses.length > 0",
+                REPLY_TIMEOUT_MS)
+    s = pg.state()
+    print("page state:", {k: v for k, v in s.items() if k != "transcript"})
+    (cut,) = page.evaluate("playground.truncations")
+    assert cut["audio_end_ms"] == s["played"] * 1000 // 24000 <= s["got"] * 1000 // 24000, (cut, s)
+    # A reply still running when the user spoke is cancelled by the server (the turn was detected);
+    # one that had just ended (its text at the model's length) is cut in the page only.
+    events = page.evaluate("playground.events")
+    done = page.evaluate("playground.responses")[0]
+    if events.index("input_audio_buffer.speech_started") < events.index("response.done"):
+        assert (done["status"], done["reason"]) == ("cancelled", "turn_detected"), done
+    assert s["counts"]["input_audio_buffer.speech_started"] == 1
+    bubble = page.locator(f'.msg[data-item-id="{cut["item_id"]}"]')
+    assert "interrupted at" in bubble.locator(".note").text_content()
+    # The page then shows what the server kept of the reply (the part heard).
+    pg.wait_for("playground.counts['conversation.item.retrieved'] > 0", 60_000)
+    kept = page.evaluate("playground.transcript.find(t => t.role === 'assistant').text")
+    assert bubble.locator(".text").text_content() == kept
+    page.screenshot(path=str(tmp_path / "barge-in.png"), full_page=True)
