@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from api_server import running_server
+
 from omni_vllm.testing import media
 
 CHROMIUM = os.environ.get("OMNI_VLLM_CHROMIUM", "/usr/bin/chromium")
