@@ -595,3 +595,23 @@ def test_sdk_bad_events_keep_the_socket(server):
                      "busy": ("conversation_already_has_active_response", "busy")}, codes
     assert "nobody" in errors["voice"].message and errors["voice"].param == "session.audio.output.voice"
     assert still.session.instructions == "Still here."
+
+
+def test_example_realtime_client(server, phrase, tmp_path):
+    """examples/realtime_client.py: a spoken WAV (server VAD) and, without --audio, a tone (manual)."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+    from api_server import ROOT
+
+    question = tmp_path / "question.wav"
+    sf.write(question, np.concatenate([silence(0.3), phrase]), RATE, subtype="PCM_16")
+    for extra, out in ((["--audio", str(question)], tmp_path / "vad.wav"), ([], tmp_path / "manual.wav")):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "realtime_client.py"), "--base-url",
+                               server["base_url"], "--max-tokens", "4", "--out", str(out), *extra],
+                              cwd=ROOT / "examples", capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        audio, sr = sf.read(out)
+        assert sr == RATE and len(audio) > 0 and "speech tokens" in proc.stdout, proc.stdout
+        assert ("[server VAD] speech ended" in proc.stdout) == bool(extra), proc.stdout
