@@ -145,7 +145,7 @@ class RealtimeConnection:
 
     async def run(self) -> None:
         limits, t_end = self.serving.limits, time.monotonic() + self.serving.limits.max_session_seconds
-        self._make_vad()
+        await self._make_vad()
         await self.send(P.server_event("session.created", session=self._session()))
         try:
             while not self._closed:
@@ -180,9 +180,9 @@ class RealtimeConnection:
     def _session(self) -> dict:
         return self.config.to_openai(self.serving.model_name, self.id)
 
-    def _make_vad(self) -> None:
+    async def _make_vad(self) -> None:
         settings = self.config.vad_settings()
-        self.vad = None if settings is None else ServerVad(settings)
+        self.vad = None if settings is None else await asyncio.to_thread(ServerVad, settings)  # ~30 ms: a jit load
 
     def _voice(self, name: Any, param: str, event_id: str | None) -> str:
         try:
@@ -201,7 +201,7 @@ class RealtimeConnection:
         self.config = apply_session_update(self.config, ev.session, lambda v, p: self._voice(v, p, ev.event_id),
                                            ev.event_id, voice_locked=self.spoken)
         if self.config.turn_detection != old_td:
-            self._make_vad()
+            await self._make_vad()
         await self.send(P.server_event("session.updated", session=self._session()))
 
     async def on_input_audio_buffer_append(self, ev) -> None:
