@@ -334,7 +334,7 @@ def test_fake_core_limits(phrase):
     from fastapi.testclient import TestClient
     from starlette.websockets import WebSocketDisconnect
 
-    app = fake_app(FakeCore(), max_sessions=1, idle_seconds=0.5, max_input_audio_seconds=1.0)
+    app = fake_app(FakeCore(), max_sessions=1, max_input_audio_seconds=1.0)
     with TestClient(app) as client:
         with client.websocket_connect("/v1/realtime") as ws:
             until(ws, "session.created")
@@ -347,11 +347,14 @@ def test_fake_core_limits(phrase):
                           "event_id": "big"})
             err = until(ws, "error")["error"]
             assert (err["code"], err["event_id"]) == ("input_audio_buffer_full", "big")
-            with pytest.raises(WebSocketDisconnect) as e:
-                until(ws, "never")
-            assert e.value.code == 1008 and "idle" in e.value.reason
         with client.websocket_connect("/v1/realtime?model=other") as ws:
             assert until(ws, "error")["error"]["code"] == "model_not_found"
+    app = fake_app(FakeCore(), idle_seconds=0.5)
+    with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+        until(ws, "session.created")
+        with pytest.raises(WebSocketDisconnect) as e:
+            until(ws, "never")
+        assert e.value.code == 1008 and "idle" in e.value.reason
     app = fake_app(FakeCore(), max_session_seconds=0.5)
     with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
         with pytest.raises(WebSocketDisconnect) as e:

@@ -345,6 +345,15 @@ class RealtimeConnection:
         return budget
 
     async def _respond(self, resp: _Response, instructions: str | None, items: list[Item] | None) -> None:
+        """A response's task: it is the session's running response until its response.done is out."""
+        try:
+            await self._produce(resp, instructions, items)
+        finally:
+            if self.response is resp:
+                self.response = None
+            self._last_active = time.monotonic()
+
+    async def _produce(self, resp: _Response, instructions: str | None, items: list[Item] | None) -> None:
         core, audio = self.serving.core, "audio" in resp.modalities
         part = resp.item.parts[0]
         out = {"response_id": resp.id, "item_id": resp.item.id, "output_index": 0, "content_index": 0}
@@ -409,9 +418,6 @@ class RealtimeConnection:
             if chunks is not None:  # cancelled between chunks: close it, which aborts the request
                 with contextlib.suppress(Exception):
                     await chunks.aclose()
-            if self.response is resp:
-                self.response = None
-            self._last_active = time.monotonic()
         resp.item.status = "completed" if status == "completed" else "incomplete"
         if started is not None:
             text = part.text
