@@ -27,7 +27,7 @@ from api.metrics import Metrics
 from api.realtime.serving import RealtimeServing
 from api.serving import SPEECH_SYSTEM_PROMPT, OmniServing
 from api.settings import Settings, check_scale_out
-from api.speech.protocol import SpeechRequest
+from api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
 from api.speech.serving import TTS_USER_PROMPT, OmniServingSpeech
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
@@ -35,7 +35,7 @@ from omni_vllm.speech import SpeechEngine, SpeechLoadError, UnknownVoice
 from omni_vllm.streaming import StreamConfig
 from omni_vllm.talker import kv_tokens_for
 
-__all__ = ["SPEECH_SYSTEM_PROMPT", "TTS_USER_PROMPT", "OmniEndpoints", "Settings", "SpeechRequest",
+__all__ = ["MAX_SPEECH_INPUT_CHARS", "SPEECH_SYSTEM_PROMPT", "TTS_USER_PROMPT", "OmniEndpoints", "Settings", "SpeechRequest",
            "check_scale_out", "routers"]
 
 logger = init_logger("omni_vllm.api")

@@ -194,8 +194,8 @@ class Started:
 class FakeCore:
     """OmniServing's interface: a reply of `words` words, one per `delay` s, 40 ms of audio each."""
 
-    def __init__(self, words: int = 5, delay: float = 0.0):
-        self.words, self.delay, self.requests, self.aborted = words, delay, [], []
+    def __init__(self, words: int = 5, delay: float = 0.0, refuse: Exception | None = None):
+        self.words, self.delay, self.requests, self.aborted, self.refuse = words, delay, [], [], refuse
 
     def voice(self, name, param):
         name = name or "Chelsie"
@@ -214,6 +214,8 @@ class FakeCore:
 
     async def start(self, request, *, request_id, voice, max_codes, audio=True, respond_while_queued=False):
         self.requests.append((request, audio))
+        if self.refuse is not None:
+            raise self.refuse
         return Started(request_id, {}, None, None)
 
     async def chunks(self, started, t0):
@@ -235,7 +237,7 @@ class FakeCore:
                          total_tokens=final.prompt_tokens + final.completion_tokens + final.audio_tokens)
 
 
-def fake_app(core, **limits):
+def fake_app(core, max_model_len: int = 2048, **limits):
     from fastapi import FastAPI
 
     from api.realtime.router import router
@@ -245,7 +247,7 @@ def fake_app(core, **limits):
     app.include_router(router)
     app.state.omni_realtime = RealtimeServing(
         core, RealtimeLimits(**limits), model_name="tiny", instructions="Be brief.", default_voice="Chelsie",
-        max_model_len=2048, talker_max_len=2048, count_text=lambda t: len(t.split()))
+        max_model_len=max_model_len, talker_max_len=2048, count_text=lambda t: len(t.split()))
     return app
 
 
@@ -332,7 +334,7 @@ def test_fake_core_limits(phrase):
     from fastapi.testclient import TestClient
     from starlette.websockets import WebSocketDisconnect
 
-    app = fake_app(FakeCore(), max_sessions=1, idle_seconds=0.5, max_input_audio_seconds=1.0)
+    app = fake_app(FakeCore(), max_sessions=1, max_input_audio_seconds=1.0)
     with TestClient(app) as client:
         with client.websocket_connect("/v1/realtime") as ws:
             until(ws, "session.created")
@@ -345,11 +347,14 @@ def test_fake_core_limits(phrase):
                           "event_id": "big"})
             err = until(ws, "error")["error"]
             assert (err["code"], err["event_id"]) == ("input_audio_buffer_full", "big")
-            with pytest.raises(WebSocketDisconnect) as e:
-                until(ws, "never")
-            assert e.value.code == 1008 and "idle" in e.value.reason
         with client.websocket_connect("/v1/realtime?model=other") as ws:
             assert until(ws, "error")["error"]["code"] == "model_not_found"
+    app = fake_app(FakeCore(), idle_seconds=0.5)
+    with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+        until(ws, "session.created")
+        with pytest.raises(WebSocketDisconnect) as e:
+            until(ws, "never")
+        assert e.value.code == 1008 and "idle" in e.value.reason
     app = fake_app(FakeCore(), max_session_seconds=0.5)
     with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
         with pytest.raises(WebSocketDisconnect) as e:
@@ -595,3 +600,61 @@ def test_sdk_bad_events_keep_the_socket(server):
                      "busy": ("conversation_already_has_active_response", "busy")}, codes
     assert "nobody" in errors["voice"].message and errors["voice"].param == "session.audio.output.voice"
     assert still.session.instructions == "Still here."
+
+
+def test_example_realtime_client(server, phrase, tmp_path):
+    """examples/realtime_client.py: a spoken WAV (server VAD) and, without --audio, a tone (manual)."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+    from api_server import ROOT
+
+    question = tmp_path / "question.wav"
+    sf.write(question, np.concatenate([silence(0.3), phrase]), RATE, subtype="PCM_16")
+    for extra, out in ((["--audio", str(question)], tmp_path / "vad.wav"), ([], tmp_path / "manual.wav")):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "realtime_client.py"), "--base-url",
+                               server["base_url"], "--max-tokens", "4", "--out", str(out), *extra],
+                              cwd=ROOT / "examples", capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, (proc.stdout, proc.stderr)
+        audio, sr = sf.read(out)
+        assert sr == RATE and len(audio) > 0 and "speech tokens" in proc.stdout, proc.stdout
+        assert ("[server VAD] speech ended" in proc.stdout) == bool(extra), proc.stdout
+
+
+def test_fake_core_refusal_and_memory_bound():
+    """A reply the core refuses is an error event and response.done "failed"; a conversation over
+    the model length loses its oldest items, each with conversation.item.deleted."""
+    from fastapi.testclient import TestClient
+    from vllm.exceptions import VLLMValidationError
+
+    core = FakeCore(refuse=VLLMValidationError("the prompt has 9000 tokens", parameter="messages"))
+    with TestClient(fake_app(core)) as client, client.websocket_connect("/v1/realtime") as ws:
+        until(ws, "session.created")
+        ws.send_json({"type": "response.create", "event_id": "r1"})
+        err = until(ws, "error")["error"]
+        assert "9000 tokens" in err["message"] and err["param"] == "messages"
+        done = until(ws, "response.done")["response"]
+        assert done["status"] == "failed" and done["output"] == [] and "9000" in done["status_details"]["error"]["message"]
+
+    core = FakeCore(words=2)
+    # 256 tokens of model, 64 kept for the reply: 192 for the prompt; each 4 s of user audio is ~109
+    with TestClient(fake_app(core, max_model_len=256)) as client, client.websocket_connect("/v1/realtime") as ws:
+        until(ws, "session.created")
+        ws.send_json({"type": "session.update", "session": {"type": "realtime", "max_output_tokens": 64,
+                                                            "audio": {"input": {"turn_detection": None}}}})
+        until(ws, "session.updated")
+        ids, deleted = [], []
+        for turn in range(3):
+            ws.send_json({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+                {"type": "input_audio", "audio": base64.b64encode(pcm16(silence(4.0))).decode()}]}})
+            ids.append(until(ws, "conversation.item.done")["item"]["id"])
+            ws.send_json({"type": "response.create"})
+            seen = []
+            until(ws, "response.done", seen)
+            deleted.append([e["item_id"] for e in seen if e["type"] == "conversation.item.deleted"])
+        # turn 2: its first user audio goes; turn 3: the first reply (older) and the second user audio
+        assert deleted[0] == [] and deleted[1] == [ids[0]] and len(deleted[2]) == 2 and deleted[2][1] == ids[1]
+        request, _ = core.requests[-1]
+        audio_parts = [p for m in request.messages if m["role"] == "user" for p in m["content"]]
+        assert len(audio_parts) == 1  # only the last turn's audio fits

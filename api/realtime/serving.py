@@ -145,7 +145,7 @@ class RealtimeConnection:
 
     async def run(self) -> None:
         limits, t_end = self.serving.limits, time.monotonic() + self.serving.limits.max_session_seconds
-        self._make_vad()
+        await self._make_vad()
         await self.send(P.server_event("session.created", session=self._session()))
         try:
             while not self._closed:
@@ -180,9 +180,9 @@ class RealtimeConnection:
     def _session(self) -> dict:
         return self.config.to_openai(self.serving.model_name, self.id)
 
-    def _make_vad(self) -> None:
+    async def _make_vad(self) -> None:
         settings = self.config.vad_settings()
-        self.vad = None if settings is None else ServerVad(settings)
+        self.vad = None if settings is None else await asyncio.to_thread(ServerVad, settings)  # ~30 ms: a jit load
 
     def _voice(self, name: Any, param: str, event_id: str | None) -> str:
         try:
@@ -201,7 +201,7 @@ class RealtimeConnection:
         self.config = apply_session_update(self.config, ev.session, lambda v, p: self._voice(v, p, ev.event_id),
                                            ev.event_id, voice_locked=self.spoken)
         if self.config.turn_detection != old_td:
-            self._make_vad()
+            await self._make_vad()
         await self.send(P.server_event("session.updated", session=self._session()))
 
     async def on_input_audio_buffer_append(self, ev) -> None:
@@ -345,6 +345,15 @@ class RealtimeConnection:
         return budget
 
     async def _respond(self, resp: _Response, instructions: str | None, items: list[Item] | None) -> None:
+        """A response's task: it is the session's running response until its response.done is out."""
+        try:
+            await self._produce(resp, instructions, items)
+        finally:
+            if self.response is resp:
+                self.response = None
+            self._last_active = time.monotonic()
+
+    async def _produce(self, resp: _Response, instructions: str | None, items: list[Item] | None) -> None:
         core, audio = self.serving.core, "audio" in resp.modalities
         part = resp.item.parts[0]
         out = {"response_id": resp.id, "item_id": resp.item.id, "output_index": 0, "content_index": 0}
@@ -409,9 +418,6 @@ class RealtimeConnection:
             if chunks is not None:  # cancelled between chunks: close it, which aborts the request
                 with contextlib.suppress(Exception):
                     await chunks.aclose()
-            if self.response is resp:
-                self.response = None
-            self._last_active = time.monotonic()
         resp.item.status = "completed" if status == "completed" else "incomplete"
         if started is not None:
             text = part.text
