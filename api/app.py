@@ -2,11 +2,11 @@
 
 `OmniEndpoints` has the shape of a vLLM endpoint plugin (`attach_router` + `init_state`, see
 `vllm.plugins.endpoint_plugins.interface`): `api.server` builds vLLM's own app, lets this replace
-`POST /v1/chat/completions` and add `POST /v1/audio/speech`, and serves it. Everything else
+`POST /v1/chat/completions` and add `POST /v1/audio/speech` and the `/v1/realtime` WebSocket, and serves it. Everything else
 (`/v1/models`, `/health`, `/metrics`, `/tokenize`, completions, ...) is vLLM's, unchanged.
 
 This module is wiring only, laid out as vLLM's `entrypoints/openai/<feature>/`: each feature has
-a router (api/chat/router.py, api/speech/router.py) whose handlers find their serving object on
+a router (api/chat/router.py, api/speech/router.py, api/realtime/router.py) whose handlers find their serving object on
 `app.state`, and all share one core, `api.serving.OmniServing` (`app.state.omni_serving`).
 Details and limits: api/README.md.
 """
@@ -25,6 +25,7 @@ from api import limits as L
 from api.audio_ids import ENV_KEY, AudioIds
 from api.chat.serving import OmniServingChat
 from api.metrics import Metrics
+from api.realtime.serving import RealtimeServing
 from api.serving import SPEECH_SYSTEM_PROMPT, OmniServing
 from api.settings import Settings, check_scale_out
 from api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
@@ -43,9 +44,11 @@ logger = init_logger("omni_vllm.api")
 def routers() -> list[APIRouter]:
     """Our feature routers; `OmniEndpoints.attach_router` includes them all."""
     from api.chat.router import router as chat
+    from api.realtime.playground import router as playground
+    from api.realtime.router import router as realtime
     from api.speech.router import router as speech
 
-    return [chat, speech]
+    return [chat, speech, realtime, playground]
 
 
 def _route_keys(route) -> set[tuple[str, str]]:
@@ -120,6 +123,7 @@ class OmniEndpoints:
         state.omni_serving_chat = OmniServingChat(
             self.serving, float(getattr(args, "sse_keep_alive_interval", 0) or 0))
         state.omni_serving_speech = OmniServingSpeech(self.serving)
+        state.omni_realtime = RealtimeServing.create(self.serving, state, model_config)
 
     async def shutdown(self) -> None:
         if self.speech is not None:

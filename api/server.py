@@ -53,6 +53,18 @@ def add_omni_args(parser):
                    help="Fetch media URLs that resolve to loopback, private or link-local addresses too (by "
                         "default they are a 400 and no connection is made; OMNI_VLLM_ALLOWED_MEDIA_NETWORKS "
                         "opens chosen networks only).")
+    r = parser.add_argument_group("omni-vllm (/v1/realtime: OpenAI's Realtime API)")
+    r.add_argument("--realtime-max-sessions", type=int, default=D.realtime_max_sessions,
+                   help="Most realtime WebSocket sessions at once; one more is closed with code 1013 (try again "
+                        "later).")
+    r.add_argument("--realtime-max-session-seconds", type=float, default=D.realtime_max_session_seconds,
+                   help="Longest realtime session, seconds; then it is closed with code 1008 saying so.")
+    r.add_argument("--realtime-max-input-audio-seconds", type=float, default=D.realtime_max_input_audio_seconds,
+                   help="Most uncommitted input audio a realtime session buffers (and the longest audio item); "
+                        "an append beyond it is answered with an error event and dropped.")
+    r.add_argument("--realtime-idle-seconds", type=float, default=D.realtime_idle_seconds,
+                   help="A realtime session with no client event and no reply running for this long is closed "
+                        "with code 1008 saying so.")
     return parser
 
 

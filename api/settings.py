@@ -26,6 +26,10 @@ class Settings:
     max_image_pixels: int = 36_000_000  # an 8K UHD frame is 33.2 M
     max_request_mb: float = 100.0
     audio_id_key: str | None = None  # signs audio ids; replicas share it (else OMNI_VLLM_AUDIO_ID_KEY, else random)
+    realtime_max_sessions: int = 32  # /v1/realtime sessions at once; more: closed with 1013
+    realtime_max_session_seconds: float = 1800.0  # then closed with 1008
+    realtime_max_input_audio_seconds: float = 120.0  # uncommitted input audio per session
+    realtime_idle_seconds: float = 300.0  # no client event and no reply running: closed with 1008
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":

@@ -14,7 +14,8 @@ from api_server import running_server
 
 pytestmark = pytest.mark.slow
 
-ENV = {"VLLM_PLUGINS": "omni_vllm", "OMNI_VLLM_MAX_AUDIO_TOKENS": "12", "OMNI_VLLM_DEFAULT_VOICE": "ethan"}
+ENV = {"VLLM_PLUGINS": "omni_vllm", "OMNI_VLLM_MAX_AUDIO_TOKENS": "12", "OMNI_VLLM_DEFAULT_VOICE": "ethan",
+       "OMNI_VLLM_REALTIME_MAX_SESSIONS": "1"}
 
 
 def test_stock_vllm_server_speaks(tiny_checkpoint_dir, tmp_path):
@@ -39,3 +40,35 @@ def test_stock_vllm_server_speaks(tiny_checkpoint_dir, tmp_path):
                                               messages=[{"role": "user", "content": "Hi"}])
         assert text.choices[0].message.content is not None and text.choices[0].message.audio is None
         assert "omni_vllm:speaking_requests" in httpx.get(f"{server['root']}/metrics").text
+        check_realtime(server)
+
+
+def check_realtime(server) -> None:
+    """/v1/realtime is ours under `vllm serve` too: a spoken reply (capped by OMNI_VLLM_MAX_AUDIO_TOKENS),
+    and OMNI_VLLM_REALTIME_MAX_SESSIONS=1 closes a second session with 1013."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+    from websockets.exceptions import ConnectionClosed
+
+    async def main():
+        client = AsyncOpenAI(base_url=server["base_url"], api_key="-")
+        async with client.realtime.connect(model=server["model"]) as conn:
+            created = await conn.recv()
+            assert created.type == "session.created" and created.session.audio.output.voice == "Ethan"
+            await conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                      "content": [{"type": "input_text", "text": "Hi"}]})
+            await conn.response.create(response={"max_output_tokens": 2})
+            audio = 0
+            async for event in conn:
+                if event.type == "response.output_audio.delta":
+                    audio += len(base64.b64decode(event.delta)) // 2
+                if event.type == "response.done":
+                    break
+            assert event.response.status in ("completed", "incomplete") and 0 < audio <= 12 * 480
+            async with client.realtime.connect(model=server["model"]) as other:
+                with pytest.raises(ConnectionClosed) as e:
+                    await asyncio.wait_for(other.recv(), 30)
+            assert e.value.rcvd.code == 1013
+
+    asyncio.run(main())
