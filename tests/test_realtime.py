@@ -454,6 +454,8 @@ def test_sdk_spoken_turn_ended_by_server_vad(server, phrase):
     assert r.status in ("completed", "incomplete") and r.output[0].content[0].transcript == transcript
     assert r.usage.input_token_details.audio_tokens >= 25  # the thinker heard the phrase itself (> 1 s)
     assert r.usage.output_token_details.audio_tokens > 0 and r.usage.output_token_details.text_tokens <= 8
+    assert r.usage.output_token_details.audio_tokens <= 48  # the server's --max-audio-tokens caps it
+    assert len(audio) // 2 <= 48 * 480  # 480 samples (20 ms at 24 kHz) per speech code
 
 
 def test_sdk_manual_turns_and_memory(server, phrase):

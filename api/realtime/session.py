@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from vllm.logger import init_logger
 
 from api.realtime.protocol import SAMPLE_RATE, ClientError, decode_audio, new_id
 from api.realtime.vad import VadSettings
 
-logger = logging.getLogger("omni_vllm.api.realtime")
+logger = init_logger("omni_vllm.api.realtime")
 
 AUDIO_TOKENS_PER_SECOND = 25  # Qwen2.5-Omni's audio encoder: one token per 40 ms
 MESSAGE_OVERHEAD_TOKENS = 6  # <|im_start|>role\n ... <|im_end|>\n, and audio bos/eos
