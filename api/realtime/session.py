@@ -187,6 +187,7 @@ class Part:
     text: str = ""  # the text, or an audio part's transcript
     audio: bytes | None = None  # user audio: pcm16 24 kHz
     audio_ms: float = 0.0  # assistant audio sent
+    wav: str | None = field(default=None, repr=False)  # `audio` as base64 WAV, made once for every later prompt
 
 
 @dataclass
@@ -219,8 +220,9 @@ class Item:
         content = []
         for p in self.parts:
             if p.type == "input_audio":
-                content.append({"type": "input_audio", "input_audio": {"data": wav_b64(p.audio or b""),
-                                                                       "format": "wav"}})
+                if p.wav is None:
+                    p.wav = wav_b64(p.audio or b"")
+                content.append({"type": "input_audio", "input_audio": {"data": p.wav, "format": "wav"}})
             elif p.text:
                 content.append({"type": "text", "text": p.text})
         return {"role": "user", "content": content} if content else None
