@@ -454,6 +454,8 @@ def test_sdk_spoken_turn_ended_by_server_vad(server, phrase):
     assert r.status in ("completed", "incomplete") and r.output[0].content[0].transcript == transcript
     assert r.usage.input_token_details.audio_tokens >= 25  # the thinker heard the phrase itself (> 1 s)
     assert r.usage.output_token_details.audio_tokens > 0 and r.usage.output_token_details.text_tokens <= 8
+    assert r.usage.output_token_details.audio_tokens <= 48  # the server's --max-audio-tokens caps it
+    assert len(audio) // 2 <= 48 * 480  # 480 samples (20 ms at 24 kHz) per speech code
 
 
 def test_sdk_manual_turns_and_memory(server, phrase):
@@ -658,3 +660,19 @@ def test_fake_core_refusal_and_memory_bound():
         request, _ = core.requests[-1]
         audio_parts = [p for m in request.messages if m["role"] == "user" for p in m["content"]]
         assert len(audio_parts) == 1  # only the last turn's audio fits
+
+
+def test_api_key_guards_the_socket():
+    """vLLM's --api-key middleware guards WebSocket routes under /v1 too: the SDK's Bearer header
+    opens /v1/realtime, no key does not."""
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    app = fake_app(FakeCore())
+    app.add_middleware(AuthenticationMiddleware, tokens=["sekret"])
+    with TestClient(app) as client:
+        with client.websocket_connect("/v1/realtime", headers={"Authorization": "Bearer sekret"}) as ws:
+            assert until(ws, "session.created")["session"]["model"] == "tiny"
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/v1/realtime") as ws:
+            ws.receive_json()

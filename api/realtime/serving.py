@@ -13,7 +13,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -104,7 +104,6 @@ class _Response:
     to_conversation: bool
     task: asyncio.Task | None = None
     cancel_reason: str | None = None
-    sent: dict = field(default_factory=lambda: {"text": [], "audio_ms": 0.0})
 
 
 class RealtimeConnection:
@@ -172,6 +171,10 @@ class RealtimeConnection:
                     await self.on_event(P.parse_client_event(raw))
                 except P.ClientError as e:
                     await self.send(P.client_error_event(e))
+                except Exception as e:  # a bug of ours: said, logged, and the session goes on
+                    logger.exception("realtime session %s: event failed", self.id)
+                    await self.send(P.error_event(f"the server failed on this event: {e}", err_type="server_error",
+                                                  code="server_error"))
         except WebSocketDisconnect:
             self._closed = True
         finally:

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import base64
 import io
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from vllm.logger import init_logger
 
 from api.realtime.protocol import SAMPLE_RATE, ClientError, decode_audio, new_id
 from api.realtime.vad import VadSettings
 
-logger = logging.getLogger("omni_vllm.api.realtime")
+logger = init_logger("omni_vllm.api.realtime")
 
 AUDIO_TOKENS_PER_SECOND = 25  # Qwen2.5-Omni's audio encoder: one token per 40 ms
 MESSAGE_OVERHEAD_TOKENS = 6  # <|im_start|>role\n ... <|im_end|>\n, and audio bos/eos
@@ -187,6 +187,7 @@ class Part:
     text: str = ""  # the text, or an audio part's transcript
     audio: bytes | None = None  # user audio: pcm16 24 kHz
     audio_ms: float = 0.0  # assistant audio sent
+    wav: str | None = field(default=None, repr=False)  # `audio` as base64 WAV, made once for every later prompt
 
 
 @dataclass
@@ -219,8 +220,9 @@ class Item:
         content = []
         for p in self.parts:
             if p.type == "input_audio":
-                content.append({"type": "input_audio", "input_audio": {"data": wav_b64(p.audio or b""),
-                                                                       "format": "wav"}})
+                if p.wav is None:
+                    p.wav = wav_b64(p.audio or b"")
+                content.append({"type": "input_audio", "input_audio": {"data": p.wav, "format": "wav"}})
             elif p.text:
                 content.append({"type": "text", "text": p.text})
         return {"role": "user", "content": content} if content else None
