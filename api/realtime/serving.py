@@ -69,7 +69,7 @@ class RealtimeServing:
         limits = RealtimeLimits(s.realtime_max_sessions, s.realtime_max_session_seconds,
                                 s.realtime_max_input_audio_seconds, s.realtime_idle_seconds)
         return cls(core, limits, model_name=state.openai_serving_models.base_model_paths[0].name,
-                   instructions=SPEECH_SYSTEM_PROMPT, default_voice=s.default_voice,
+                   instructions=SPEECH_SYSTEM_PROMPT, default_voice=s.speech.default_voice,
                    max_model_len=model_config.max_model_len,
                    talker_max_len=speech.talker_max_len if speech is not None and speech.has_speech else None,
                    count_text=lambda text: len(tokenizer.encode(text, add_special_tokens=False)) if text else 0)
