@@ -1,13 +1,13 @@
 """Our routes on vLLM's OpenAI app: chat completions that speak, and /v1/audio/speech.
 
 `OmniEndpoints` has the shape of a vLLM endpoint plugin (`attach_router` + `init_state`, see
-`vllm.plugins.endpoint_plugins.interface`): `api.server` builds vLLM's own app, lets this replace
+`vllm.plugins.endpoint_plugins.interface`): `omni_vllm.api.server` builds vLLM's own app, lets this replace
 `POST /v1/chat/completions` and add `POST /v1/audio/speech` and the `/v1/realtime` WebSocket, and serves it. Everything else
 (`/v1/models`, `/health`, `/metrics`, `/tokenize`, completions, ...) is vLLM's, unchanged.
 
 This module is wiring only, laid out as vLLM's `entrypoints/openai/<feature>/`: each feature has
 a router (api/chat/router.py, api/speech/router.py, api/realtime/router.py) whose handlers find their serving object on
-`app.state`, and all share one core, `api.serving.OmniServing` (`app.state.omni_serving`).
+`app.state`, and all share one core, `omni_vllm.api.serving.OmniServing` (`app.state.omni_serving`).
 Details and limits: api/README.md.
 """
 
@@ -21,15 +21,15 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from vllm.logger import init_logger
 
-from api import limits as L
-from api.audio_ids import ENV_KEY, AudioIds
-from api.chat.serving import OmniServingChat
-from api.metrics import Metrics
-from api.realtime.serving import RealtimeServing
-from api.serving import SPEECH_SYSTEM_PROMPT, OmniServing
-from api.settings import Settings, check_scale_out
-from api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
-from api.speech.serving import TTS_USER_PROMPT, OmniServingSpeech
+from omni_vllm.api import limits as L
+from omni_vllm.api.audio_ids import ENV_KEY, AudioIds
+from omni_vllm.api.chat.serving import OmniServingChat
+from omni_vllm.api.metrics import Metrics
+from omni_vllm.api.realtime.serving import RealtimeServing
+from omni_vllm.api.serving import SPEECH_SYSTEM_PROMPT, OmniServing
+from omni_vllm.api.settings import Settings, check_scale_out
+from omni_vllm.api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
+from omni_vllm.api.speech.serving import TTS_USER_PROMPT, OmniServingSpeech
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import SpeechEngine, SpeechLoadError, UnknownVoice
@@ -43,10 +43,10 @@ logger = init_logger("omni_vllm.api")
 
 def routers() -> list[APIRouter]:
     """Our feature routers; `OmniEndpoints.attach_router` includes them all."""
-    from api.chat.router import router as chat
-    from api.realtime.playground import router as playground
-    from api.realtime.router import router as realtime
-    from api.speech.router import router as speech
+    from omni_vllm.api.chat.router import router as chat
+    from omni_vllm.api.realtime.playground import router as playground
+    from omni_vllm.api.realtime.router import router as realtime
+    from omni_vllm.api.speech.router import router as speech
 
     return [chat, speech, realtime, playground]
 
@@ -99,7 +99,7 @@ class OmniEndpoints:
         s, model_config = self.settings.speech, engine_client.model_config
         max_len = min(s.talker_max_len or model_config.max_model_len + s.max_codes,
                       model_config.max_model_len + s.max_codes)  # longer is never reached
-        max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by api.server.plan_speech when served
+        max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by omni_vllm.api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
                 engine_client, engine_checkpoint(engine_client.vllm_config),

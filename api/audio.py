@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from api.errors import VLLMValidationError
+from omni_vllm.api.errors import VLLMValidationError
 from omni_vllm.token2wav import SAMPLE_RATE  # Token2Wav's output rate
 
 # format name -> (libsndfile format, subtype, content type); None: raw pcm16; "aac": PyAV's

@@ -79,7 +79,7 @@ async def vllm_chat_completion(request, raw_request):
 
 
 def check_media_connector(connector_cls) -> None:
-    """api.media_fetch overrides `MediaConnector._load_file_url`: it must still exist."""
+    """omni_vllm.api.media_fetch overrides `MediaConnector._load_file_url`: it must still exist."""
     _require(connector_cls, "_load_file_url")
 
 

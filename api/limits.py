@@ -3,7 +3,7 @@
 Checked before vLLM parses or decodes anything, from headers only where a format has them (PyAV's
 reader, PIL's lazy open), so that an oversized request costs a few milliseconds and a 413 rather
 than the decoded media in memory. Media that vLLM fetches from
-http(s) URLs gets the same limits through vLLM's own settings (`api.server` sets them).
+http(s) URLs gets the same limits through vLLM's own settings (`omni_vllm.api.server` sets them).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import io
 import json
 from dataclasses import dataclass
 
-from api.errors import RequestTooLargeError, VLLMUnprocessableEntityError, VLLMValidationError, error_body
+from omni_vllm.api.errors import RequestTooLargeError, VLLMUnprocessableEntityError, VLLMValidationError, error_body
 
 
 @dataclass(frozen=True)

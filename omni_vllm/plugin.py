@@ -60,14 +60,14 @@ def register() -> None:
 
     # Frontend half of the hidden-states route (the runner half is applied by our model class),
     # and the V1 model runner pinned for our model (before any VllmConfig is built or read).
-    from patches import model_runner_v1, output_processor_hidden_states
+    from omni_vllm.patches import model_runner_v1, output_processor_hidden_states
 
     model_runner_v1.apply()
     output_processor_hidden_states.apply()
 
     # Media URLs in requests are fetched from public addresses only, on our routes and vLLM's alike
     # (api/media_fetch.py); VLLM_MEDIA_CONNECTOR set by the user (e.g. "http", vLLM's own) wins.
-    from api import media_fetch
+    from omni_vllm.api import media_fetch
 
     media_fetch.register()
     os.environ.setdefault("VLLM_MEDIA_CONNECTOR", media_fetch.CONNECTOR_NAME)

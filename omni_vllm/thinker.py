@@ -54,7 +54,7 @@ class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenera
     supports_omni_hidden_states: ClassVar[bool] = True
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        from patches import runner_hidden_states
+        from omni_vllm.patches import runner_hidden_states
 
         runner_hidden_states.apply()
         super().__init__(vllm_config=vllm_config, prefix=prefix)

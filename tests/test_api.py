@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (api/) end to end: `python -m api.serve` on the tiny checkpoint in a
+"""The OpenAI-compatible server (api/) end to end: `python -m omni_vllm.api.serve` on the tiny checkpoint in a
 subprocess, driven with the real `openai` SDK. Random weights never emit EOS, so every request caps
 its text (max_tokens) and its speech (`max_audio_tokens`, our extension; the server flag caps it too).
 """
@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 from api_server import ROOT, metric, mp4_data_url, png_data_url, running_server, wav_b64
 
-from api.app import SPEECH_SYSTEM_PROMPT
+from omni_vllm.api.app import SPEECH_SYSTEM_PROMPT
 from omni_vllm.testing import media
 
 SR = 24000

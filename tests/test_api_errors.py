@@ -13,11 +13,11 @@ from fastapi import APIRouter, FastAPI, WebSocket
 from fastapi.routing import APIWebSocketRoute
 from fastapi.testclient import TestClient
 
-from api import compat
-from api.app import OmniEndpoints
-from api.audio_ids import AudioIds
-from api.chat.serving import OmniServingChat
-from api.errors import (
+from omni_vllm.api import compat
+from omni_vllm.api.app import OmniEndpoints
+from omni_vllm.api.audio_ids import AudioIds
+from omni_vllm.api.chat.serving import OmniServingChat
+from omni_vllm.api.errors import (
     RequestTooLargeError,
     ServiceBusyError,
     VLLMUnprocessableEntityError,
@@ -26,9 +26,9 @@ from api.errors import (
     error_response,
     sse_error,
 )
-from api.serving import OmniServing
-from api.settings import Settings
-from api.speech.serving import OmniServingSpeech
+from omni_vllm.api.serving import OmniServing
+from omni_vllm.api.settings import Settings
+from omni_vllm.api.speech.serving import OmniServingSpeech
 from omni_vllm.errors import SpeechBusy
 from omni_vllm.speech import SpeechChunk
 

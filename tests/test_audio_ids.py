@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from api.audio_ids import AudioIdError, AudioIds
+from omni_vllm.api.audio_ids import AudioIdError, AudioIds
 
 
 def test_round_trip_and_shared_key():

@@ -1,4 +1,4 @@
-"""Audio input as users send it, through one real server (`python -m api.serve`, tiny checkpoint).
+"""Audio input as users send it, through one real server (`python -m omni_vllm.api.serve`, tiny checkpoint).
 
 Every common sample rate, mono and stereo, on vLLM's text-only handler and on our speaking route;
 the containers that browsers (WebM/Opus, Ogg/Opus) and phones (M4A/AAC) record, and MP3, at 44.1 and

@@ -128,7 +128,7 @@ def llm(tiny_checkpoint_dir):
     import vllm.config.vllm as config_module
     from vllm import LLM, envs
 
-    from patches.model_runner_v1 import vllm_decides
+    from omni_vllm.patches.model_runner_v1 import vllm_decides
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config_module, "HAS_TRITON", True)

@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 from vllm.exceptions import VLLMValidationError
 
-from api.media_fetch import AddressPolicy, PublicMediaConnector, PublicOnlyHTTPConnection
+from omni_vllm.api.media_fetch import AddressPolicy, PublicMediaConnector, PublicOnlyHTTPConnection
 
 
 def _wav() -> bytes:

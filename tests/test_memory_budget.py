@@ -1,4 +1,4 @@
-"""The speech path's memory budget (omni_vllm.memory, api.server.plan_speech), its dtypes, and its
+"""The speech path's memory budget (omni_vllm.memory, omni_vllm.api.server.plan_speech), its dtypes, and its
 load errors.
 
 * The estimate against what is really allocated: the tiny checkpoint's loaded modules (weights,
@@ -203,8 +203,8 @@ def test_memory_budget_errors_name_the_flags():
 
 
 def test_memory_budget_plan_from_server_args(tiny_checkpoint_dir, capsys):
-    """api.server.parse_args settles the plan before the engine is built (simulated 8 GiB GPU)."""
-    from api.server import parse_args
+    """omni_vllm.api.server.parse_args settles the plan before the engine is built (simulated 8 GiB GPU)."""
+    from omni_vllm.api.server import parse_args
 
     base = ["--model", str(tiny_checkpoint_dir), "--max-model-len", "2048", "--max-audio-tokens", "512"]
     default = M._vllm_default_utilization()

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from omni_vllm.hidden_states import RunnerCapture, check_speech_config, request_hidden_states
-from patches import model_runner_v1
+from omni_vllm.patches import model_runner_v1
 
 
 def engine_config(model, **kwargs):

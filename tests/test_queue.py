@@ -1,4 +1,4 @@
-"""Under load the server queues audio requests as vLLM's scheduler queues text: `python -m api.serve`
+"""Under load the server queues audio requests as vLLM's scheduler queues text: `python -m omni_vllm.api.serve`
 on the tiny checkpoint with 2 speaking slots, driven by the `openai` SDK with `max_retries=0` (no
 client-side retries, so a refusal would show).
 
@@ -149,7 +149,7 @@ def test_refusal_shapes():
     string `code`) and, once a stream has started (the wait limit passed), as its error event."""
     import json
 
-    from api.errors import SSE_DONE, error_response, sse_error
+    from omni_vllm.api.errors import SSE_DONE, error_response, sse_error
     from omni_vllm.errors import SpeechBusy
 
     e = SpeechBusy("speech engine busy: no speaking slot within 5 s", code=SpeechBusy.WAIT_TIMEOUT, retry_after=2.2)

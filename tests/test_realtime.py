@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from api.realtime import protocol as P
-from api.realtime.session import Conversation, Item, Part, SessionConfig, apply_session_update
-from api.realtime.vad import ServerVad, VadSettings
+from omni_vllm.api.realtime import protocol as P
+from omni_vllm.api.realtime.session import Conversation, Item, Part, SessionConfig, apply_session_update
+from omni_vllm.api.realtime.vad import ServerVad, VadSettings
 from omni_vllm.testing import media
 
 RATE = 24000
@@ -158,8 +158,8 @@ def test_our_route_answers_v1_realtime():
     from fastapi.routing import APIWebSocketRoute
     from vllm.entrypoints.speech_to_text.realtime.api_router import router as vllm_realtime
 
-    from api.app import OmniEndpoints
-    from api.realtime import router as ours
+    from omni_vllm.api.app import OmniEndpoints
+    from omni_vllm.api.realtime import router as ours
 
     app = FastAPI()
     app.include_router(vllm_realtime)
@@ -240,8 +240,8 @@ class FakeCore:
 def fake_app(core, max_model_len: int = 2048, **limits):
     from fastapi import FastAPI
 
-    from api.realtime.router import router
-    from api.realtime.serving import RealtimeLimits, RealtimeServing
+    from omni_vllm.api.realtime.router import router
+    from omni_vllm.api.realtime.serving import RealtimeLimits, RealtimeServing
 
     app = FastAPI()
     app.include_router(router)

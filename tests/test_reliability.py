@@ -1,5 +1,5 @@
 """Reliability of the OpenAI-compatible server (api/): a mixed concurrent load with aborts, a corpus of bad
-inputs, and a property-based fuzzer, all against the real `python -m api.serve` on the tiny checkpoint in a
+inputs, and a property-based fuzzer, all against the real `python -m omni_vllm.api.serve` on the tiny checkpoint in a
 subprocess, driven with the real `openai` SDK and raw httpx. After each: no 5xx, every request answered, the
 speech engine's and vLLM's gauges back to zero, the server healthy; after the load, its memory flat.
 
@@ -74,7 +74,7 @@ def server_procs(server):
             cmd = child.cmdline()
         except psutil.Error:
             continue
-        if "api.serve" in cmd and port in cmd:
+        if "omni_vllm.api.serve" in cmd and port in cmd:
             return [child, *child.children(recursive=True)]
     raise AssertionError("server process not found")
 

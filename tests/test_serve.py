@@ -1,4 +1,4 @@
-"""`python -m api.serve` end to end: a real server process driven with the `openai` SDK. With no model
+"""`python -m omni_vllm.api.serve` end to end: a real server process driven with the `openai` SDK. With no model
 named it serves the tiny random-weight demo, which must answer in seconds (short replies)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from api.serve import DEMO_AUDIO_TOKENS, DEMO_MODEL_NAME, DEMO_TEXT_TOKENS, vllm_args
+from omni_vllm.api.serve import DEMO_AUDIO_TOKENS, DEMO_MODEL_NAME, DEMO_TEXT_TOKENS, vllm_args
 from api_server import running_server, tail
 
 
@@ -103,7 +103,7 @@ def test_args_defaults_and_overrides(tmp_path):
 def test_unsupported_scale_out_refused(flags, words, capsys):
     """vLLM scale-out flags that speech does not support are refused at start-up, saying why and what to
     do instead; with --allow-text-only the server starts and serves text only, saying why."""
-    from api.server import parse_args
+    from omni_vllm.api.server import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--model", "Qwen/Qwen2.5-Omni-7B", *flags])

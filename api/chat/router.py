@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.utils.api_utils import load_aware_call, validate_json_request, with_cancellation
 
-from api.chat.serving import OmniServingChat
+from omni_vllm.api.chat.serving import OmniServingChat
 
 router = APIRouter()
 

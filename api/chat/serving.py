@@ -1,8 +1,8 @@
-"""Chat completions that speak: the handler behind api.chat.router.
+"""Chat completions that speak: the handler behind omni_vllm.api.chat.router.
 
 Requests without `"audio"` in `modalities` are handed to vLLM's own handler untouched (tools,
 logprobs, n, beam search, structured output, ... all work as in `vllm serve`). With audio, the
-request is checked here, started through the shared core (api.serving.OmniServing) and answered
+request is checked here, started through the shared core (omni_vllm.api.serving.OmniServing) and answered
 whole (`audio.data`, base64) or as SSE (pcm16 deltas with the transcript), as OpenAI does.
 """
 
@@ -31,10 +31,10 @@ from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 from vllm.logger import init_logger
 
-from api import audio as A
-from api import compat
-from api.errors import REFUSALS, SSE_DONE, VLLMValidationError, api_error, error_response, sse_error
-from api.serving import OmniServing
+from omni_vllm.api import audio as A
+from omni_vllm.api import compat
+from omni_vllm.api.errors import REFUSALS, SSE_DONE, VLLMValidationError, api_error, error_response, sse_error
+from omni_vllm.api.serving import OmniServing
 from omni_vllm.speech import SpeechChunk
 
 logger = init_logger("omni_vllm.api")

@@ -20,9 +20,9 @@ from fastapi import WebSocket, WebSocketDisconnect
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.logger import init_logger
 
-from api.errors import error_body
-from api.realtime import protocol as P
-from api.realtime.session import (
+from omni_vllm.api.errors import error_body
+from omni_vllm.api.realtime import protocol as P
+from omni_vllm.api.realtime.session import (
     Conversation,
     InputAudioBuffer,
     Item,
@@ -33,8 +33,8 @@ from api.realtime.session import (
     check_modalities,
     item_from_event,
 )
-from api.realtime.vad import ServerVad
-from api.serving import SPEECH_SYSTEM_PROMPT
+from omni_vllm.api.realtime.vad import ServerVad
+from omni_vllm.api.serving import SPEECH_SYSTEM_PROMPT
 
 logger = init_logger("omni_vllm.api.realtime")
 
@@ -43,7 +43,7 @@ CLOSE_POLICY, CLOSE_TRY_AGAIN = 1008, 1013
 
 @dataclass
 class RealtimeLimits:
-    """`--realtime-*` flags (api.server)."""
+    """`--realtime-*` flags (omni_vllm.api.server)."""
 
     max_sessions: int = 32
     max_session_seconds: float = 1800.0
@@ -461,6 +461,6 @@ class RealtimeConnection:
 
 
 def _pcm16(audio) -> bytes:
-    from api.audio import pcm16
+    from omni_vllm.api.audio import pcm16
 
     return pcm16(audio)

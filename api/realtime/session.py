@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from vllm.logger import init_logger
 
-from api.realtime.protocol import SAMPLE_RATE, ClientError, decode_audio, new_id
-from api.realtime.vad import VadSettings
+from omni_vllm.api.realtime.protocol import SAMPLE_RATE, ClientError, decode_audio, new_id
+from omni_vllm.api.realtime.vad import VadSettings
 
 logger = init_logger("omni_vllm.api.realtime")
 

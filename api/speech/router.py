@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
-from api.speech.protocol import SpeechRequest
-from api.speech.serving import OmniServingSpeech
+from omni_vllm.api.speech.protocol import SpeechRequest
+from omni_vllm.api.speech.serving import OmniServingSpeech
 
 router = APIRouter()
 

@@ -1,4 +1,4 @@
-"""POST /v1/audio/speech: text to speech through the shared core (api.serving.OmniServing).
+"""POST /v1/audio/speech: text to speech through the shared core (omni_vllm.api.serving.OmniServing).
 
 Qwen2.5-Omni has no TTS mode, so the model is asked to say the input verbatim; the audio is
 encoded as it comes (raw bytes of `response_format`) or sent as SSE `speech.audio.delta` events.
@@ -19,11 +19,11 @@ from fastapi.responses import StreamingResponse
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.logger import init_logger
 
-from api import audio as A
-from api import compat
-from api.errors import REFUSALS, SSE_DONE, ServingError, VLLMValidationError, api_error, error_response, sse_error
-from api.serving import SPEECH_SYSTEM_PROMPT, OmniServing
-from api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
+from omni_vllm.api import audio as A
+from omni_vllm.api import compat
+from omni_vllm.api.errors import REFUSALS, SSE_DONE, ServingError, VLLMValidationError, api_error, error_response, sse_error
+from omni_vllm.api.serving import SPEECH_SYSTEM_PROMPT, OmniServing
+from omni_vllm.api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
 from omni_vllm.speech import SpeechChunk
 
 logger = init_logger("omni_vllm.api")
