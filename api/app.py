@@ -35,8 +35,16 @@ from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech import SpeechEngine, SpeechLoadError, UnknownVoice
 from omni_vllm.talker import kv_tokens_for
 
-__all__ = ["MAX_SPEECH_INPUT_CHARS", "SPEECH_SYSTEM_PROMPT", "TTS_USER_PROMPT", "OmniEndpoints", "Settings", "SpeechRequest",
-           "check_scale_out", "routers"]
+__all__ = [
+    "MAX_SPEECH_INPUT_CHARS",
+    "SPEECH_SYSTEM_PROMPT",
+    "TTS_USER_PROMPT",
+    "OmniEndpoints",
+    "Settings",
+    "SpeechRequest",
+    "check_scale_out",
+    "routers",
+]
 
 logger = init_logger("omni_vllm.api")
 
@@ -72,56 +80,100 @@ class OmniEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         """Add our routes; they replace vLLM's for the same path and method (or WebSocket path)."""
-        ours = set().union(*(_route_keys(r) for router in self.routers for r in router.routes))
+        ours = set().union(
+            *(_route_keys(r) for router in self.routers for r in router.routes)
+        )
         for route in list(app.router.routes):
-            if isinstance(route, (APIRoute, APIWebSocketRoute)) and _route_keys(route) & ours:
+            if (
+                isinstance(route, (APIRoute, APIWebSocketRoute))
+                and _route_keys(route) & ours
+            ):
                 app.router.routes.remove(route)
         for router in self.routers:
             app.include_router(router)
         app.openapi_schema = None
-        built, app.middleware_stack = app.middleware_stack is not None, None  # built already by vLLM's
+        built, app.middleware_stack = (
+            app.middleware_stack is not None,
+            None,
+        )  # built already by vLLM's
         # SageMaker bootstrap: rebuilt below, with ours in it (Starlette adds none to a built stack)
         settings = Settings.from_args(getattr(app.state, "args", Namespace()))
-        app.add_middleware(L.BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
+        app.add_middleware(
+            L.BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20)
+        )
         # A body FastAPI cannot parse (e.g. invalid UTF-8) raises Starlette's HTTPException; vLLM's handler is
         # registered for FastAPI's subclass only, so that 400 came back as {"detail": ...}: make it OpenAI-shaped.
         from starlette.exceptions import HTTPException as StarletteHTTPException
-        from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
+        from vllm.entrypoints.serve.exception_handling.handlers.http import (
+            http_exception_handler,
+        )
+
         app.add_exception_handler(StarletteHTTPException, http_exception_handler)
         if built:
             app.middleware_stack = app.build_middleware_stack()
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
-        check_scale_out(args)  # again here: `vllm serve` with our endpoint plugin comes this way only
+        check_scale_out(
+            args
+        )  # again here: `vllm serve` with our endpoint plugin comes this way only
         self.settings = Settings.from_args(args)
-        self.audio_ids = AudioIds(self.settings.audio_id_ttl, self.settings.audio_id_key or os.environ.get(ENV_KEY))
+        self.audio_ids = AudioIds(
+            self.settings.audio_id_ttl,
+            self.settings.audio_id_key or os.environ.get(ENV_KEY),
+        )
         self.metrics = Metrics(state.openai_serving_models.base_model_paths[0].name)
         s, model_config = self.settings.speech, engine_client.model_config
-        max_len = min(s.talker_max_len or model_config.max_model_len + s.max_codes,
-                      model_config.max_model_len + s.max_codes)  # longer is never reached
-        max_speaking = s.max_speaking or DEFAULT_MAX_SPEAKING  # set by omni_vllm.api.server.plan_speech when served
+        max_len = min(
+            s.talker_max_len or model_config.max_model_len + s.max_codes,
+            model_config.max_model_len + s.max_codes,
+        )  # longer is never reached
+        max_speaking = (
+            s.max_speaking or DEFAULT_MAX_SPEAKING
+        )  # set by omni_vllm.api.server.plan_speech when served
         try:
             self.speech = SpeechEngine(
-                engine_client, engine_checkpoint(engine_client.vllm_config),
-                config=replace(s, max_speaking=max_speaking, talker_max_len=max_len,
-                               kv_cache_tokens=kv_tokens_for(max_speaking, max_len)),
-                text_only_reason=getattr(args, "speech_disabled", None))
+                engine_client,
+                engine_checkpoint(engine_client.vllm_config),
+                config=replace(
+                    s,
+                    max_speaking=max_speaking,
+                    talker_max_len=max_len,
+                    kv_cache_tokens=kv_tokens_for(max_speaking, max_len),
+                ),
+                text_only_reason=getattr(args, "speech_disabled", None),
+            )
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None
-        except SpeechLoadError as e:  # a start-up error that says what to change, not a traceback
+        except (
+            SpeechLoadError
+        ) as e:  # a start-up error that says what to change, not a traceback
             logger.error("the speech path did not load: %s", e)
             raise SystemExit(f"omni-vllm: the speech path did not load: {e}") from None
-        self.settings.speech = self.speech.config  # the default voice as the checkpoint spells it
+        self.settings.speech = (
+            self.speech.config
+        )  # the default voice as the checkpoint spells it
         if self.speech.has_speech:
             self.metrics.attach(self.speech)
         else:
-            self.speech_error = self.speech.unavailable_reason or "no talker / token2wav weights"
-            logger.warning("no speech output (%s); text requests are served as usual", self.speech_error)
-        self.serving = OmniServing(settings=self.settings, speech=self.speech, speech_error=self.speech_error,
-                                   audio_ids=self.audio_ids, metrics=self.metrics, chat=state.openai_serving_chat)
+            self.speech_error = (
+                self.speech.unavailable_reason or "no talker / token2wav weights"
+            )
+            logger.warning(
+                "no speech output (%s); text requests are served as usual",
+                self.speech_error,
+            )
+        self.serving = OmniServing(
+            settings=self.settings,
+            speech=self.speech,
+            speech_error=self.speech_error,
+            audio_ids=self.audio_ids,
+            metrics=self.metrics,
+            chat=state.openai_serving_chat,
+        )
         state.omni_serving = self.serving
         state.omni_serving_chat = OmniServingChat(
-            self.serving, float(getattr(args, "sse_keep_alive_interval", 0) or 0))
+            self.serving, float(getattr(args, "sse_keep_alive_interval", 0) or 0)
+        )
         state.omni_serving_speech = OmniServingSpeech(self.serving)
         state.omni_realtime = RealtimeServing.create(self.serving, state, model_config)
 

@@ -28,15 +28,32 @@ _FORMATS: dict[str, tuple[str, str, str] | None] = {
     "pcm": None,
     "pcm16": None,
 }
-CHAT_FORMATS = ("wav", "mp3", "flac", "opus", "aac", "pcm16")  # `audio.format` of chat completions
-SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # `response_format` of /v1/audio/speech
+CHAT_FORMATS = (
+    "wav",
+    "mp3",
+    "flac",
+    "opus",
+    "aac",
+    "pcm16",
+)  # `audio.format` of chat completions
+SPEECH_FORMATS = (
+    "mp3",
+    "opus",
+    "aac",
+    "flac",
+    "wav",
+    "pcm",
+)  # `response_format` of /v1/audio/speech
 AAC_BIT_RATE = 64000  # mono speech at 24 kHz
 
 
 def check_format(fmt: str | None, allowed: tuple[str, ...], param: str) -> str:
     fmt = (fmt or "").lower()
     if fmt not in allowed:
-        raise VLLMValidationError(f"unknown audio format {fmt!r}; use one of {', '.join(allowed)}", parameter=param)
+        raise VLLMValidationError(
+            f"unknown audio format {fmt!r}; use one of {', '.join(allowed)}",
+            parameter=param,
+        )
     return fmt
 
 
@@ -47,7 +64,11 @@ def content_type(fmt: str) -> str:
 
 def pcm16(audio: np.ndarray) -> bytes:
     """float32 [-1, 1] -> int16 little-endian bytes (clipped)."""
-    return (np.clip(np.asarray(audio, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return (
+        (np.clip(np.asarray(audio, np.float32), -1.0, 1.0) * 32767.0)
+        .astype("<i2")
+        .tobytes()
+    )
 
 
 def encode(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
@@ -60,11 +81,15 @@ def encode(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.asarray(audio, np.float32), sample_rate, format=spec[0], subtype=spec[1])
+    sf.write(
+        buf, np.asarray(audio, np.float32), sample_rate, format=spec[0], subtype=spec[1]
+    )
     return buf.getvalue()
 
 
-def encode_aac(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, bit_rate: int = AAC_BIT_RATE) -> bytes:
+def encode_aac(
+    audio: np.ndarray, sample_rate: int = SAMPLE_RATE, bit_rate: int = AAC_BIT_RATE
+) -> bytes:
     """Mono AAC-LC as an ADTS stream (FFmpeg's native encoder, through PyAV). The decoded clip is
     longer than the input by the encoder's priming and the padding of its last 1024-sample frame."""
     import av
@@ -87,9 +112,14 @@ def encode_aac(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, bit_rate: int 
 
 def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
     """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as streamers do)."""
-    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt "
-            + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-            + b"data" + struct.pack("<I", 0xFFFFFFFF))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", 0xFFFFFFFF)
+    )
 
 
 class StreamEncoder:
@@ -118,7 +148,10 @@ class StreamEncoder:
     def finish(self) -> bytes:
         if self.incremental:
             return self._head()
-        return encode(np.concatenate(self._held) if self._held else np.zeros(0, np.float32), self.fmt)
+        return encode(
+            np.concatenate(self._held) if self._held else np.zeros(0, np.float32),
+            self.fmt,
+        )
 
 
 class Resampler:
@@ -138,7 +171,11 @@ class Resampler:
         if last < 0:
             self._tail = x
             return np.zeros(0, np.float32)
-        pos = np.arange(self._pos, last + 1e-9, self.speed) if self._pos <= last else np.zeros(0)
+        pos = (
+            np.arange(self._pos, last + 1e-9, self.speed)
+            if self._pos <= last
+            else np.zeros(0)
+        )
         out = np.interp(pos, np.arange(len(x)), x).astype(np.float32)
         nxt = self._pos + len(pos) * self.speed
         keep = min(int(np.floor(nxt)), len(x))
@@ -148,4 +185,4 @@ class Resampler:
 
 def chunks_of(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]

@@ -51,22 +51,34 @@ class AudioIds:
     def issue(self, transcript: str) -> tuple[str, int]:
         """A new id for a reply with this transcript, and when it expires (Unix seconds)."""
         expires_at = math.ceil(time.time() + self.ttl)
-        payload = zlib.compress(json.dumps([expires_at, transcript], ensure_ascii=False).encode(), 9)
+        payload = zlib.compress(
+            json.dumps([expires_at, transcript], ensure_ascii=False).encode(), 9
+        )
         return f"{PREFIX}{_b64(payload)}.{_b64(self._tag(payload))}", expires_at
 
     def transcript(self, audio_id: object) -> str:
         """The transcript an id carries; AudioIdError if it is not ours, was altered, or expired."""
-        if not isinstance(audio_id, str) or not audio_id.startswith(PREFIX) or "." not in audio_id:
-            raise AudioIdError(f"audio id {audio_id!r} is unknown (not an audio id issued by this server)")
-        body, _, tag = audio_id[len(PREFIX):].rpartition(".")
+        if (
+            not isinstance(audio_id, str)
+            or not audio_id.startswith(PREFIX)
+            or "." not in audio_id
+        ):
+            raise AudioIdError(
+                f"audio id {audio_id!r} is unknown (not an audio id issued by this server)"
+            )
+        body, _, tag = audio_id[len(PREFIX) :].rpartition(".")
         try:
             payload, given = _unb64(body), _unb64(tag)
         except (ValueError, TypeError):
             raise AudioIdError("audio id is malformed") from None
         if not hmac.compare_digest(given, self._tag(payload)):
-            raise AudioIdError("audio id is unknown or was altered (its signature does not match this "
-                               "server's key; replicas must share --audio-id-key)")
+            raise AudioIdError(
+                "audio id is unknown or was altered (its signature does not match this "
+                "server's key; replicas must share --audio-id-key)"
+            )
         expires_at, transcript = json.loads(zlib.decompress(payload))
         if expires_at < time.time():
-            raise AudioIdError(f"audio id expired at {expires_at} (ids are valid {self.ttl:g} s)")
+            raise AudioIdError(
+                f"audio id expired at {expires_at} (ids are valid {self.ttl:g} s)"
+            )
         return transcript

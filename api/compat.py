@@ -17,7 +17,10 @@ from vllm.logger import init_logger
 
 logger = init_logger("omni_vllm.api")
 
-TESTED = ((0, 32), (0, 33))  # vLLM versions [from, to) these wrappers were checked against
+TESTED = (
+    (0, 32),
+    (0, 33),
+)  # vLLM versions [from, to) these wrappers were checked against
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -35,8 +38,12 @@ def check_version(version: str = vllm.__version__) -> bool:
     low, high = TESTED
     ok = low <= _version(version)[:2] < high
     if not ok:
-        warnings.warn(f"omni-vllm is tested with vLLM {low[0]}.{low[1]}.x; this is vLLM {version}: "
-                      "its private names used in api/compat.py may have changed", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"omni-vllm is tested with vLLM {low[0]}.{low[1]}.x; this is vLLM {version}: "
+            "its private names used in api/compat.py may have changed",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return ok
 
 
@@ -48,9 +55,15 @@ def _require(owner: Any, name: str) -> Any:
     try:
         return getattr(owner, name)
     except AttributeError:
-        where = getattr(owner, "__qualname__", None) or getattr(owner, "__name__", None) or type(owner).__qualname__
-        raise VLLMCompatError(f"vLLM {vllm.__version__} has no {where}.{name}, which omni-vllm uses "
-                              f"(tested with vLLM {TESTED[0][0]}.{TESTED[0][1]}); see api/compat.py") from None
+        where = (
+            getattr(owner, "__qualname__", None)
+            or getattr(owner, "__name__", None)
+            or type(owner).__qualname__
+        )
+        raise VLLMCompatError(
+            f"vLLM {vllm.__version__} has no {where}.{name}, which omni-vllm uses "
+            f"(tested with vLLM {TESTED[0][0]}.{TESTED[0][1]}); see api/compat.py"
+        ) from None
 
 
 def prompt_len(serving_chat, engine_input) -> int:
@@ -75,7 +88,9 @@ async def vllm_chat_completion(request, raw_request):
     already (`inspect.unwrap` of `chat_completion.api_router.create_chat_completion`)."""
     from vllm.entrypoints.openai.chat_completion import api_router
 
-    return await inspect.unwrap(_require(api_router, "create_chat_completion"))(request, raw_request)
+    return await inspect.unwrap(_require(api_router, "create_chat_completion"))(
+        request, raw_request
+    )
 
 
 def check_media_connector(connector_cls) -> None:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.exception_handling.error_response import (
+    create_error_response,
+)
 from vllm.exceptions import (
     GracefulHTTPError,
     VLLMClientError,
@@ -47,8 +50,13 @@ __all__ = [
 SSE_DONE = "data: [DONE]\n\n"  # the last event of every stream, also after an error event (as vLLM)
 
 # The error `type` of each status, as vLLM names them.
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
-          422: "UnprocessableEntityError", 503: "ServiceUnavailableError"}
+_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    422: "UnprocessableEntityError",
+    503: "ServiceUnavailableError",
+}
 
 
 class RequestTooLargeError(VLLMClientError):
@@ -65,7 +73,9 @@ class ServiceBusyError(GracefulHTTPError):
     the message and the Retry-After header give it rounded up)."""
 
     def __init__(self, message: str, *, code: str, retry_after: float | None = None):
-        hint = "" if retry_after is None else f"; retry after {math.ceil(retry_after)} s"
+        hint = (
+            "" if retry_after is None else f"; retry after {math.ceil(retry_after)} s"
+        )
         super().__init__(message + hint, HTTPStatus.SERVICE_UNAVAILABLE)
         self.code, self.retry_after = code, retry_after
 
@@ -79,21 +89,29 @@ class ServingError(VLLMError):
         self.response = response
 
     @classmethod
-    def of(cls, e: Exception) -> "ServingError":
+    def of(cls, e: Exception) -> ServingError:
         """An exception raised by vLLM's own code, answered as vLLM's handlers answer it."""
         return cls(create_error_response(e))
 
 
 # What a route answers itself, before its response starts (anything else goes to vLLM's handlers).
-REFUSALS = (VLLMValidationError, VLLMUnprocessableEntityError, RequestTooLargeError, ServiceBusyError,
-            ServingError)
+REFUSALS = (
+    VLLMValidationError,
+    VLLMUnprocessableEntityError,
+    RequestTooLargeError,
+    ServiceBusyError,
+    ServingError,
+)
 
 # The model side's exceptions (omni_vllm.errors) in this vocabulary: the one place they meet HTTP.
 _MODEL_ERRORS: dict[type, Callable[[Any], VLLMError]] = {
-    SpeechBusy: lambda e: ServiceBusyError(str(e), code=e.code, retry_after=e.retry_after),
+    SpeechBusy: lambda e: ServiceBusyError(
+        str(e), code=e.code, retry_after=e.retry_after
+    ),
     UnknownVoice: lambda e: VLLMValidationError(str(e), parameter="audio.voice"),
-    SpeechUnavailable: lambda e: VLLMValidationError(f"this model cannot produce audio: {e}",
-                                                     parameter="modalities"),
+    SpeechUnavailable: lambda e: VLLMValidationError(
+        f"this model cannot produce audio: {e}", parameter="modalities"
+    ),
 }
 
 
@@ -126,8 +144,12 @@ def _error(e: BaseException) -> tuple[int, dict]:
     else:  # anything else as vLLM maps it (404, 500 for an unexpected failure, ...)
         info = create_error_response(e).error
         return info.code, info.model_dump()
-    info = create_error_response(_message(e), err_type=_TYPES[status], status_code=HTTPStatus(status),
-                                 param=param).error.model_dump()
+    info = create_error_response(
+        _message(e),
+        err_type=_TYPES[status],
+        status_code=HTTPStatus(status),
+        param=param,
+    ).error.model_dump()
     if code is not None:
         info["code"] = code
     return status, info
@@ -142,7 +164,9 @@ def error_response(e: BaseException) -> JSONResponse:
     """The answer to a request refused before its response started, Retry-After for load."""
     status, body = _error(e)
     retry_after = getattr(api_error(e), "retry_after", None)
-    headers = None if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+    headers = (
+        None if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+    )
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 

@@ -14,7 +14,12 @@ import io
 import json
 from dataclasses import dataclass
 
-from omni_vllm.api.errors import RequestTooLargeError, VLLMUnprocessableEntityError, VLLMValidationError, error_body
+from omni_vllm.api.errors import (
+    RequestTooLargeError,
+    VLLMUnprocessableEntityError,
+    VLLMValidationError,
+    error_body,
+)
 
 
 @dataclass(frozen=True)
@@ -29,16 +34,27 @@ def _b64decode(data: str, param: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise VLLMValidationError(f"{param}: invalid base64 data ({e})", parameter=param) from None
+        raise VLLMValidationError(
+            f"{param}: invalid base64 data ({e})", parameter=param
+        ) from None
 
 
-def _too_long(param: str, what: str, seconds: float, limit: float) -> RequestTooLargeError:
-    return RequestTooLargeError(f"{param}: {what} is {seconds:.1f} s long, the limit is {limit:g} s", parameter=param)
+def _too_long(
+    param: str, what: str, seconds: float, limit: float
+) -> RequestTooLargeError:
+    return RequestTooLargeError(
+        f"{param}: {what} is {seconds:.1f} s long, the limit is {limit:g} s",
+        parameter=param,
+    )
 
 
-def _too_large(param: str, what: str, w: int, h: int, limit: int) -> RequestTooLargeError:
-    return RequestTooLargeError(f"{param}: {what} is {w}x{h} ({w * h} pixels), the limit is {limit} pixels",
-                                parameter=param)
+def _too_large(
+    param: str, what: str, w: int, h: int, limit: int
+) -> RequestTooLargeError:
+    return RequestTooLargeError(
+        f"{param}: {what} is {w}x{h} ({w * h} pixels), the limit is {limit} pixels",
+        parameter=param,
+    )
 
 
 # What browsers, phones and files send: FFmpeg (PyAV) opens them all here; vLLM's audio loader then
@@ -80,10 +96,13 @@ def _check_audio(raw: bytes, param: str, limits: MediaLimits) -> None:
     except Exception as e:  # noqa: BLE001 - FFmpeg's errors are many; we report its reason
         raise VLLMUnprocessableEntityError(
             f"{param}: the audio could not be decoded ({_ffmpeg_reason(e)}); send {AUDIO_FORMATS}",
-            parameter=param) from None
+            parameter=param,
+        ) from None
     if stream is None:
-        raise VLLMUnprocessableEntityError(f"{param}: the file has no audio stream; send {AUDIO_FORMATS}",
-                                           parameter=param)
+        raise VLLMUnprocessableEntityError(
+            f"{param}: the file has no audio stream; send {AUDIO_FORMATS}",
+            parameter=param,
+        )
     if seconds is not None and seconds > limits.max_audio_seconds:
         raise _too_long(param, "audio", seconds, limits.max_audio_seconds)
 
@@ -95,8 +114,12 @@ def _check_image(raw: bytes, param: str, limits: MediaLimits) -> None:
     try:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
-    except Image.DecompressionBombError as e:  # PIL's own limit, far above any sane setting of ours
-        raise RequestTooLargeError(f"{param}: the image has too many pixels ({e})", parameter=param) from None
+    except (
+        Image.DecompressionBombError
+    ) as e:  # PIL's own limit, far above any sane setting of ours
+        raise RequestTooLargeError(
+            f"{param}: the image has too many pixels ({e})", parameter=param
+        ) from None
     except Exception:  # noqa: BLE001 - any other reader error: vLLM reports it
         return
     if w * h > limits.max_image_pixels:
@@ -111,13 +134,22 @@ def _check_video(raw: bytes, param: str, limits: MediaLimits) -> None:
         with av.open(io.BytesIO(raw), mode="r") as container:
             video = container.streams.video[0] if container.streams.video else None
             seconds = container.duration / av.time_base if container.duration else None
-            if video is not None and seconds is None and video.duration and video.time_base:
+            if (
+                video is not None
+                and seconds is None
+                and video.duration
+                and video.time_base
+            ):
                 seconds = float(video.duration * video.time_base)
     except Exception:  # noqa: BLE001 - FFmpeg's errors are many; none is ours to distinguish
-        raise VLLMUnprocessableEntityError(f"{param}: the video could not be decoded (send MP4, WebM, MKV or AVI)",
-                                           parameter=param) from None
+        raise VLLMUnprocessableEntityError(
+            f"{param}: the video could not be decoded (send MP4, WebM, MKV or AVI)",
+            parameter=param,
+        ) from None
     if video is None:
-        raise VLLMUnprocessableEntityError(f"{param}: the file has no video stream", parameter=param)
+        raise VLLMUnprocessableEntityError(
+            f"{param}: the file has no video stream", parameter=param
+        )
     if seconds is not None and seconds > limits.max_video_seconds:
         raise _too_long(param, "the video", seconds, limits.max_video_seconds)
     w, h = video.codec_context.width, video.codec_context.height
@@ -125,8 +157,12 @@ def _check_video(raw: bytes, param: str, limits: MediaLimits) -> None:
         raise _too_large(param, "a video frame", w, h, limits.max_image_pixels)
 
 
-_CHECKS = {"input_audio": _check_audio, "audio_url": _check_audio, "image_url": _check_image,
-           "video_url": _check_video}
+_CHECKS = {
+    "input_audio": _check_audio,
+    "audio_url": _check_audio,
+    "image_url": _check_image,
+    "video_url": _check_video,
+}
 
 
 def check_message_media(messages: list, limits: MediaLimits) -> None:
@@ -145,7 +181,7 @@ def check_message_media(messages: list, limits: MediaLimits) -> None:
             else:
                 url = part.get(kind)
                 url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str) or not url[:5].lower() == "data:":
+                if not isinstance(url, str) or url[:5].lower() != "data:":
                     continue
                 head, _, data = url.partition(",")
                 if not head.endswith(";base64"):
@@ -153,8 +189,11 @@ def check_message_media(messages: list, limits: MediaLimits) -> None:
             if not isinstance(data, str):
                 continue  # a wrong type: vLLM's request model rejects it
             if len(data) * 3 // 4 > limits.max_bytes:
-                raise RequestTooLargeError(f"{param}: media is larger than the server's limit of "
-                                           f"{limits.max_bytes / 2**20:g} MiB", parameter=param)
+                raise RequestTooLargeError(
+                    f"{param}: media is larger than the server's limit of "
+                    f"{limits.max_bytes / 2**20:g} MiB",
+                    parameter=param,
+                )
             _CHECKS[kind](_b64decode(data, param), param, limits)
 
 
@@ -172,8 +211,13 @@ class BodySizeLimit:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._refuse(send)
-        if length is not None or b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
-            return await self.app(scope, receive, send)  # sized, or no body (GET /health, /metrics, ...)
+        if (
+            length is not None
+            or b"chunked" not in headers.get(b"transfer-encoding", b"").lower()
+        ):
+            return await self.app(
+                scope, receive, send
+            )  # sized, or no body (GET /health, /metrics, ...)
         # Chunked: buffer up to the limit, then replay it to the app.
         messages, size = [], 0
         while True:
@@ -194,9 +238,18 @@ class BodySizeLimit:
 
     async def _refuse(self, send) -> None:
         err = RequestTooLargeError(
-            f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB")
+            f"the request body is larger than the server's limit of {self.max_bytes / 2**20:g} MiB"
+        )
         body = json.dumps({"error": error_body(err)}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -47,7 +47,11 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _networks(spec: str | None) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(s.strip(), strict=False) for s in (spec or "").split(",") if s.strip()]
+    return [
+        ipaddress.ip_network(s.strip(), strict=False)
+        for s in (spec or "").split(",")
+        if s.strip()
+    ]
 
 
 class AddressPolicy:
@@ -58,9 +62,11 @@ class AddressPolicy:
         self.allowed = _networks(",".join(allowed))
 
     @classmethod
-    def from_env(cls) -> "AddressPolicy":
-        return cls(os.environ.get(ENV_ALLOW_PRIVATE, "") not in ("", "0", "false"),
-                   [os.environ.get(ENV_ALLOWED_NETWORKS, "")])
+    def from_env(cls) -> AddressPolicy:
+        return cls(
+            os.environ.get(ENV_ALLOW_PRIVATE, "") not in ("", "0", "false"),
+            [os.environ.get(ENV_ALLOWED_NETWORKS, "")],
+        )
 
     def refusal(self, host: str, address: str) -> str | None:
         """Why `address` (of `host`) may not be fetched from, or None."""
@@ -69,13 +75,30 @@ class AddressPolicy:
         ip: Address = ipaddress.ip_address(address.split("%", 1)[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        if any(ip in net for net in self.allowed) or (ip.is_global and not ip.is_multicast):
+        if any(ip in net for net in self.allowed) or (
+            ip.is_global and not ip.is_multicast
+        ):
             return None
-        kind = next((k for k in ("loopback", "private", "link_local", "multicast", "unspecified", "reserved")
-                     if getattr(ip, f"is_{k}")), "non-public").replace("_", "-")
-        return (f"media URL host {host!r} resolves to {ip}, a {kind} address: the server fetches media from "
-                "public addresses only (start it with --allow-private-media-urls, or list the network in "
-                f"{ENV_ALLOWED_NETWORKS}, to allow it)")
+        kind = next(
+            (
+                k
+                for k in (
+                    "loopback",
+                    "private",
+                    "link_local",
+                    "multicast",
+                    "unspecified",
+                    "reserved",
+                )
+                if getattr(ip, f"is_{k}")
+            ),
+            "non-public",
+        ).replace("_", "-")
+        return (
+            f"media URL host {host!r} resolves to {ip}, a {kind} address: the server fetches media from "
+            "public addresses only (start it with --allow-private-media-urls, or list the network in "
+            f"{ENV_ALLOWED_NETWORKS}, to allow it)"
+        )
 
     def check(self, host: str, addresses: Iterable[str]) -> None:
         for address in addresses:
@@ -98,7 +121,9 @@ class _CheckingResolver(AbstractResolver):
     def __init__(self, policy: AddressPolicy):
         self.policy, self._inner = policy, DefaultResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ):
         infos = await self._inner.resolve(host, port, family)
         self.policy.check(host, [i["host"] for i in infos])
         return infos
@@ -114,7 +139,9 @@ class _CheckingSession(requests.Session):
         super().__init__()
         self.policy = policy
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+    def send(
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
         url = parse_url(request.url)
         host, port = url.host or "", url.port or (443 if url.scheme == "https" else 80)
         self.policy.check_literal(host)
@@ -148,7 +175,9 @@ class PublicOnlyHTTPConnection(HTTPConnection):
             async def on_request_start(session, ctx, params) -> None:
                 policy.check_literal(params.url.host)
 
-            async def on_request_redirect(session, ctx, params) -> None:  # before the next hop
+            async def on_request_redirect(
+                session, ctx, params
+            ) -> None:  # before the next hop
                 location = params.response.headers.get("Location")
                 if location:
                     policy.check_literal(params.url.join(yarl.URL(location)).host)
@@ -159,7 +188,9 @@ class PublicOnlyHTTPConnection(HTTPConnection):
             # trust_env=False: with a proxy from the environment the proxy, not this check, would pick
             # the address; deployments behind one use --allow-private-media-urls.
             self._async_client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=_CheckingResolver(policy)), trace_configs=[trace])
+                connector=aiohttp.TCPConnector(resolver=_CheckingResolver(policy)),
+                trace_configs=[trace],
+            )
         return self._async_client
 
 
@@ -169,13 +200,18 @@ _connection = PublicOnlyHTTPConnection()
 class PublicMediaConnector(MediaConnector):
     """vLLM's MediaConnector over `PublicOnlyHTTPConnection`, with a 400 for unallowed file URLs."""
 
-    def __init__(self, media_io_kwargs=None, connection: HTTPConnection | None = None, **kwargs):
+    def __init__(
+        self, media_io_kwargs=None, connection: HTTPConnection | None = None, **kwargs
+    ):
         super().__init__(media_io_kwargs, connection or _connection, **kwargs)
 
     def _load_file_url(self, url_spec, media_io):
         if self.allowed_local_media_path is None:
-            raise VLLMValidationError("file:// media URLs are not allowed on this server (vLLM's "
-                                      "--allowed-local-media-path is not set)", parameter="url")
+            raise VLLMValidationError(
+                "file:// media URLs are not allowed on this server (vLLM's "
+                "--allowed-local-media-path is not set)",
+                parameter="url",
+            )
         return super()._load_file_url(url_spec, media_io)
 
 

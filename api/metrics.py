@@ -12,17 +12,44 @@ class Metrics:
 
         self.model_name = model_name
         labels = dict(model_name=model_name)
-        self.speaking = Gauge("omni_vllm:speaking_requests", "Requests producing audio right now.",
-                              ["model_name"], multiprocess_mode="livesum").labels(**labels)
-        self.audio_seconds = Counter("omni_vllm:audio_seconds", "Seconds of audio produced.",
-                                     ["model_name"]).labels(**labels)
-        self.ttfa = Histogram("omni_vllm:time_to_first_audio_seconds",
-                              "From request arrival to its first audio chunk.", ["model_name"],
-                              buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 40, 80)).labels(**labels)
-        self.queue_time = Histogram("omni_vllm:speech_queue_time_seconds",
-                                    "Time audio requests waited for a speaking slot.", ["model_name"],
-                                    buckets=(0.01, 0.1, 0.3, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240, 480, 960,
-                                             1920)).labels(**labels)
+        self.speaking = Gauge(
+            "omni_vllm:speaking_requests",
+            "Requests producing audio right now.",
+            ["model_name"],
+            multiprocess_mode="livesum",
+        ).labels(**labels)
+        self.audio_seconds = Counter(
+            "omni_vllm:audio_seconds", "Seconds of audio produced.", ["model_name"]
+        ).labels(**labels)
+        self.ttfa = Histogram(
+            "omni_vllm:time_to_first_audio_seconds",
+            "From request arrival to its first audio chunk.",
+            ["model_name"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 40, 80),
+        ).labels(**labels)
+        self.queue_time = Histogram(
+            "omni_vllm:speech_queue_time_seconds",
+            "Time audio requests waited for a speaking slot.",
+            ["model_name"],
+            buckets=(
+                0.01,
+                0.1,
+                0.3,
+                0.5,
+                1,
+                2,
+                5,
+                10,
+                20,
+                30,
+                60,
+                120,
+                240,
+                480,
+                960,
+                1920,
+            ),
+        ).labels(**labels)
 
     def attach(self, speech) -> None:
         """Export `speech.stats()` gauges (waiting requests, talker slots, queued Token2Wav windows)."""
@@ -34,17 +61,26 @@ class Metrics:
         class _Collector:
             def collect(self):
                 stats = speech.stats()
-                for key, doc in (("waiting", "Audio requests waiting for a speaking slot."),
-                                 ("talker_slots_used", "Talker KV-cache slots in use."),
-                                 ("queued_windows", "Token2Wav windows ready and waiting to be decoded.")):
-                    g = GaugeMetricFamily(f"omni_vllm:speech_{key}", doc, labels=["model_name"])
+                for key, doc in (
+                    ("waiting", "Audio requests waiting for a speaking slot."),
+                    ("talker_slots_used", "Talker KV-cache slots in use."),
+                    (
+                        "queued_windows",
+                        "Token2Wav windows ready and waiting to be decoded.",
+                    ),
+                ):
+                    g = GaugeMetricFamily(
+                        f"omni_vllm:speech_{key}", doc, labels=["model_name"]
+                    )
                     g.add_metric([model_name], float(stats.get(key) or 0))
                     yield g
-                c = CounterMetricFamily("omni_vllm:speech_runaway", "Replies whose speech the runaway guard cut "
-                                        "(--max-audio-tokens-per-text-token).", labels=["model_name"])
+                c = CounterMetricFamily(
+                    "omni_vllm:speech_runaway",
+                    "Replies whose speech the runaway guard cut "
+                    "(--max-audio-tokens-per-text-token).",
+                    labels=["model_name"],
+                )
                 c.add_metric([model_name], float(stats.get("runaway_capped") or 0))
                 yield c
 
         REGISTRY.register(_Collector())
-
-

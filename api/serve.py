@@ -29,10 +29,16 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[1]
 # The repo's .cache when running from a checkout (editable install), else the user's cache.
-CACHE = _ROOT / ".cache" if (_ROOT / "pyproject.toml").exists() else Path.home() / ".cache" / "omni-vllm"
+CACHE = (
+    _ROOT / ".cache"
+    if (_ROOT / "pyproject.toml").exists()
+    else Path.home() / ".cache" / "omni-vllm"
+)
 DEMO_DIR = CACHE / "demo-tiny"
 DEMO_MODEL_NAME = "qwen2.5-omni-demo"
-DEMO_TEXT_TOKENS = 32  # most thinker tokens per demo reply (a server-wide cap, vLLM's max_new_tokens)
+DEMO_TEXT_TOKENS = (
+    32  # most thinker tokens per demo reply (a server-wide cap, vLLM's max_new_tokens)
+)
 DEMO_AUDIO_TOKENS = 100  # most speech codes per demo reply: 2 s
 GiB = 2**30
 
@@ -51,7 +57,9 @@ def demo_checkpoint(path: Path = DEMO_DIR) -> Path:
     """The tiny demo checkpoint at `path`, built once (again when its builder changes)."""
     from omni_vllm.testing.tiny import cached_checkpoint
 
-    return cached_checkpoint(path, on_build=lambda p: _log(f"building the tiny demo checkpoint into {p} ..."))
+    return cached_checkpoint(
+        path, on_build=lambda p: _log(f"building the tiny demo checkpoint into {p} ...")
+    )
 
 
 def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> list[str]:
@@ -69,13 +77,23 @@ def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> li
             raise ValueError("no model given and no demo checkpoint")
         args, demo = ["--model", str(demo_dir), *argv], True
     defaults = [("--host", "127.0.0.1"), ("--port", "8000")]
-    if cpu and not _given(args, "--kv-cache-memory-bytes") and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    if (
+        cpu
+        and not _given(args, "--kv-cache-memory-bytes")
+        and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    ):
         defaults.append(("--kv-cache-memory-bytes", str(2**28 if demo else 4 * GiB)))
     if demo:  # its config says float32; vLLM's CPU default would downcast to bfloat16
         defaults += [("--max-model-len", "2048"), ("--dtype", "float32")]
         # Random weights never stop on their own: short replies, so that the demo answers in seconds.
-        defaults += [("--served-model-name", DEMO_MODEL_NAME), ("--max-audio-tokens", str(DEMO_AUDIO_TOKENS)),
-                     ("--override-generation-config", json.dumps({"max_new_tokens": DEMO_TEXT_TOKENS}))]
+        defaults += [
+            ("--served-model-name", DEMO_MODEL_NAME),
+            ("--max-audio-tokens", str(DEMO_AUDIO_TOKENS)),
+            (
+                "--override-generation-config",
+                json.dumps({"max_new_tokens": DEMO_TEXT_TOKENS}),
+            ),
+        ]
     for flag, value in defaults:
         if not _given(args, flag):
             args += [flag, value]
@@ -87,13 +105,17 @@ def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> li
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     demo_dir = None
-    if not argv or (argv[0].startswith("-") and not _given(argv, "--model")):
-        if not ("-h" in argv or _given(argv, "--help")):
-            demo_dir = demo_checkpoint()
-            for line in ("!" * 78, f"SERVING THE TINY DEMO CHECKPOINT {demo_dir}",
-                         "ITS WEIGHTS ARE RANDOM: ITS TEXT (AND SPEECH) OUTPUT IS NOISE.",
-                         "Name a model to serve a real one: scripts/serve Qwen/Qwen2.5-Omni-7B", "!" * 78):
-                _log(line)
+    no_model = not argv or (argv[0].startswith("-") and not _given(argv, "--model"))
+    if no_model and not ("-h" in argv or _given(argv, "--help")):
+        demo_dir = demo_checkpoint()
+        for line in (
+            "!" * 78,
+            f"SERVING THE TINY DEMO CHECKPOINT {demo_dir}",
+            "ITS WEIGHTS ARE RANDOM: ITS TEXT (AND SPEECH) OUTPUT IS NOISE.",
+            "Name a model to serve a real one: scripts/serve Qwen/Qwen2.5-Omni-7B",
+            "!" * 78,
+        ):
+            _log(line)
     from vllm.platforms import current_platform
 
     args = vllm_args(argv, cpu=current_platform.is_cpu(), demo_dir=demo_dir or DEMO_DIR)

@@ -68,11 +68,21 @@ def voice_name(voice: Any) -> Any:
 class OmniServing:
     """What chat, speech and realtime share; kept on app.state.omni_serving."""
 
-    def __init__(self, *, settings: Settings, speech: SpeechEngine | None, speech_error: str | None,
-                 audio_ids: AudioIds, metrics: Metrics, chat):
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        speech: SpeechEngine | None,
+        speech_error: str | None,
+        audio_ids: AudioIds,
+        metrics: Metrics,
+        chat,
+    ):
         self.settings, self.speech, self.speech_error = settings, speech, speech_error
         self.audio_ids, self.metrics = audio_ids, metrics
-        self.chat = chat  # vLLM's OpenAIServingChat: model check, rendering, sampling defaults
+        self.chat = (
+            chat  # vLLM's OpenAIServingChat: model check, rendering, sampling defaults
+        )
 
     # ---------------------------------------------------------------- validation
 
@@ -82,40 +92,62 @@ class OmniServing:
         try:
             return resolve_voice(name, self.speech.voices)
         except UnknownVoice:
-            raise VLLMValidationError(f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
-                                      parameter=param) from None
+            raise VLLMValidationError(
+                f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
+                parameter=param,
+            ) from None
 
     def need_speech(self, param: str = "modalities") -> None:
         """Refuse audio where this server has no speech path (text-only checkpoint, load failure)."""
         if self.speech is None or self.speech_error:
-            raise VLLMValidationError(f"this model cannot produce audio ({self.speech_error}); ask for "
-                                      "modalities [\"text\"] only", parameter=param)
+            raise VLLMValidationError(
+                f"this model cannot produce audio ({self.speech_error}); ask for "
+                'modalities ["text"] only',
+                parameter=param,
+            )
 
     def check_media(self, messages: list) -> None:
         """Inline media over the server's limits (omni_vllm.api.limits), before vLLM decodes any."""
         s = self.settings
-        L.check_message_media(messages, L.MediaLimits(
-            max_bytes=int(s.max_media_mb * 2**20), max_audio_seconds=s.max_audio_input_seconds,
-            max_video_seconds=s.max_video_input_seconds, max_image_pixels=s.max_image_pixels))
+        L.check_message_media(
+            messages,
+            L.MediaLimits(
+                max_bytes=int(s.max_media_mb * 2**20),
+                max_audio_seconds=s.max_audio_input_seconds,
+                max_video_seconds=s.max_video_input_seconds,
+                max_image_pixels=s.max_image_pixels,
+            ),
+        )
 
     def max_codes(self, value: Any, param: str) -> int:
         """A request's speech cap, at most the server's --max-audio-tokens."""
         if value is None:
             return self.settings.speech.max_codes
         if not isinstance(value, int) or value < 1:
-            raise VLLMValidationError("max_audio_tokens must be a positive integer", parameter=param)
+            raise VLLMValidationError(
+                "max_audio_tokens must be a positive integer", parameter=param
+            )
         return min(value, self.settings.speech.max_codes)
 
     def resolve_audio_ids(self, messages: list) -> None:
         """Assistant turns sent back as `audio: {id}` become their transcript (kept audio_id_ttl s)."""
         for i, msg in enumerate(messages):
-            if not (isinstance(msg, dict) and msg.get("role") == "assistant" and msg.get("audio")):
+            if not (
+                isinstance(msg, dict)
+                and msg.get("role") == "assistant"
+                and msg.get("audio")
+            ):
                 continue
             try:
-                transcript = self.audio_ids.transcript(voice_name(msg["audio"]))  # {"id": ...}
+                transcript = self.audio_ids.transcript(
+                    voice_name(msg["audio"])
+                )  # {"id": ...}
             except AudioIdError as e:
-                raise VLLMValidationError(f"audio id is unknown or expired: {e}; send the assistant turn as "
-                                          "text instead", parameter=f"messages[{i}].audio.id") from None
+                raise VLLMValidationError(
+                    f"audio id is unknown or expired: {e}; send the assistant turn as "
+                    "text instead",
+                    parameter=f"messages[{i}].audio.id",
+                ) from None
             msg.pop("audio")
             if not msg.get("content"):
                 msg["content"] = transcript
@@ -126,47 +158,83 @@ class OmniServing:
 
     # ---------------------------------------------------------------- running
 
-    async def start(self, request: ChatCompletionRequest, *, request_id: str, voice: str | None,
-                    max_codes: int | None, audio: bool = True, respond_while_queued: bool = False) -> Started:
+    async def start(
+        self,
+        request: ChatCompletionRequest,
+        *,
+        request_id: str,
+        voice: str | None,
+        max_codes: int | None,
+        audio: bool = True,
+        respond_while_queued: bool = False,
+    ) -> Started:
         """Render with vLLM and start the SpeechEngine (text only with `audio=False`).
 
         Returns once the first chunk is there, or, with `respond_while_queued`, as soon as the
         request waits for a speaking slot (so that a stream's first event leaves while it waits).
         Errors until then are raised here (a full wait queue: ServiceBusyError, a 503 with
         Retry-After); a caller cancelled meanwhile takes the request out of the queue."""
-        if audio and not any(isinstance(m, dict) and m.get("role") == "system" for m in request.messages):
-            request.messages.insert(0, {"role": "system", "content": SPEECH_SYSTEM_PROMPT})
-        rendered = await self.chat.render_chat_request(request)  # model check (404), template, media
+        if audio and not any(
+            isinstance(m, dict) and m.get("role") == "system" for m in request.messages
+        ):
+            request.messages.insert(
+                0, {"role": "system", "content": SPEECH_SYSTEM_PROMPT}
+            )
+        rendered = await self.chat.render_chat_request(
+            request
+        )  # model check (404), template, media
         if isinstance(rendered, ErrorResponse):
             raise ServingError(rendered)
         _, (engine_input,) = rendered
         prompt_len = compat.prompt_len(self.chat, engine_input)
-        if audio and prompt_len + 2 > (limit := self.speech.talker_max_len):  # before the thinker runs
+        if audio and prompt_len + 2 > (
+            limit := self.speech.talker_max_len
+        ):  # before the thinker runs
             raise VLLMValidationError(
                 f"the prompt has {prompt_len} tokens; speech can follow prompts of at most {limit - 2} "
-                f"tokens (the talker's --talker-max-len {limit}); ask for modalities [\"text\"] or "
-                "shorten the conversation", parameter="messages")
+                f'tokens (the talker\'s --talker-max-len {limit}); ask for modalities ["text"] or '
+                "shorten the conversation",
+                parameter="messages",
+            )
         try:
             max_tokens = get_max_tokens(
                 self.chat.model_config.max_model_len,
-                request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
-                prompt_len, self.chat.default_sampling_params,
-                self.chat.override_max_tokens, truncate_prompt_tokens=request.truncate_prompt_tokens)
-            params = request.to_sampling_params(max_tokens, self.chat.default_sampling_params)
+                request.max_completion_tokens
+                if request.max_completion_tokens is not None
+                else request.max_tokens,
+                prompt_len,
+                self.chat.default_sampling_params,
+                self.chat.override_max_tokens,
+                truncate_prompt_tokens=request.truncate_prompt_tokens,
+            )
+            params = request.to_sampling_params(
+                max_tokens, self.chat.default_sampling_params
+            )
         except VLLMClientError as e:  # vLLM's own refusal, answered in vLLM's words
             raise ServingError.of(e) from e
         kwargs: dict[str, Any] = {}
         if audio and request.seed is not None:
-            kwargs = dict(talker_sampling=TalkerSampling(seed=request.seed), noise=request.seed)
+            kwargs = dict(
+                talker_sampling=TalkerSampling(seed=request.seed), noise=request.seed
+            )
         queued = asyncio.get_running_loop().create_future()
         if respond_while_queued:
             kwargs["on_queued"] = lambda: queued.done() or queued.set_result(None)
-        stream = self.speech.generate(engine_input, params, request_id, audio=audio, voice=voice,
-                                      max_codes=max_codes, **kwargs)
+        stream = self.speech.generate(
+            engine_input,
+            params,
+            request_id,
+            audio=audio,
+            voice=voice,
+            max_codes=max_codes,
+            **kwargs,
+        )
         first = asyncio.ensure_future(anext(stream))
         try:
             await asyncio.wait([first, queued], return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the client went away: out of the queue (or the engine) now
+        except (
+            asyncio.CancelledError
+        ):  # the client went away: out of the queue (or the engine) now
             first.cancel()
             raise
         if first.done():
@@ -201,7 +269,9 @@ class OmniServing:
         finally:
             if speaking and started.audio:
                 self.metrics.speaking.dec()
-            if speaking and not done:  # consumer gone or failed: free the engine and speech slots
+            if (
+                speaking and not done
+            ):  # consumer gone or failed: free the engine and speech slots
                 logger.info("aborting %s (client went away)", request_id)
                 await asyncio.shield(self.abort(request_id))
             await stream.aclose()
@@ -214,10 +284,15 @@ class OmniServing:
             completion_tokens=text_tokens + final.audio_tokens,
             total_tokens=final.prompt_tokens + text_tokens + final.audio_tokens,
             prompt_tokens_details=PromptTokenUsageInfo(
-                audio_tokens=mm_counts.get("audio", 0), image_tokens=mm_counts.get("image", 0),
-                multimodal_tokens=mm_counts or None),
+                audio_tokens=mm_counts.get("audio", 0),
+                image_tokens=mm_counts.get("image", 0),
+                multimodal_tokens=mm_counts or None,
+            ),
             completion_tokens_details=CompletionTokenUsageInfo(
-                reasoning_tokens=0, audio_tokens=final.audio_tokens, text_tokens=text_tokens),
+                reasoning_tokens=0,
+                audio_tokens=final.audio_tokens,
+                text_tokens=text_tokens,
+            ),
         )
 
     async def abort(self, request_id: str) -> None:
@@ -234,5 +309,8 @@ def _mm_token_counts(engine_input) -> dict[str, int]:
     counts the tokens that take the modality's embeddings (`PlaceholderRange.is_embed`): with
     `use_audio_in_video` the video and its audio share one interleaved span, and each counts only its
     own tokens in it."""
-    return {modality: sum(p.get_num_embeds() for p in ranges)
-            for modality, ranges in (engine_input.get("mm_placeholders") or {}).items() if ranges}
+    return {
+        modality: sum(p.get_num_embeds() for p in ranges)
+        for modality, ranges in (engine_input.get("mm_placeholders") or {}).items()
+        if ranges
+    }

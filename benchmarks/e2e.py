@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -68,7 +69,11 @@ WARM_TOKENS, WARM_CODES = 4, 48
 # ---------------------------------------------------------------------------------------------
 
 QUESTIONS = {
-    "text": ["Hello, how are you today?", "Please describe the weather like a poet.", "Count from zero to nine."],
+    "text": [
+        "Hello, how are you today?",
+        "Please describe the weather like a poet.",
+        "Count from zero to nine.",
+    ],
     "audio": ["What can you hear in this sound?", "Is this a voice or a tone?"],
     "image": ["What is in this picture?", "Describe the colours of this image."],
 }
@@ -87,9 +92,21 @@ def requests(n: int) -> list:
         if kind == "text":
             out.append(Case(f"text-{i}", [text]))
         elif kind == "audio":
-            out.append(Case(f"audio-{i}", [{"type": "audio"}, text], audio=[media.tone(2.0, freq=220.0 + 20 * i)]))
+            out.append(
+                Case(
+                    f"audio-{i}",
+                    [{"type": "audio"}, text],
+                    audio=[media.tone(2.0, freq=220.0 + 20 * i)],
+                )
+            )
         else:
-            out.append(Case(f"image-{i}", [{"type": "image"}, text], images=[media.image(seed=i)]))
+            out.append(
+                Case(
+                    f"image-{i}",
+                    [{"type": "image"}, text],
+                    images=[media.image(seed=i)],
+                )
+            )
     return out
 
 
@@ -116,10 +133,8 @@ class Meter:
     def _rss(self) -> int:
         total = 0
         for p in self._tree():
-            try:
+            with contextlib.suppress(Exception):  # a child that just exited
                 total += p.memory_info().rss
-            except Exception:  # a child that just exited
-                pass
         return total
 
     def _run(self) -> None:
@@ -146,19 +161,33 @@ class Meter:
         return peak / 2**20, self.cpu_seconds()
 
 
-def _row(concurrency, run_wall, ttfa, completion, audio_s, tokens, cpu_s, peak_mib, **busy) -> dict:
+def _row(
+    concurrency, run_wall, ttfa, completion, audio_s, tokens, cpu_s, peak_mib, **busy
+) -> dict:
     return dict(
-        concurrency=concurrency, requests=len(completion), wall_s=run_wall, audio_s=audio_s, text_tokens=tokens,
-        audio_per_wall=audio_s / run_wall, ttfa_p50=statistics.median(ttfa), ttfa_max=max(ttfa),
-        completion_p50=statistics.median(completion), tokens_per_s=tokens / run_wall, cpu_s=cpu_s,
-        audio_per_cpu=audio_s / cpu_s if cpu_s else None, peak_rss_mib=peak_mib, **busy,
+        concurrency=concurrency,
+        requests=len(completion),
+        wall_s=run_wall,
+        audio_s=audio_s,
+        text_tokens=tokens,
+        audio_per_wall=audio_s / run_wall,
+        ttfa_p50=statistics.median(ttfa),
+        ttfa_max=max(ttfa),
+        completion_p50=statistics.median(completion),
+        tokens_per_s=tokens / run_wall,
+        cpu_s=cpu_s,
+        audio_per_cpu=audio_s / cpu_s if cpu_s else None,
+        peak_rss_mib=peak_mib,
+        **busy,
     )
 
 
 def _gpu_peak_mib() -> float | None:
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return (
+        torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +204,9 @@ def reference_worker(args) -> dict:
     from omni_vllm.testing.reference import corrected_reference
 
     meter = Meter()
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(args.model, dtype=getattr(torch, args.reference_dtype))
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        args.model, dtype=getattr(torch, args.reference_dtype)
+    )
     model.to(args.device).eval()
     processor = Qwen2_5OmniProcessor.from_pretrained(args.model)
     busy = dict(thinker=0.0, token2wav=0.0)
@@ -188,6 +219,7 @@ def reference_worker(args) -> dict:
             finally:
                 _sync(args.device)
                 busy[name] += time.perf_counter() - t
+
         return call
 
     model.thinker.generate = timed("thinker", model.thinker.generate)
@@ -198,11 +230,20 @@ def reference_worker(args) -> dict:
         inputs = hf_inputs(processor, case).to(args.device)
         with corrected_reference(model), torch.no_grad():
             seq, wave = model.generate(
-                **inputs, speaker="Chelsie", thinker_max_new_tokens=tokens, thinker_min_new_tokens=tokens,
-                thinker_do_sample=False, talker_max_new_tokens=codes, talker_do_sample=False,
+                **inputs,
+                speaker="Chelsie",
+                thinker_max_new_tokens=tokens,
+                thinker_min_new_tokens=tokens,
+                thinker_do_sample=False,
+                talker_max_new_tokens=codes,
+                talker_do_sample=False,
             )
         wave = wave.float().cpu()
-        return time.perf_counter() - t, wave.numel() / SAMPLE_RATE, seq.shape[1] - inputs["input_ids"].shape[1]
+        return (
+            time.perf_counter() - t,
+            wave.numel() / SAMPLE_RATE,
+            seq.shape[1] - inputs["input_ids"].shape[1],
+        )
 
     cases = requests(args.requests)
     for case in cases[:3]:
@@ -215,9 +256,19 @@ def reference_worker(args) -> dict:
     wall = time.perf_counter() - t0
     peak, cpu1 = meter.phase()
     total = sum(d[0] for d in done)
-    row = _row(1, wall, [d[0] for d in done], [d[0] for d in done], sum(d[1] for d in done), sum(d[2] for d in done),
-               cpu1 - cpu0, peak, thinker_s=busy["thinker"], token2wav_s=busy["token2wav"],
-               talker_s=total - busy["thinker"] - busy["token2wav"])
+    row = _row(
+        1,
+        wall,
+        [d[0] for d in done],
+        [d[0] for d in done],
+        sum(d[1] for d in done),
+        sum(d[2] for d in done),
+        cpu1 - cpu0,
+        peak,
+        thinker_s=busy["thinker"],
+        token2wav_s=busy["token2wav"],
+        talker_s=total - busy["thinker"] - busy["token2wav"],
+    )
     return dict(rows=[row], gpu_peak_mib=_gpu_peak_mib())
 
 
@@ -229,10 +280,17 @@ async def omni_worker(args, path: str) -> dict:
     from omni_vllm.testing.cases import vllm_prompt
 
     meter = Meter()
-    engines = start(args.model, device=args.device, dtype=args.dtype, max_speaking=max(args.concurrency),
-                    talker_max_len=args.tokens + args.codes + 512, max_codes=args.codes,
-                    kv_cache_bytes=args.kv_cache_bytes, streaming=path == "streaming",
-                    non_streaming=path == "non-streaming")
+    engines = start(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_speaking=max(args.concurrency),
+        talker_max_len=args.tokens + args.codes + 512,
+        max_codes=args.codes,
+        kv_cache_bytes=args.kv_cache_bytes,
+        streaming=path == "streaming",
+        non_streaming=path == "non-streaming",
+    )
     run = streaming if path == "streaming" else non_streaming
     try:
         processor = AutoProcessor.from_pretrained(args.model)
@@ -241,11 +299,28 @@ async def omni_worker(args, path: str) -> dict:
         rows = []
         for c in args.concurrency:
             _, cpu0 = meter.phase()
-            r = await run(engines, prompts, args.tokens, args.codes, f"c{c}", concurrency=c)
+            r = await run(
+                engines, prompts, args.tokens, args.codes, f"c{c}", concurrency=c
+            )
             peak, cpu1 = meter.phase()
-            busy = {f"{k.removesuffix('_seconds')}_s": v for k, v in r.busy.items() if k.endswith("_seconds")}
-            rows.append(_row(c, r.wall, r.ttfa, r.completion, r.audio_seconds, r.text_tokens, cpu1 - cpu0, peak,
-                             **busy))
+            busy = {
+                f"{k.removesuffix('_seconds')}_s": v
+                for k, v in r.busy.items()
+                if k.endswith("_seconds")
+            }
+            rows.append(
+                _row(
+                    c,
+                    r.wall,
+                    r.ttfa,
+                    r.completion,
+                    r.audio_seconds,
+                    r.text_tokens,
+                    cpu1 - cpu0,
+                    peak,
+                    **busy,
+                )
+            )
             print(f"{path} c={c}: " + json.dumps(_rounded(rows[-1])), flush=True)
     finally:
         await engines.shutdown()
@@ -254,7 +329,11 @@ async def omni_worker(args, path: str) -> dict:
 
 def _cores() -> int:
     """The cores this process may run on (all of them, for the equal-cores comparison)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count() or 1
+    )
 
 
 def _sync(device: str) -> None:
@@ -267,13 +346,19 @@ def _sync(device: str) -> None:
 def worker(args) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)  # before vLLM starts: its CPU worker forbids changing it later
+    torch.set_num_threads(
+        args.threads
+    )  # before vLLM starts: its CPU worker forbids changing it later
     t = time.perf_counter()
     if args.worker == "reference":
         result = reference_worker(args)
     else:
         result = asyncio.run(omni_worker(args, args.worker))
-    result.update(system=args.worker, seconds=time.perf_counter() - t, threads=torch.get_num_threads())
+    result.update(
+        system=args.worker,
+        seconds=time.perf_counter() - t,
+        threads=torch.get_num_threads(),
+    )
     Path(args.result).write_text(json.dumps(result, indent=2))
 
 
@@ -286,23 +371,53 @@ def bench_checkpoint(path: Path) -> Path:
     """The bench checkpoint at `path`, built once (again when its builder or BENCH_SIZES change)."""
     from omni_vllm.testing.tiny import BENCH_SIZES, cached_checkpoint
 
-    return cached_checkpoint(path, BENCH_SIZES, on_build=lambda p: print(f"building the bench checkpoint into {p} "
-                                                                        "(once)", flush=True))
+    return cached_checkpoint(
+        path,
+        BENCH_SIZES,
+        on_build=lambda p: print(
+            f"building the bench checkpoint into {p} (once)", flush=True
+        ),
+    )
 
 
 def run_worker(system: str, args, out: Path) -> dict:
     result, log = out / f"e2e-{system}.json", out / f"e2e-{system}.log"
     threads = args.reference_threads if system == "reference" else args.threads
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", system, "--result", str(result),
-           "--model", str(args.model), "--device", args.device, "--dtype", args.dtype, "--threads", str(threads),
-           "--reference-dtype", args.reference_dtype,
-           "--requests", str(args.requests), "--tokens", str(args.tokens), "--codes", str(args.codes),
-           "--kv-cache-bytes", str(args.kv_cache_bytes), "--concurrency", *map(str, args.concurrency)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        system,
+        "--result",
+        str(result),
+        "--model",
+        str(args.model),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(threads),
+        "--reference-dtype",
+        args.reference_dtype,
+        "--requests",
+        str(args.requests),
+        "--tokens",
+        str(args.tokens),
+        "--codes",
+        str(args.codes),
+        "--kv-cache-bytes",
+        str(args.kv_cache_bytes),
+        "--concurrency",
+        *map(str, args.concurrency),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     print(f"{system}: running (log {log})", flush=True)
     t = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        rc = subprocess.run(
+            cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT
+        ).returncode
     if rc != 0:
         sys.stdout.write("".join(log.read_text().splitlines(keepends=True)[-40:]))
         raise SystemExit(f"{system} worker failed (exit {rc}); log: {log}")
@@ -323,8 +438,14 @@ def ratios(results: dict) -> dict:
         top_concurrency=top,
         throughput=stream[top]["audio_per_wall"] / ref["audio_per_wall"],
         throughput_per_cpu=stream[top]["audio_per_cpu"] / ref["audio_per_cpu"],
-        ttfa_over_completion={c: stream[c]["ttfa_p50"] / batch[c]["completion_p50"] for c in stream if c in batch},
-        ttfa_vs_reference={c: stream[c]["ttfa_p50"] / ref["completion_p50"] for c in stream},
+        ttfa_over_completion={
+            c: stream[c]["ttfa_p50"] / batch[c]["completion_p50"]
+            for c in stream
+            if c in batch
+        },
+        ttfa_vs_reference={
+            c: stream[c]["ttfa_p50"] / ref["completion_p50"] for c in stream
+        },
     )
     return out
 
@@ -358,7 +479,10 @@ def table(results: dict, r: dict, args) -> str:
     for system in SYSTEMS:
         name = system if system == "reference" else f"omni-vllm {system}"
         for row in results[system]["rows"]:
-            cells = ["" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in COLUMNS]
+            cells = [
+                "" if row.get(key) is None else fmt.format(row[key])
+                for _, key, fmt in COLUMNS
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     top = r["top_concurrency"]
     lines += [
@@ -389,41 +513,104 @@ def plot(results: dict, path: Path, args) -> None:
     for system, style in (("streaming", "o-"), ("non-streaming", "s--")):
         rows = results[system]["rows"]
         conc = [r["concurrency"] for r in rows]
-        a.plot(conc, [r["audio_per_wall"] for r in rows], style, label=f"omni-vllm {system}")
+        a.plot(
+            conc,
+            [r["audio_per_wall"] for r in rows],
+            style,
+            label=f"omni-vllm {system}",
+        )
         key = "ttfa_p50" if system == "streaming" else "completion_p50"
-        b.plot(conc, [r[key] for r in rows], style,
-               label="omni-vllm streaming: first audio" if system == "streaming" else "omni-vllm non-streaming: done")
-    a.axhline(ref["audio_per_wall"], color="grey", ls=":", label="transformers reference (one at a time)")
-    b.axhline(ref["completion_p50"], color="grey", ls=":", label="transformers reference: done")
-    a.set(xlabel="concurrency", ylabel="audio seconds per wall second", xscale="log", title="Throughput")
+        b.plot(
+            conc,
+            [r[key] for r in rows],
+            style,
+            label="omni-vllm streaming: first audio"
+            if system == "streaming"
+            else "omni-vllm non-streaming: done",
+        )
+    a.axhline(
+        ref["audio_per_wall"],
+        color="grey",
+        ls=":",
+        label="transformers reference (one at a time)",
+    )
+    b.axhline(
+        ref["completion_p50"],
+        color="grey",
+        ls=":",
+        label="transformers reference: done",
+    )
+    a.set(
+        xlabel="concurrency",
+        ylabel="audio seconds per wall second",
+        xscale="log",
+        title="Throughput",
+    )
     a.set_ylim(bottom=0)
-    b.set(xlabel="concurrency", ylabel="seconds (p50)", xscale="log", title="Time to first audio")
+    b.set(
+        xlabel="concurrency",
+        ylabel="seconds (p50)",
+        xscale="log",
+        title="Time to first audio",
+    )
     b.set_ylim(bottom=0)
     for ax in (a, b):
         ax.set_xticks(args.concurrency, [str(c) for c in args.concurrency])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{Path(args.model).name}, {args.device}: {args.requests} requests, {args.tokens} tokens, "
-                 f"<= {args.codes} codes each", fontsize=10)
+    fig.suptitle(
+        f"{Path(args.model).name}, {args.device}: {args.requests} requests, {args.tokens} tokens, "
+        f"<= {args.codes} codes each",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory (default: the bench checkpoint in .cache/bench-omni)")
+    parser.add_argument(
+        "--model",
+        help="checkpoint directory (default: the bench checkpoint in .cache/bench-omni)",
+    )
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--tokens", type=int, default=32, help="thinker tokens per request")
-    parser.add_argument("--codes", type=int, default=120, help="talker codes per request at most (50 per second)")
+    parser.add_argument(
+        "--tokens", type=int, default=32, help="thinker tokens per request"
+    )
+    parser.add_argument(
+        "--codes",
+        type=int,
+        default=120,
+        help="talker codes per request at most (50 per second)",
+    )
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default="float32", help="thinker (vLLM) and reference model dtype")
-    parser.add_argument("--threads", type=int, default=max(1, _cores() // 2),
-                        help="torch threads of each omni-vllm process (see the docstring)")
-    parser.add_argument("--reference-threads", type=int, default=_cores(), help="torch threads of the reference")
-    parser.add_argument("--reference-dtype", help="the reference model's dtype (default: --dtype)")
-    parser.add_argument("--kv-cache-bytes", type=int, default=2**28, help="vLLM KV cache size")
-    parser.add_argument("--out", default=str(ROOT / ".cache" / "bench"), help="directory for e2e.{md,json,png}")
+    parser.add_argument(
+        "--dtype", default="float32", help="thinker (vLLM) and reference model dtype"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, _cores() // 2),
+        help="torch threads of each omni-vllm process (see the docstring)",
+    )
+    parser.add_argument(
+        "--reference-threads",
+        type=int,
+        default=_cores(),
+        help="torch threads of the reference",
+    )
+    parser.add_argument(
+        "--reference-dtype", help="the reference model's dtype (default: --dtype)"
+    )
+    parser.add_argument(
+        "--kv-cache-bytes", type=int, default=2**28, help="vLLM KV cache size"
+    )
+    parser.add_argument(
+        "--out",
+        default=str(ROOT / ".cache" / "bench"),
+        help="directory for e2e.{md,json,png}",
+    )
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -436,7 +623,11 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.model = str(Path(args.model).resolve() if args.model else bench_checkpoint(ROOT / ".cache" / "bench-omni"))
+    args.model = str(
+        Path(args.model).resolve()
+        if args.model
+        else bench_checkpoint(ROOT / ".cache" / "bench-omni")
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -446,9 +637,13 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     (out / "e2e.md").write_text(text + "\n")
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result")}
-    (out / "e2e.json").write_text(json.dumps(dict(settings=settings, results=results, ratios=r), indent=2))
+    (out / "e2e.json").write_text(
+        json.dumps(dict(settings=settings, results=results, ratios=r), indent=2)
+    )
     plot(results, out / "e2e.png", args)
-    print(f"\nwrote {out / 'e2e.md'}, {out / 'e2e.json'}, {out / 'e2e.png'} ({time.perf_counter() - t:.0f} s)")
+    print(
+        f"\nwrote {out / 'e2e.md'}, {out / 'e2e.json'}, {out / 'e2e.png'} ({time.perf_counter() - t:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

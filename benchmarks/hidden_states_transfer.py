@@ -38,7 +38,9 @@ import torch
 
 HIDDEN = 3584
 DONE = b"done"
-Step = tuple[torch.Tensor, list[str], list[int]]  # ([n, 2, H] rows of one step, req ids, rows each)
+Step = tuple[
+    torch.Tensor, list[str], list[int]
+]  # ([n, 2, H] rows of one step, req ids, rows each)
 
 
 def _rows(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -85,10 +87,9 @@ def produce(route: str, chan, steps: list[Step]) -> float:
             slot += n
         sock.send(DONE)
     elif route.startswith("vllm/step"):
+        import zmq
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
         from vllm.v1.serial_utils import MsgpackEncoder
-
-        import zmq
 
         encoder = MsgpackEncoder()
         with_rows = route == "vllm/step"
@@ -97,7 +98,9 @@ def produce(route: str, chan, steps: list[Step]) -> float:
             per_req = torch.split(rows, counts) if with_rows else [None] * len(rids)
             outs = EngineCoreOutputs(
                 outputs=[
-                    EngineCoreOutput(request_id=rid, new_token_ids=[token], pooling_output=r)
+                    EngineCoreOutput(
+                        request_id=rid, new_token_ids=[token], pooling_output=r
+                    )
                     for rid, r in zip(rids, per_req)
                 ]
             )
@@ -139,9 +142,14 @@ def consume(route: str, addr, queue, ring_name, ring_slots, bf16, result_q) -> N
     decoder = MsgpackDecoder(EngineCoreOutputs)
     if route == "shm-ring/step":
         shm = shared_memory.SharedMemory(name=ring_name)
-        buf = np.ndarray((ring_slots, 2, HIDDEN), dtype=np.int16 if bf16 else np.float32,
-                         buffer=shm.buf)
-        int(buf.reshape(-1)[:: 4096 // buf.itemsize].sum())  # map every page before the clock
+        buf = np.ndarray(
+            (ring_slots, 2, HIDDEN),
+            dtype=np.int16 if bf16 else np.float32,
+            buffer=shm.buf,
+        )
+        int(
+            buf.reshape(-1)[:: 4096 // buf.itemsize].sum()
+        )  # map every page before the clock
     result_q.put("ready")  # everything imported and connected: the clock may start
 
     if queue is not None:
@@ -156,7 +164,9 @@ def consume(route: str, addr, queue, ring_name, ring_slots, bf16, result_q) -> N
     elif route == "shm-ring/step":
         while (msg := sock.recv()) != DONE:
             slot, rids, counts = pickle.loads(msg)
-            block = torch.from_numpy(buf[slot : slot + sum(counts)].copy())  # one copy per step
+            block = torch.from_numpy(
+                buf[slot : slot + sum(counts)].copy()
+            )  # one copy per step
             for rid, r in zip(rids, torch.split(block, counts)):
                 got.setdefault(rid, []).append(r)
         del buf
@@ -178,16 +188,30 @@ def run(route: str, steps: list[Step], dtype: torch.dtype) -> tuple[float, float
     # reports ready anyway); every ZMQ context is created after the fork.
     ctx = mp.get_context("fork")
     result_q = ctx.Queue()
-    queue = ctx.Queue() if route.startswith("naive") or route == "queue/step/pickle" else None
+    queue = (
+        ctx.Queue()
+        if route.startswith("naive") or route == "queue/step/pickle"
+        else None
+    )
     addr = f"ipc://{tempfile.mkdtemp()}/hs.sock"
     bf16 = dtype == torch.bfloat16
-    ring_slots = max(4096, max(len(rows) for rows, _, _ in steps))  # wraps, like a real ring
+    ring_slots = max(
+        4096, max(len(rows) for rows, _, _ in steps)
+    )  # wraps, like a real ring
     shm = None
     if route == "shm-ring/step":
         shm = shared_memory.SharedMemory(create=True, size=ring_slots * 2 * HIDDEN * 4)
     consumer = ctx.Process(
         target=consume,
-        args=(route, addr, queue, shm.name if shm else None, ring_slots, bf16, result_q),
+        args=(
+            route,
+            addr,
+            queue,
+            shm.name if shm else None,
+            ring_slots,
+            bf16,
+            result_q,
+        ),
     )
     consumer.start()
     sock = zctx = None
@@ -200,9 +224,14 @@ def run(route: str, steps: list[Step], dtype: torch.dtype) -> tuple[float, float
     assert result_q.get() == "ready"
     chan = queue if queue is not None else sock
     if shm is not None:
-        ring = np.ndarray((ring_slots, 2, HIDDEN), dtype=np.int16 if bf16 else np.float32,
-                          buffer=shm.buf)
-        ring[:] = 0  # a long-lived ring is warm: take the first-touch page faults out of the clock
+        ring = np.ndarray(
+            (ring_slots, 2, HIDDEN),
+            dtype=np.int16 if bf16 else np.float32,
+            buffer=shm.buf,
+        )
+        ring[:] = (
+            0  # a long-lived ring is warm: take the first-touch page faults out of the clock
+        )
         chan = (sock, {"buf": ring, "slots": ring_slots})
     t0 = time.perf_counter()
     producer_s = produce(route, chan, steps)
@@ -221,7 +250,9 @@ def run(route: str, steps: list[Step], dtype: torch.dtype) -> tuple[float, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (a smoke run)")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer steps and repeats (a smoke run)"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="best of N runs per cell")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -246,9 +277,11 @@ def main() -> None:
         "vllm/step, no rows",
     ]
     row_bytes = 2 * HIDDEN * torch.finfo(dtype).bits // 8
-    print(f"hidden {HIDDEN}, {args.dtype}: {row_bytes / 1024:.0f} KiB per token; "
-          f"{os.cpu_count()} CPUs; best of {repeats}; "
-          "microseconds per token: end-to-end / producer-side")
+    print(
+        f"hidden {HIDDEN}, {args.dtype}: {row_bytes / 1024:.0f} KiB per token; "
+        f"{os.cpu_count()} CPUs; best of {repeats}; "
+        "microseconds per token: end-to-end / producer-side"
+    )
     header = f"{'route':<20}" + "".join(f"{label:>20}" for label, *_ in shapes)
     print(header)
     print("-" * len(header))
@@ -256,11 +289,21 @@ def main() -> None:
         cells = []
         for i, (_label, batch, tokens, n) in enumerate(shapes):
             if route == "naive/token/tensor":
-                n = max(1, min(n, 1000 // (batch * tokens)))  # ~1.5 ms a token: sample fewer
+                n = max(
+                    1, min(n, 1000 // (batch * tokens))
+                )  # ~1.5 ms a token: sample fewer
             rids = [f"req-{r}" for r in range(batch)]
-            data = [(_rows(batch * tokens, dtype, seed=s + 1000 * i), rids, [tokens] * batch)
-                    for s in range(n)]
-            best = min((run(route, data, dtype) for _ in range(repeats)), key=lambda x: x[0])
+            data = [
+                (
+                    _rows(batch * tokens, dtype, seed=s + 1000 * i),
+                    rids,
+                    [tokens] * batch,
+                )
+                for s in range(n)
+            ]
+            best = min(
+                (run(route, data, dtype) for _ in range(repeats)), key=lambda x: x[0]
+            )
             n_tok = n * batch * tokens
             cells.append(f"{best[0] / n_tok * 1e6:8.1f} / {best[1] / n_tok * 1e6:6.1f}")
         print(f"{route:<20}" + "".join(f"{c:>20}" for c in cells), flush=True)

@@ -24,10 +24,20 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", type=float, default=30.0, help="stop starting rounds after this long")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=30.0,
+        help="stop starting rounds after this long",
+    )
     ap.add_argument("--round", type=int, default=200, help="requests per round")
     ap.add_argument("--max-rounds", type=int, default=1000)
-    ap.add_argument("--max-growth", type=float, default=0.10, help="allowed RSS growth over the first round")
+    ap.add_argument(
+        "--max-growth",
+        type=float,
+        default=0.10,
+        help="allowed RSS growth over the first round",
+    )
     args = ap.parse_args()
 
     import test_reliability as R
@@ -39,7 +49,12 @@ def main() -> int:
         ckpt = build_tiny_checkpoint(Path(d) / "tiny-omni", seed=0)
         parts = R.mixed_media_parts()
         with running_server(ckpt, Path(d) / "server.log", *R.SERVER_ARGS) as server:
-            end, base, failed, start = time.monotonic() + 60 * args.minutes, None, False, 0
+            end, base, failed, start = (
+                time.monotonic() + 60 * args.minutes,
+                None,
+                False,
+                0,
+            )
             for n in range(args.max_rounds):
                 if time.monotonic() > end:
                     break
@@ -54,11 +69,18 @@ def main() -> int:
                 base = base or rss
                 errors = [r for r in results if r["status"] != 200]
                 lat = sorted(r["seconds"] for r in results)
-                print(f"round {n}: {len(results)} req in {elapsed:.1f} s, {sum(r['aborted'] for r in results)} "
-                      f"aborted, {len(errors)} errors, {sum(r['status'] >= 500 for r in results)} 5xx, "
-                      f"p50 {lat[len(lat) // 2]:.2f} s p95 {lat[int(len(lat) * 0.95)]:.2f} s, "
-                      f"RSS {R.rss_line(by_process)}, {(rss - base) / base:+.1%}", flush=True)
-                if errors or any(v != 0 for v in idle.values()) or rss > base * (1 + args.max_growth):
+                print(
+                    f"round {n}: {len(results)} req in {elapsed:.1f} s, {sum(r['aborted'] for r in results)} "
+                    f"aborted, {len(errors)} errors, {sum(r['status'] >= 500 for r in results)} 5xx, "
+                    f"p50 {lat[len(lat) // 2]:.2f} s p95 {lat[int(len(lat) * 0.95)]:.2f} s, "
+                    f"RSS {R.rss_line(by_process)}, {(rss - base) / base:+.1%}",
+                    flush=True,
+                )
+                if (
+                    errors
+                    or any(v != 0 for v in idle.values())
+                    or rss > base * (1 + args.max_growth)
+                ):
                     print("FAILED:", errors[:3], idle, flush=True)
                     failed = True
                     break

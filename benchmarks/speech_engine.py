@@ -33,7 +33,9 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages (patches/ too)
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # this checkout's packages (patches/ too)
 
 import torch  # noqa: E402
 from speech_paths import non_streaming, start, streaming  # noqa: E402
@@ -52,8 +54,16 @@ def prompts(processor, n: int) -> list[dict]:
     out = []
     for i in range(n):
         text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "text", "text": f"{TEXTS[i % len(TEXTS)]} ({i})"}]}],
-            add_generation_prompt=True, tokenize=False,
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"{TEXTS[i % len(TEXTS)]} ({i})"}
+                    ],
+                }
+            ],
+            add_generation_prompt=True,
+            tokenize=False,
         )
         out.append({"prompt": text})
     return out
@@ -68,8 +78,14 @@ async def main(args) -> list[dict]:
 
         model = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-omni", seed=0)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engines = start(model, device=device, dtype=args.dtype, max_speaking=max(args.concurrency),
-                    talker_max_len=args.tokens + args.codes + 512, max_codes=args.codes)
+    engines = start(
+        model,
+        device=device,
+        dtype=args.dtype,
+        max_speaking=max(args.concurrency),
+        talker_max_len=args.tokens + args.codes + 512,
+        max_codes=args.codes,
+    )
     config = engines.config
     processor = AutoProcessor.from_pretrained(model)
 
@@ -83,34 +99,73 @@ async def main(args) -> list[dict]:
         for path in ("non-streaming", "streaming"):
             run = streaming if path == "streaming" else non_streaming
             r = await run(engines, batch, args.tokens, args.codes, f"{path[0]}{conc}")
-            row = dict(concurrency=conc, path=path, ttfa_p50=statistics.median(r.ttfa), ttfa_max=max(r.ttfa),
-                       total_s=r.wall, audio_s=r.audio_seconds, x_real_time=r.audio_seconds / r.wall, **r.busy)
+            row = dict(
+                concurrency=conc,
+                path=path,
+                ttfa_p50=statistics.median(r.ttfa),
+                ttfa_max=max(r.ttfa),
+                total_s=r.wall,
+                audio_s=r.audio_seconds,
+                x_real_time=r.audio_seconds / r.wall,
+                **r.busy,
+            )
             rows.append(row)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: round(v, 3) if isinstance(v, float) else v
+                        for k, v in row.items()
+                    }
+                ),
+                flush=True,
+            )
     await engines.shutdown()
 
-    print(f"\nmodel {model}, device {device}, torch threads {torch.get_num_threads()}, "
-          f"{args.tokens} thinker tokens and {args.codes} talker codes ({args.codes / 50:.1f} s of speech) "
-          f"per request; StreamConfig defaults (chunk {config.chunk}, {config.num_steps} ODE points)\n")
-    print("| conc | path          | TTFA p50 s | TTFA max s | total s | audio s | x real time | talker s | token2wav s (calls) |")
-    print("|-----:|---------------|-----------:|-----------:|--------:|--------:|------------:|---------:|--------------------:|")
+    print(
+        f"\nmodel {model}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"{args.tokens} thinker tokens and {args.codes} talker codes ({args.codes / 50:.1f} s of speech) "
+        f"per request; StreamConfig defaults (chunk {config.chunk}, {config.num_steps} ODE points)\n"
+    )
+    print(
+        "| conc | path          | TTFA p50 s | TTFA max s | total s | audio s | x real time | talker s | token2wav s (calls) |"
+    )
+    print(
+        "|-----:|---------------|-----------:|-----------:|--------:|--------:|------------:|---------:|--------------------:|"
+    )
     for r in rows:
-        calls = f" ({r['token2wav_calls']:3d})" if "token2wav_calls" in r else " " * 6  # streaming only
+        calls = (
+            f" ({r['token2wav_calls']:3d})" if "token2wav_calls" in r else " " * 6
+        )  # streaming only
         extra = f"{r['talker_seconds']:8.2f} | {r['token2wav_seconds']:13.2f}{calls}"
-        print(f"| {r['concurrency']:4d} | {r['path']:13} | {r['ttfa_p50']:10.2f} | {r['ttfa_max']:10.2f} | "
-              f"{r['total_s']:7.2f} | {r['audio_s']:7.2f} | {r['x_real_time']:11.2f} | {extra} |")
+        print(
+            f"| {r['concurrency']:4d} | {r['path']:13} | {r['ttfa_p50']:10.2f} | {r['ttfa_max']:10.2f} | "
+            f"{r['total_s']:7.2f} | {r['audio_s']:7.2f} | {r['x_real_time']:11.2f} | {extra} |"
+        )
     return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint directory (default: build the tiny random one)")
-    parser.add_argument("--device", help="speech path device (default cuda if available)")
+    parser.add_argument(
+        "--model", help="checkpoint directory (default: build the tiny random one)"
+    )
+    parser.add_argument(
+        "--device", help="speech path device (default cuda if available)"
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--tokens", type=int, default=128, help="thinker tokens per request")
-    parser.add_argument("--codes", type=int, default=150, help="talker codes per request (50 per second)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in this process")
+    parser.add_argument(
+        "--tokens", type=int, default=128, help="thinker tokens per request"
+    )
+    parser.add_argument(
+        "--codes",
+        type=int,
+        default=150,
+        help="talker codes per request (50 per second)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads in this process"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

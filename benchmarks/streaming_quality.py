@@ -80,7 +80,17 @@ GRID = [
     dict(vocoder_right_from_dit=True),
 ]
 LARGE_GRID = [GRID[i] for i in (0, 3, 4, 5, 6, 18)]
-VOCODER = [(0, 0), (8, 8), ("rf", 8), ("rf", 12), ("rf", 16), ("rf", 20), (8, "rf"), (16, "rf"), ("rf", "rf")]
+VOCODER = [
+    (0, 0),
+    (8, 8),
+    ("rf", 8),
+    ("rf", 12),
+    ("rf", 16),
+    ("rf", 20),
+    (8, "rf"),
+    (16, "rf"),
+    ("rf", "rf"),
+]
 LARGE_VOCODER = [(0, 0), ("rf", 8), ("rf", 16), (16, "rf"), ("rf", "rf")]
 
 
@@ -113,11 +123,16 @@ def empirical_vocoder_field(t2w: Token2Wav, frames: int = 160) -> tuple[int, int
 
 def snr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     err = (ref - x).pow(2).sum()
-    return float("inf") if err == 0 else (10 * torch.log10(ref.pow(2).sum() / err)).item()
+    return (
+        float("inf") if err == 0 else (10 * torch.log10(ref.pow(2).sum() / err)).item()
+    )
 
 
 def streamed(t2w, codes, voices, seeds, cfg):
-    states = [StreamState(v, s, cfg, t2w.repeats, record_mel=True) for v, s in zip(voices, seeds)]
+    states = [
+        StreamState(v, s, cfg, t2w.repeats, record_mel=True)
+        for v, s in zip(voices, seeds)
+    ]
     for st, c in zip(states, codes):
         st.append(c, finished=True)
     wavs = [[] for _ in states]
@@ -158,7 +173,14 @@ def vocoder_only(t2w, mels, ref_wavs, left, right, seg=72):
     return snr_db(torch.cat(ref_wavs), torch.cat(out))
 
 
-def run(t2w: Token2Wav, num_codes: int, grid: list[dict], vocoder: list, title: str, requests: int = 2) -> None:
+def run(
+    t2w: Token2Wav,
+    num_codes: int,
+    grid: list[dict],
+    vocoder: list,
+    title: str,
+    requests: int = 2,
+) -> None:
     base = StreamConfig()
     back, ahead = dit_receptive_field(t2w, base.num_steps)
     vb, va = bigvgan_receptive_field(t2w)
@@ -172,10 +194,15 @@ def run(t2w: Token2Wav, num_codes: int, grid: list[dict], vocoder: list, title: 
     g = torch.Generator().manual_seed(1234)
     voices = [t2w.voices[i % len(t2w.voices)] for i in range(requests)]
     seeds = [101, 202][:requests]
-    codes = [torch.randint(0, 8192, (num_codes - 7 * i,), generator=g) for i in range(requests)]
+    codes = [
+        torch.randint(0, 8192, (num_codes - 7 * i,), generator=g)
+        for i in range(requests)
+    ]
     start = time.perf_counter()
-    noise = [StreamState(v, s).noise(0, t2w.repeats * len(c), t2w.mel_dim, t2w.block_size)
-             for v, s, c in zip(voices, seeds, codes)]
+    noise = [
+        StreamState(v, s).noise(0, t2w.repeats * len(c), t2w.mel_dim, t2w.block_size)
+        for v, s, c in zip(voices, seeds, codes)
+    ]
     ref_mels = t2w.code2mel(codes, voices, noise)
     ref_wavs = t2w.mel2wav(ref_mels)
     one_shot_s = time.perf_counter() - start
@@ -194,7 +221,11 @@ def run(t2w: Token2Wav, num_codes: int, grid: list[dict], vocoder: list, title: 
         mel, wav = torch.cat(mels, 1), torch.cat(wavs)
         assert mel.shape == ref_mel.shape and wav.shape == ref_wav.shape
         d = mel - ref_mel
-        voc = f"{cfg.vocoder_left}/" + ("dit" + str(cfg.vocoder_right) if cfg.vocoder_right_from_dit else str(cfg.vocoder_right))
+        voc = f"{cfg.vocoder_left}/" + (
+            "dit" + str(cfg.vocoder_right)
+            if cfg.vocoder_right_from_dit
+            else str(cfg.vocoder_right)
+        )
         held = 0 if cfg.vocoder_right_from_dit else cfg.vocoder_right
         first_ms = (t2w.repeats * cfg.first - held) * t2w.hop / 24
         tag = " (default)" if cfg == StreamConfig() else ""
@@ -207,30 +238,61 @@ def run(t2w: Token2Wav, num_codes: int, grid: list[dict], vocoder: list, title: 
     print("| voc left | voc right | SNR dB |\n|---|---|---|")
     for left, right in vocoder:
         left, right = vb if left == "rf" else left, va if right == "rf" else right
-        print(f"| {left} | {right} | {vocoder_only(t2w, ref_mels, ref_wavs, left, right):.1f} |")
+        print(
+            f"| {left} | {right} | {vocoder_only(t2w, ref_mels, ref_wavs, left, right):.1f} |"
+        )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--large", action="store_true", help="also the real-depth / real-vocoder-width checkpoint")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="also the real-depth / real-vocoder-width checkpoint",
+    )
     parser.add_argument("--only-large", action="store_true")
-    parser.add_argument("--codes", type=int, default=240, help="codes per request (50 per second)")
-    parser.add_argument("--large-codes", type=int, default=120, help="codes of the one large request")
-    parser.add_argument("--full-grid", action="store_true", help="whole grid on the large checkpoint too")
-    parser.add_argument("--large-dir", type=Path, help="reuse (or keep) the large checkpoint here")
+    parser.add_argument(
+        "--codes", type=int, default=240, help="codes per request (50 per second)"
+    )
+    parser.add_argument(
+        "--large-codes", type=int, default=120, help="codes of the one large request"
+    )
+    parser.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="whole grid on the large checkpoint too",
+    )
+    parser.add_argument(
+        "--large-dir", type=Path, help="reuse (or keep) the large checkpoint here"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     with tempfile.TemporaryDirectory() as tmp:
         if not args.only_large:
             t2w = Token2Wav.from_pretrained(build(Path(tmp) / "tiny", large=False))
-            run(t2w, args.codes, GRID, VOCODER, "tiny checkpoint (DiT 4 layers x 64, BigVGAN 128 channels)")
+            run(
+                t2w,
+                args.codes,
+                GRID,
+                VOCODER,
+                "tiny checkpoint (DiT 4 layers x 64, BigVGAN 128 channels)",
+            )
         if args.large or args.only_large:
             path = args.large_dir or Path(tmp) / "large"
             if not (path / "config.json").exists():
                 build(path, large=True)
             t2w = Token2Wav.from_pretrained(path)
-            grid, vocoder = (GRID, VOCODER) if args.full_grid else (LARGE_GRID, LARGE_VOCODER)
-            run(t2w, args.large_codes, grid, vocoder, f"large checkpoint ({LARGE}, look {REAL_LOOK})", requests=1)
+            grid, vocoder = (
+                (GRID, VOCODER) if args.full_grid else (LARGE_GRID, LARGE_VOCODER)
+            )
+            run(
+                t2w,
+                args.large_codes,
+                grid,
+                vocoder,
+                f"large checkpoint ({LARGE}, look {REAL_LOOK})",
+                requests=1,
+            )
 
 
 if __name__ == "__main__":

@@ -57,34 +57,64 @@ def talker_config(scale: int = 1):
         )
     talker = dict(
         t,
-        rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+        rope_parameters=dict(
+            rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]
+        ),
         max_window_layers=t["num_hidden_layers"],
     )
     return Qwen2_5OmniConfig(talker_config=talker, enable_audio_output=True)
 
 
-def random_talker(config, *, dtype=torch.float32, device="cpu", seed: int = 0, **talker_kwargs) -> Talker:
+def random_talker(
+    config, *, dtype=torch.float32, device="cpu", seed: int = 0, **talker_kwargs
+) -> Talker:
     """A Talker with random weights of `config`'s talker sizes, built in `dtype` on `device`."""
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTalkerForConditionalGeneration
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+        Qwen2_5OmniTalkerForConditionalGeneration,
+    )
 
     tcfg = config.talker_config
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Qwen2_5OmniTalkerForConditionalGeneration(tcfg).state_dict().items()}
+        shapes = {
+            k: v.shape
+            for k, v in Qwen2_5OmniTalkerForConditionalGeneration(tcfg)
+            .state_dict()
+            .items()
+        }
     g = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
             state[name] = torch.ones(shape, dtype=dtype, device=device)
         else:
-            bound = 1 / shape[-1] ** 0.5 if len(shape) > 1 else 0.02  # PyTorch's default Linear scale
-            state[name] = torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound, generator=g)
-    state["codec_head.weight"][[tcfg.tts_codec_pad_token_id, tcfg.tts_codec_end_token_id]] = 0
+            bound = (
+                1 / shape[-1] ** 0.5 if len(shape) > 1 else 0.02
+            )  # PyTorch's default Linear scale
+            state[name] = torch.empty(shape, dtype=dtype, device=device).uniform_(
+                -bound, bound, generator=g
+            )
+    state["codec_head.weight"][
+        [tcfg.tts_codec_pad_token_id, tcfg.tts_codec_end_token_id]
+    ] = 0
     ids = [tcfg.tts_text_end_token_id, tcfg.tts_text_pad_token_id, 151859 + 100]
-    rows = {i: torch.randn(tcfg.embedding_size, generator=torch.Generator().manual_seed(i)) for i in ids}
-    return Talker(config, state, rows, {"Chelsie": ids[2]}, device=device, dtype=dtype, **talker_kwargs)
+    rows = {
+        i: torch.randn(tcfg.embedding_size, generator=torch.Generator().manual_seed(i))
+        for i in ids
+    }
+    return Talker(
+        config,
+        state,
+        rows,
+        {"Chelsie": ids[2]},
+        device=device,
+        dtype=dtype,
+        **talker_kwargs,
+    )
 
 
-def admit(talker: Talker, batch: int, *, prompt: int = 20, max_codes: int = 64) -> list[str]:
+def admit(
+    talker: Talker, batch: int, *, prompt: int = 20, max_codes: int = 64
+) -> list[str]:
     """Admit `batch` requests with a `prompt`-token prompt and a finished thinker, and prefill them."""
     e = talker.model.config.embedding_size
     g = torch.Generator().manual_seed(batch)
@@ -105,7 +135,9 @@ def admit(talker: Talker, batch: int, *, prompt: int = 20, max_codes: int = 64) 
     return rids
 
 
-def time_steps(talker: Talker, rids: list[str], *, steps: int = 6, warmup: int = 2) -> dict:
+def time_steps(
+    talker: Talker, rids: list[str], *, steps: int = 6, warmup: int = 2
+) -> dict:
     """Time `steps` decode steps of all `rids` together (after `warmup` steps)."""
     sync = torch.cuda.synchronize if talker.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -117,11 +149,18 @@ def time_steps(talker: Talker, rids: list[str], *, steps: int = 6, warmup: int =
         codes += sum(out.code is not None for out in talker.step(rids).values())
     sync()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return dict(batch=len(rids), ms_per_step=1000 * seconds / steps, codes_per_s=codes / seconds,
-                codes_per_cpu_s=codes / cpu, kv_bytes=talker.kv_cache_bytes())
+    return dict(
+        batch=len(rids),
+        ms_per_step=1000 * seconds / steps,
+        codes_per_s=codes / seconds,
+        codes_per_cpu_s=codes / cpu,
+        kv_bytes=talker.kv_cache_bytes(),
+    )
 
 
-def decode_rate(talker: Talker, batch: int, *, prompt: int = 20, steps: int = 6, warmup: int = 2) -> dict:
+def decode_rate(
+    talker: Talker, batch: int, *, prompt: int = 20, steps: int = 6, warmup: int = 2
+) -> dict:
     """Decode rate of `batch` requests stepping together (prefill not timed)."""
     rids = admit(talker, batch, prompt=prompt, max_codes=steps + warmup + 2)
     try:
@@ -132,15 +171,23 @@ def decode_rate(talker: Talker, batch: int, *, prompt: int = 20, steps: int = 6,
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--threads", default="1,2", help="torch threads to try (0: leave as is)")
+    ap.add_argument(
+        "--threads", default="1,2", help="torch threads to try (0: leave as is)"
+    )
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=20)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--scale", type=int, default=1, help="divide the widths (1: the real 7B talker)")
-    ap.add_argument("--smoke", action="store_true", help="widths / 8, 2 steps, one thread")
+    ap.add_argument(
+        "--scale", type=int, default=1, help="divide the widths (1: the real 7B talker)"
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="widths / 8, 2 steps, one thread"
+    )
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -152,36 +199,64 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name in args.dtypes.split(","):
         t0 = time.perf_counter()
-        talker = random_talker(config, dtype=DTYPES[name], device=args.device, max_slots=max(batches))
+        talker = random_talker(
+            config, dtype=DTYPES[name], device=args.device, max_slots=max(batches)
+        )
         build = time.perf_counter() - t0
         params = sum(p.numel() for p in talker.model.parameters())
-        print(f"{name}: talker of {params / 1e9:.2f} B parameters built in {build:.1f} s", flush=True)
+        print(
+            f"{name}: talker of {params / 1e9:.2f} B parameters built in {build:.1f} s",
+            flush=True,
+        )
         for batch in batches:
-            rids = admit(talker, batch, prompt=args.prompt, max_codes=len(threads) * (args.steps + warmup) + 2)
+            rids = admit(
+                talker,
+                batch,
+                prompt=args.prompt,
+                max_codes=len(threads) * (args.steps + warmup) + 2,
+            )
             for n in threads:
                 if n:
                     torch.set_num_threads(n)
                 r = time_steps(talker, rids, steps=args.steps, warmup=warmup)
-                r.update(dtype=name, threads=n or torch.get_num_threads(), device=args.device)
+                r.update(
+                    dtype=name, threads=n or torch.get_num_threads(), device=args.device
+                )
                 key = (name, r["threads"])
-                base = next((x for x in rows if (x["dtype"], x["threads"], x["batch"]) == (*key, 1)), r)
+                base = next(
+                    (
+                        x
+                        for x in rows
+                        if (x["dtype"], x["threads"], x["batch"]) == (*key, 1)
+                    ),
+                    r,
+                )
                 r["vs_batch1"] = r["codes_per_s"] / base["codes_per_s"]
                 r["cpu_vs_batch1"] = r["codes_per_cpu_s"] / base["codes_per_cpu_s"]
                 rows.append(r)
-                print(f"  {name} threads={r['threads']} batch={batch}: {r['ms_per_step']:.0f} ms/step, "
-                      f"{r['codes_per_s']:.1f} codes/s, {r['codes_per_cpu_s']:.1f} codes per CPU-s", flush=True)
+                print(
+                    f"  {name} threads={r['threads']} batch={batch}: {r['ms_per_step']:.0f} ms/step, "
+                    f"{r['codes_per_s']:.1f} codes/s, {r['codes_per_cpu_s']:.1f} codes per CPU-s",
+                    flush=True,
+                )
             for rid in rids:
                 talker.remove(rid)
         del talker
-    print(f"\nTalker decode at the 7B's widths / {args.scale} on {args.device}, prompt {args.prompt}, "
-          f"{args.steps} timed steps (50 codes = 1 s of speech)")
-    print("| dtype | threads | batch | ms/step | codes/s | codes/s per request | x batch 1 | codes per CPU-s | "
-          "x batch 1 (CPU-s) | KV MiB |")
+    print(
+        f"\nTalker decode at the 7B's widths / {args.scale} on {args.device}, prompt {args.prompt}, "
+        f"{args.steps} timed steps (50 codes = 1 s of speech)"
+    )
+    print(
+        "| dtype | threads | batch | ms/step | codes/s | codes/s per request | x batch 1 | codes per CPU-s | "
+        "x batch 1 (CPU-s) | KV MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['dtype']} | {r['threads']} | {r['batch']} | {r['ms_per_step']:.0f} | {r['codes_per_s']:.1f} | "
-              f"{r['codes_per_s'] / r['batch']:.1f} | {r['vs_batch1']:.1f} | {r['codes_per_cpu_s']:.1f} | "
-              f"{r['cpu_vs_batch1']:.1f} | {r['kv_bytes'] / 2**20:.1f} |")
+        print(
+            f"| {r['dtype']} | {r['threads']} | {r['batch']} | {r['ms_per_step']:.0f} | {r['codes_per_s']:.1f} | "
+            f"{r['codes_per_s'] / r['batch']:.1f} | {r['vs_batch1']:.1f} | {r['codes_per_cpu_s']:.1f} | "
+            f"{r['cpu_vs_batch1']:.1f} | {r['kv_bytes'] / 2**20:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -47,9 +47,15 @@ def run(variant: str, args) -> dict:
         env["VLLM_PLUGINS"] = ""  # an allowlist naming no plugin: vLLM loads none
     else:
         env.pop("VLLM_PLUGINS", None)
-    job = json.dumps({"model": args.model, "prompts": args.prompts, "tokens": args.tokens})
+    job = json.dumps(
+        {"model": args.model, "prompts": args.prompts, "tokens": args.tokens}
+    )
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, job], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", WORKER, job],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
@@ -57,9 +63,14 @@ def run(variant: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint dir (default: a tiny one built now)")
-    parser.add_argument("--bench", action="store_true",
-                        help="the bench checkpoint (7B depths, widths / 8; built once into .cache/bench-omni)")
+    parser.add_argument(
+        "--model", help="checkpoint dir (default: a tiny one built now)"
+    )
+    parser.add_argument(
+        "--bench",
+        action="store_true",
+        help="the bench checkpoint (7B depths, widths / 8; built once into .cache/bench-omni)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
@@ -75,20 +86,29 @@ def main() -> None:
 
     rates: dict[str, list[float]] = {"ours": [], "stock": []}
     cpu_rates: dict[str, list[float]] = {"ours": [], "stock": []}
-    print(f"{'round':>5} {'variant':>7} {'model class':>42} {'tokens':>7} {'s':>7} {'tok/s':>9} {'tok/cpu-s':>10}")
+    print(
+        f"{'round':>5} {'variant':>7} {'model class':>42} {'tokens':>7} {'s':>7} {'tok/s':>9} {'tok/cpu-s':>10}"
+    )
     for r in range(args.rounds):
         for variant in ("stock", "ours") if r % 2 else ("ours", "stock"):
             res = run(variant, args)
-            rate, cpu_rate = res["tokens"] / res["seconds"], res["tokens"] / res["cpu_seconds"]
+            rate, cpu_rate = (
+                res["tokens"] / res["seconds"],
+                res["tokens"] / res["cpu_seconds"],
+            )
             rates[variant].append(rate)
             cpu_rates[variant].append(cpu_rate)
-            print(f"{r:>5} {variant:>7} {res['class']:>42} {res['tokens']:>7} {res['seconds']:>7.3f} "
-                  f"{rate:>9.1f} {cpu_rate:>10.1f}")
+            print(
+                f"{r:>5} {variant:>7} {res['class']:>42} {res['tokens']:>7} {res['seconds']:>7.3f} "
+                f"{rate:>9.1f} {cpu_rate:>10.1f}"
+            )
     for label, table in (("tok/s (wall)", rates), ("tok/cpu-s", cpu_rates)):
         for stat, fn in (("median", statistics.median), ("best", max)):
             ours, stock = fn(table["ours"]), fn(table["stock"])
-            print(f"{stat:>6} {label:>12}: ours {ours:9.1f}, stock {stock:9.1f}; ours/stock = {ours / stock:.3f} "
-                  "(target >= 0.95)")
+            print(
+                f"{stat:>6} {label:>12}: ours {ours:9.1f}, stock {stock:9.1f}; ours/stock = {ours / stock:.3f} "
+                "(target >= 0.95)"
+            )
 
 
 if __name__ == "__main__":

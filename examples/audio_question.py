@@ -16,6 +16,23 @@ if __name__ == "__main__":
     client, model = connect(args)
     data = Path(args.audio).read_bytes() if args.audio else tone_wav()
     fmt = Path(args.audio).suffix.lstrip(".").lower() if args.audio else "wav"
-    speak(client, model, args, [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}},
-        {"type": "text", "text": "" if args.audio else "What do you hear?"}]}])
+    speak(
+        client,
+        model,
+        args,
+        [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "input_audio",
+                        "input_audio": {
+                            "data": base64.b64encode(data).decode(),
+                            "format": fmt,
+                        },
+                    },
+                    {"type": "text", "text": "" if args.audio else "What do you hear?"},
+                ],
+            }
+        ],
+    )

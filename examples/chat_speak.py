@@ -1,6 +1,6 @@
 """A chat that speaks: one question, the reply as text and as a WAV file.
 
-    python examples/chat_speak.py --base-url http://127.0.0.1:8000/v1 --out reply.wav
+python examples/chat_speak.py --base-url http://127.0.0.1:8000/v1 --out reply.wav
 """
 
 from common import connect, parser, speak

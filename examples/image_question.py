@@ -18,8 +18,23 @@ if __name__ == "__main__":
     if args.image and args.image.startswith(("http://", "https://")):
         url = args.image
     elif args.image:
-        url = data_url(Path(args.image).read_bytes(), mimetypes.guess_type(args.image)[0] or "image/jpeg")
+        url = data_url(
+            Path(args.image).read_bytes(),
+            mimetypes.guess_type(args.image)[0] or "image/jpeg",
+        )
     else:
         url = data_url(gradient_bmp(), "image/bmp")
-    speak(client, model, args, [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": args.question}]}])
+    speak(
+        client,
+        model,
+        args,
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": args.question},
+                ],
+            }
+        ],
+    )

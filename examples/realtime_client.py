@@ -13,6 +13,7 @@ import base64
 import io
 import os
 import wave
+from pathlib import Path
 
 import numpy as np
 from common import SAMPLE_RATE, WavWriter, parser, tone_wav
@@ -37,21 +38,33 @@ def pcm16_24k(wav_bytes: bytes) -> bytes:
 async def main(args) -> None:
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"))
+    client = AsyncOpenAI(
+        base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused")
+    )
     model = args.model or (await client.models.list()).data[0].id
     manual = args.manual or args.audio is None
-    audio = pcm16_24k(open(args.audio, "rb").read() if args.audio else tone_wav(2.0, sr=SAMPLE_RATE))
+    audio = pcm16_24k(
+        Path(args.audio).read_bytes() if args.audio else tone_wav(2.0, sr=SAMPLE_RATE)
+    )
     out, played = WavWriter(args.out), []
     async with client.realtime.connect(model=model) as conn:
-        session = {"type": "realtime", "output_modalities": ["audio"], "max_output_tokens": args.max_tokens,
-                   "audio": {"output": {"voice": args.voice}}}
+        session = {
+            "type": "realtime",
+            "output_modalities": ["audio"],
+            "max_output_tokens": args.max_tokens,
+            "audio": {"output": {"voice": args.voice}},
+        }
         if manual:
             session["audio"]["input"] = {"turn_detection": None}
         await conn.session.update(session=session)
         step = int(CHUNK_S * SAMPLE_RATE) * 2
-        tail = b"" if manual else bytes(SAMPLE_RATE * 2)  # a second of silence ends the turn
+        tail = (
+            b"" if manual else bytes(SAMPLE_RATE * 2)
+        )  # a second of silence ends the turn
         for i in range(0, len(audio + tail), step):
-            await conn.input_audio_buffer.append(audio=base64.b64encode((audio + tail)[i:i + step]).decode())
+            await conn.input_audio_buffer.append(
+                audio=base64.b64encode((audio + tail)[i : i + step]).decode()
+            )
         if manual:
             await conn.input_audio_buffer.commit()
             await conn.response.create()
@@ -70,19 +83,27 @@ async def main(args) -> None:
                 print(f"\n[error] {event.error.message}")
             elif event.type == "response.done":
                 usage = event.response.usage
-                print(f"\n[{event.response.status}] {usage.output_token_details.audio_tokens if usage else 0} "
-                      f"speech tokens -> {args.out}")
+                print(
+                    f"\n[{event.response.status}] {usage.output_token_details.audio_tokens if usage else 0} "
+                    f"speech tokens -> {args.out}"
+                )
                 break
     out.close()
     if args.play:
         import sounddevice
 
-        sounddevice.play(np.frombuffer(b"".join(played), "<i2"), SAMPLE_RATE, blocking=True)
+        sounddevice.play(
+            np.frombuffer(b"".join(played), "<i2"), SAMPLE_RATE, blocking=True
+        )
 
 
 if __name__ == "__main__":
     p = parser(__doc__, "reply.wav")
     p.add_argument("--audio", default=None, help="the question as a 16-bit WAV file")
-    p.add_argument("--manual", action="store_true", help="no server VAD: commit the turn by hand")
-    p.add_argument("--play", action="store_true", help="play the reply too (needs sounddevice)")
+    p.add_argument(
+        "--manual", action="store_true", help="no server VAD: commit the turn by hand"
+    )
+    p.add_argument(
+        "--play", action="store_true", help="play the reply too (needs sounddevice)"
+    )
     asyncio.run(main(p.parse_args()))

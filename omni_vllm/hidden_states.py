@@ -98,7 +98,9 @@ def check_speech_config(vllm_config: Any) -> None:
             "--pipeline-parallel-size > 1 is not supported; use --tensor-parallel-size instead"
         )
     if vllm_config.speculative_config is not None:
-        problems.append("speculative decoding is not supported; drop --speculative-config")
+        problems.append(
+            "speculative decoding is not supported; drop --speculative-config"
+        )
     if problems:
         raise ValueError(
             "this engine cannot send the thinker's hidden states that speech needs: "
@@ -115,8 +117,12 @@ class _Req:
     __slots__ = ("next_pos", "pending", "positions")
 
     def __init__(self) -> None:
-        self.next_pos = 0  # first position not yet captured (dedups recompute after preemption)
-        self.pending: list[torch.Tensor] = []  # rows waiting for the request's next sampled token
+        self.next_pos = (
+            0  # first position not yet captured (dedups recompute after preemption)
+        )
+        self.pending: list[
+            torch.Tensor
+        ] = []  # rows waiting for the request's next sampled token
         # The prompt's TMRoPE positions (3, prompt_len), sent once with the first rows (the
         # talker reuses them); None before they are known and after they were sent.
         self.positions: torch.Tensor | None = None
@@ -130,7 +136,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _pack(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     header = torch.tensor(
-        [rows.shape[0], rows.shape[2], _DTYPES.index(rows.dtype), positions.shape[1]], dtype=torch.int64
+        [rows.shape[0], rows.shape[2], _DTYPES.index(rows.dtype), positions.shape[1]],
+        dtype=torch.int64,
     )
     parts = (header, rows.contiguous(), positions.to(torch.int64).contiguous())
     return torch.cat([t.reshape(-1).view(torch.uint8) for t in parts])
@@ -154,7 +161,9 @@ class _Step:
     counts: list[int]  # rows per request (after dedup)
     flush: list[bool]  # whether the request samples a token this step
     index: torch.Tensor  # token rows to gather, on the model's device
-    embeds: torch.Tensor  # [N, hidden] gathered before the forward (it may reuse the buffer)
+    embeds: (
+        torch.Tensor
+    )  # [N, hidden] gathered before the forward (it may reuse the buffer)
     rows: torch.Tensor | None = None  # [N, 2, hidden] on CPU once after_forward ran
     ready: Any = None  # CUDA event of the device-to-host copy, or None
 
@@ -173,7 +182,9 @@ class RunnerCapture:
         self.step: _Step | None = None
         # Every TP rank computes the same rows; only the rank whose output reaches the scheduler
         # (TP rank 0 of the last PP stage) keeps them (see before_forward for what all ranks do).
-        self.is_output_rank = get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
+        self.is_output_rank = (
+            get_tp_group().rank_in_group == 0 and get_pp_group().is_last_rank
+        )
         self.pp_size = get_pp_group().world_size
         self.speculative = runner.speculative_config is not None
 
@@ -183,7 +194,9 @@ class RunnerCapture:
         for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
         for new in scheduler_output.scheduled_new_reqs:
-            if new.req_id in self.requests or not wants_hidden_states(new.sampling_params):
+            if new.req_id in self.requests or not wants_hidden_states(
+                new.sampling_params
+            ):
                 continue
             if self.pp_size > 1 or self.speculative:
                 # Refuse this request's hidden states, not the whole engine: its speech path
@@ -210,7 +223,10 @@ class RunnerCapture:
     # -- around the forward ------------------------------------------------------------------
 
     def before_forward(
-        self, runner: Any, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+        self,
+        runner: Any,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
     ) -> None:
         self.step = None
         # Token ids without embeddings (text-only serving: --language-model-only, or every media
@@ -233,7 +249,9 @@ class RunnerCapture:
             if state.next_pos == 0 and self.is_output_rank:
                 cached = runner.requests[rid]
                 if cached.mrope_positions is not None:
-                    state.positions = cached.mrope_positions[:, : len(cached.prompt_token_ids)]
+                    state.positions = cached.mrope_positions[
+                        :, : len(cached.prompt_token_ids)
+                    ]
                     state.positions = state.positions.cpu().clone()
             lo, hi = int(qsl[i]), int(qsl[i + 1])
             first = int(computed[i])
@@ -259,7 +277,9 @@ class RunnerCapture:
         step = self.step
         if step is None or not isinstance(hidden_states, torch.Tensor):
             return
-        rows = torch.stack((step.embeds, hidden_states.index_select(0, step.index)), dim=1)
+        rows = torch.stack(
+            (step.embeds, hidden_states.index_select(0, step.index)), dim=1
+        )
         if rows.device.type == "cuda":
             host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
             host.copy_(rows, non_blocking=True)
@@ -296,7 +316,9 @@ class RunnerCapture:
         return (out, step.ready) if out else None
 
     @staticmethod
-    def attach(output: Any, taken: tuple[dict[str, tuple[list[torch.Tensor], Any]], Any]) -> None:
+    def attach(
+        output: Any, taken: tuple[dict[str, tuple[list[torch.Tensor], Any]], Any]
+    ) -> None:
         """Put the rows (and, the first time, the prompt's positions) into
         `output.pooler_output` (a `ModelRunnerOutput`), per request."""
         rows_by_req, ready = taken
@@ -347,7 +369,9 @@ class HiddenStatesChunk:
 HiddenStatesSink = Callable[[HiddenStatesChunk], None]
 
 _sink: HiddenStatesSink | None = None
-_DELIVERED = "_omni_hidden_rows_delivered"  # attribute kept on vLLM's per-request RequestState
+_DELIVERED = (
+    "_omni_hidden_rows_delivered"  # attribute kept on vLLM's per-request RequestState
+)
 
 
 def set_hidden_states_sink(sink: HiddenStatesSink | None) -> HiddenStatesSink | None:
@@ -418,7 +442,9 @@ class HiddenStatesCollector:
         pos = 0
         for c in chunks:
             if c.start != pos:
-                raise AssertionError(f"{request_id}: chunk starts at {c.start}, expected {pos}")
+                raise AssertionError(
+                    f"{request_id}: chunk starts at {c.start}, expected {pos}"
+                )
             pos += len(c.rows)
         return torch.cat([c.rows for c in chunks]) if chunks else torch.empty(0)
 

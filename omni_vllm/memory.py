@@ -47,12 +47,22 @@ __all__ = [
 
 GiB = 2**30
 MiB = 2**20
-DEFAULT_MAX_SPEAKING = 32  # when no budget says otherwise (CPU), and the shared-device default's target
-MAX_DEFAULT_SPEAKING = 128  # a budget-derived default never goes above (Token2Wav batch latency)
-SHARED_DEVICE_FRACTION = 0.25  # default speech share of a device vLLM also uses, at most
-OWN_DEVICE_FRACTION = 0.9  # of a device the speech path has to itself (as vLLM's default utilization)
+DEFAULT_MAX_SPEAKING = (
+    32  # when no budget says otherwise (CPU), and the shared-device default's target
+)
+MAX_DEFAULT_SPEAKING = (
+    128  # a budget-derived default never goes above (Token2Wav batch latency)
+)
+SHARED_DEVICE_FRACTION = (
+    0.25  # default speech share of a device vLLM also uses, at most
+)
+OWN_DEVICE_FRACTION = (
+    0.9  # of a device the speech path has to itself (as vLLM's default utilization)
+)
 MARGIN_FRACTION, MARGIN_FIXED = 0.10, 512 * MiB
-TOKEN2WAV_FIXED = 64 * MiB  # Token2Wav's working set that does not grow with the batch (24 MiB measured at 7B)
+TOKEN2WAV_FIXED = (
+    64 * MiB
+)  # Token2Wav's working set that does not grow with the batch (24 MiB measured at 7B)
 BIGVGAN_LIVE = 12  # live tensors of BigVGAN's largest stage per window (11.3 measured, tiny and 7B)
 SpeechDtype = Literal["auto", "float32", "bfloat16"]  # --speech-dtype
 SPEECH_DTYPES = get_args(SpeechDtype)
@@ -66,19 +76,29 @@ def _itemsize(dtype: torch.dtype | None) -> int:
     return torch.empty((), dtype=dtype or torch.float32).element_size()
 
 
-def speech_dtypes(speech_dtype: str | torch.dtype, thinker_dtype: torch.dtype) -> dict[str, torch.dtype | None]:
+def speech_dtypes(
+    speech_dtype: str | torch.dtype, thinker_dtype: torch.dtype
+) -> dict[str, torch.dtype | None]:
     """The dtypes of the speech modules for `--speech-dtype`: `auto` runs the talker in the
     thinker's dtype and Token2Wav in float32 (the reference's); `bfloat16` runs both in bf16
     (BigVGAN in Token2Wav's own measured default: `vocoder` None); `float32` everything in fp32."""
     name = str(speech_dtype).removeprefix("torch.")
     if name == "auto":
-        talker = thinker_dtype if thinker_dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        talker = (
+            thinker_dtype
+            if thinker_dtype in (torch.float32, torch.bfloat16, torch.float16)
+            else torch.float32
+        )
         return dict(talker=talker, token2wav=torch.float32, vocoder=torch.float32)
     if name == "float32":
-        return dict(talker=torch.float32, token2wav=torch.float32, vocoder=torch.float32)
+        return dict(
+            talker=torch.float32, token2wav=torch.float32, vocoder=torch.float32
+        )
     if name == "bfloat16":
         return dict(talker=torch.bfloat16, token2wav=torch.bfloat16, vocoder=None)
-    raise SpeechMemoryError(f"--speech-dtype {speech_dtype!r}: choose one of {', '.join(SPEECH_DTYPES)}")
+    raise SpeechMemoryError(
+        f"--speech-dtype {speech_dtype!r}: choose one of {', '.join(SPEECH_DTYPES)}"
+    )
 
 
 def module_parameters(config) -> dict[str, tuple[int, int]]:
@@ -87,12 +107,18 @@ def module_parameters(config) -> dict[str, tuple[int, int]]:
     from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as ref
 
     def count(module) -> tuple[int, int]:
-        return sum(p.numel() for p in module.parameters()), sum(b.numel() for b in module.buffers())
+        return sum(p.numel() for p in module.parameters()), sum(
+            b.numel() for b in module.buffers()
+        )
 
     with torch.device("meta"):
         talker = ref.Qwen2_5OmniTalkerForConditionalGeneration(config.talker_config)
         t2w = ref.Qwen2_5OmniToken2WavModel(config.token2wav_config)
-    return dict(talker=count(talker), dit=count(t2w.code2wav_dit_model), bigvgan=count(t2w.code2wav_bigvgan_model))
+    return dict(
+        talker=count(talker),
+        dit=count(t2w.code2wav_dit_model),
+        bigvgan=count(t2w.code2wav_bigvgan_model),
+    )
 
 
 def talker_kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -108,22 +134,40 @@ def talker_max_len(config, max_len: int | None = None) -> int:
     return limit if max_len is None else min(max_len, limit)
 
 
-def request_positions(config, *, max_model_len: int, max_codes: int, max_len: int | None = None) -> int:
+def request_positions(
+    config, *, max_model_len: int, max_codes: int, max_len: int | None = None
+) -> int:
     """The most talker positions one request can take: its prompt (at most the thinker's
     max_model_len) plus its codes, capped by the talker's max_len."""
     return min(talker_max_len(config, max_len), max_model_len + max_codes)
 
 
-def _window_bytes(config, stream: StreamConfig, dit_dtype: torch.dtype, vocoder_dtype: torch.dtype | None) -> int:
+def _window_bytes(
+    config,
+    stream: StreamConfig,
+    dit_dtype: torch.dtype,
+    vocoder_dtype: torch.dtype | None,
+) -> int:
     """Token2Wav's activations per window of a batched call (the larger of DiT and BigVGAN)."""
-    dit, voc = config.token2wav_config.dit_config, config.token2wav_config.bigvgan_config
+    dit, voc = (
+        config.token2wav_config.dit_config,
+        config.token2wav_config.bigvgan_config,
+    )
     longest = max(stream.chunk, stream.first)
     frames = dit.repeats * (longest + stream.left_context + stream.look_ahead)
     rows = 2  # classifier-free guidance: conditional and unconditional rows
-    per_frame = (4 + dit.ff_mult) * dit.hidden_size + 2 * dit.num_attention_heads * frames
-    dit_bytes = rows * frames * per_frame * _itemsize(dit_dtype) + rows * frames * frames * 2  # + int16 block_diff
+    per_frame = (
+        4 + dit.ff_mult
+    ) * dit.hidden_size + 2 * dit.num_attention_heads * frames
+    dit_bytes = (
+        rows * frames * per_frame * _itemsize(dit_dtype) + rows * frames * frames * 2
+    )  # + int16 block_diff
     mel = dit.repeats * longest + stream.vocoder_left + stream.vocoder_right
-    channels, length, widest = voc.upsample_initial_channel, mel, voc.upsample_initial_channel * mel
+    channels, length, widest = (
+        voc.upsample_initial_channel,
+        mel,
+        voc.upsample_initial_channel * mel,
+    )
     for rate in voc.upsample_rates:
         channels, length = channels // 2, length * rate
         widest = max(widest, channels * length)
@@ -147,8 +191,13 @@ class SpeechMemory:
 
     @property
     def subtotal(self) -> int:
-        return (self.talker_weights + self.token2wav_weights + self.talker_kv + self.talker_activations
-                + self.token2wav_peak)
+        return (
+            self.talker_weights
+            + self.token2wav_weights
+            + self.talker_kv
+            + self.talker_activations
+            + self.token2wav_peak
+        )
 
     @property
     def margin(self) -> int:
@@ -161,13 +210,19 @@ class SpeechMemory:
     @property
     def per_speaker(self) -> int:
         """What one more speaking request adds (its KV, its Token2Wav window), margin included."""
-        return int((self.positions * self.kv_per_token + self.window_bytes) * (1 + MARGIN_FRACTION))
+        return int(
+            (self.positions * self.kv_per_token + self.window_bytes)
+            * (1 + MARGIN_FRACTION)
+        )
 
     def rows(self) -> list[tuple[str, int]]:
         return [
             ("talker weights", self.talker_weights),
             ("Token2Wav weights (DiT + BigVGAN)", self.token2wav_weights),
-            (f"talker KV ({self.max_speaking} x {self.positions} positions)", self.talker_kv),
+            (
+                f"talker KV ({self.max_speaking} x {self.positions} positions)",
+                self.talker_kv,
+            ),
             ("talker prefill activations", self.talker_activations),
             (f"Token2Wav peak ({self.max_speaking} windows)", self.token2wav_peak),
             ("margin", self.margin),
@@ -175,7 +230,9 @@ class SpeechMemory:
         ]
 
     def table(self) -> str:
-        return "\n".join(f"  {name:<44} {nbytes / GiB:8.2f} GiB" for name, nbytes in self.rows())
+        return "\n".join(
+            f"  {name:<44} {nbytes / GiB:8.2f} GiB" for name, nbytes in self.rows()
+        )
 
 
 def estimate_speech_memory(
@@ -195,13 +252,20 @@ def estimate_speech_memory(
     stream = stream or StreamConfig()
     params = parameters or module_parameters(config)
     fp32 = _itemsize(torch.float32)
-    talker_weights = params["talker"][0] * _itemsize(talker_dtype) + params["talker"][1] * fp32
-    t2w_weights = (params["dit"][0] * _itemsize(token2wav_dtype) + params["bigvgan"][0] * _itemsize(vocoder_dtype)
-                   + (params["dit"][1] + params["bigvgan"][1]) * fp32)
+    talker_weights = (
+        params["talker"][0] * _itemsize(talker_dtype) + params["talker"][1] * fp32
+    )
+    t2w_weights = (
+        params["dit"][0] * _itemsize(token2wav_dtype)
+        + params["bigvgan"][0] * _itemsize(vocoder_dtype)
+        + (params["dit"][1] + params["bigvgan"][1]) * fp32
+    )
     t = config.talker_config
     prompt = max(positions - 1, 1)
     width = 3 * t.intermediate_size + 6 * t.hidden_size + 2 * t.embedding_size
-    activations = prompt * width * _itemsize(talker_dtype) + prompt * prompt  # + its boolean mask
+    activations = (
+        prompt * width * _itemsize(talker_dtype) + prompt * prompt
+    )  # + its boolean mask
     kv_per_token = talker_kv_bytes_per_token(config, talker_dtype)
     window = _window_bytes(config, stream, token2wav_dtype, vocoder_dtype)
     return SpeechMemory(
@@ -229,8 +293,12 @@ def slots_that_fit(memory: SpeechMemory, budget: int) -> int:
 
 
 def _with_speakers(memory: SpeechMemory, n: int) -> SpeechMemory:
-    return replace(memory, max_speaking=n, talker_kv=n * memory.positions * memory.kv_per_token,
-                   token2wav_peak=TOKEN2WAV_FIXED + n * memory.window_bytes)
+    return replace(
+        memory,
+        max_speaking=n,
+        talker_kv=n * memory.positions * memory.kv_per_token,
+        token2wav_peak=TOKEN2WAV_FIXED + n * memory.window_bytes,
+    )
 
 
 def _vllm_default_utilization() -> float:
@@ -245,10 +313,14 @@ class SpeechPlan:
 
     memory: SpeechMemory  # the estimate for `max_speaking`
     max_speaking: int
-    budget: int | None  # bytes the speech path may use (None: unbounded, CPU without a budget)
+    budget: (
+        int | None
+    )  # bytes the speech path may use (None: unbounded, CPU without a budget)
     device: str
     shared: bool  # on a device that vLLM also uses
-    gpu_memory_utilization: float | None  # vLLM's, after taking the speech share out (None: unchanged)
+    gpu_memory_utilization: (
+        float | None
+    )  # vLLM's, after taking the speech share out (None: unchanged)
     talker_max_len: int
     kv_cache_tokens: int  # the talker's KV positions over all requests
     notes: tuple[str, ...] = ()
@@ -257,14 +329,21 @@ class SpeechPlan:
         where = self.device
         if self.device.startswith("cuda"):
             where += " (shared with vLLM)" if self.shared else " (a GPU of its own)"
-        lines = [f"speech path memory on {where}, estimated from the checkpoint config:", self.memory.table()]
+        lines = [
+            f"speech path memory on {where}, estimated from the checkpoint config:",
+            self.memory.table(),
+        ]
         if self.budget is not None:
             lines.append(f"  {'speech budget':<44} {self.budget / GiB:8.2f} GiB")
-        lines.append(f"max_speaking={self.max_speaking}, talker_max_len={self.talker_max_len}, "
-                     f"talker KV {self.kv_cache_tokens} positions")
+        lines.append(
+            f"max_speaking={self.max_speaking}, talker_max_len={self.talker_max_len}, "
+            f"talker KV {self.kv_cache_tokens} positions"
+        )
         if self.gpu_memory_utilization is not None:
-            lines.append(f"vLLM gpu_memory_utilization={self.gpu_memory_utilization:.3f} "
-                         "(the speech share taken out of vLLM's)")
+            lines.append(
+                f"vLLM gpu_memory_utilization={self.gpu_memory_utilization:.3f} "
+                "(the speech share taken out of vLLM's)"
+            )
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -298,19 +377,31 @@ def plan_speech_memory(
     `DEFAULT_MAX_SPEAKING` requests if that is less), on CPU `DEFAULT_MAX_SPEAKING`.
 
     Raises SpeechMemoryError, naming the flags to change, when nothing fits."""
-    positions = request_positions(config, max_model_len=max_model_len, max_codes=max_codes, max_len=max_len)
-    estimate = estimate_speech_memory(config, max_speaking=max_speaking or DEFAULT_MAX_SPEAKING, positions=positions,
-                                      talker_dtype=talker_dtype, token2wav_dtype=token2wav_dtype,
-                                      vocoder_dtype=vocoder_dtype, stream=stream)
+    positions = request_positions(
+        config, max_model_len=max_model_len, max_codes=max_codes, max_len=max_len
+    )
+    estimate = estimate_speech_memory(
+        config,
+        max_speaking=max_speaking or DEFAULT_MAX_SPEAKING,
+        positions=positions,
+        talker_dtype=talker_dtype,
+        token2wav_dtype=token2wav_dtype,
+        vocoder_dtype=vocoder_dtype,
+        stream=stream,
+    )
     budget = None if budget_gb is None else int(budget_gb * GiB)
     notes: list[str] = []
-    fix = ("give it more with --speech-gpu-memory-gb, lower --max-speaking, --max-model-len or --talker-max-len, "
-           "use --speech-dtype bfloat16, put it on its own GPU with --speech-device, or serve text only with "
-           "--allow-text-only")
+    fix = (
+        "give it more with --speech-gpu-memory-gb, lower --max-speaking, --max-model-len or --talker-max-len, "
+        "use --speech-dtype bfloat16, put it on its own GPU with --speech-device, or serve text only with "
+        "--allow-text-only"
+    )
     if budget is None and device_total is not None and max_speaking is None:
         if shared:
-            budget = min(int(SHARED_DEVICE_FRACTION * device_total),
-                         _with_speakers(estimate, DEFAULT_MAX_SPEAKING).total)
+            budget = min(
+                int(SHARED_DEVICE_FRACTION * device_total),
+                _with_speakers(estimate, DEFAULT_MAX_SPEAKING).total,
+            )
         else:
             budget = int(OWN_DEVICE_FRACTION * device_total)
     if max_speaking is None:
@@ -323,7 +414,8 @@ def plan_speech_memory(
                 raise SpeechMemoryError(
                     f"the speech path needs {base / GiB:.2f} GiB before its first speaking request "
                     f"({estimate.per_speaker / GiB:.2f} GiB more per request) but has {budget / GiB:.2f} GiB on "
-                    f"{device}: {fix}")
+                    f"{device}: {fix}"
+                )
     if max_speaking < 1:
         raise SpeechMemoryError("--max-speaking must be >= 1")
     memory = _with_speakers(estimate, max_speaking)
@@ -334,28 +426,45 @@ def plan_speech_memory(
             f"the speech path needs {memory.total / GiB:.2f} GiB for --max-speaking {max_speaking} (weights "
             f"{(memory.talker_weights + memory.token2wav_weights) / GiB:.2f} GiB, talker KV "
             f"{memory.talker_kv / GiB:.2f} "
-            f"GiB) but has {budget / GiB:.2f} GiB on {device}: {fix}")
+            f"GiB) but has {budget / GiB:.2f} GiB on {device}: {fix}"
+        )
 
     utilization = None
     if shared and device_total is not None and budget is not None:
         share = budget / device_total
         if gpu_memory_utilization is None:
-            default = vllm_utilization if vllm_utilization is not None else _vllm_default_utilization()
+            default = (
+                vllm_utilization
+                if vllm_utilization is not None
+                else _vllm_default_utilization()
+            )
             utilization = math.floor((default - share) * 1000) / 1000
             if utilization < 0.05:
                 raise SpeechMemoryError(
-                    f"the speech path's {budget / GiB:.2f} GiB leaves vLLM {utilization:.3f} of {device}: {fix}")
+                    f"the speech path's {budget / GiB:.2f} GiB leaves vLLM {utilization:.3f} of {device}: {fix}"
+                )
         elif gpu_memory_utilization + share > 0.98:
             raise SpeechMemoryError(
                 f"--gpu-memory-utilization {gpu_memory_utilization} leaves "
                 f"{(1 - gpu_memory_utilization) * device_total / GiB:.2f} "
                 f"GiB of {device} but the speech path needs {budget / GiB:.2f} GiB: lower --gpu-memory-utilization to "
-                f"{max(0.0, 0.98 - share):.3f} or less, or {fix}")
+                f"{max(0.0, 0.98 - share):.3f} or less, or {fix}"
+            )
         else:
-            notes.append(f"--gpu-memory-utilization {gpu_memory_utilization} given: left as is")
-    return SpeechPlan(memory=memory, max_speaking=max_speaking, budget=budget, device=device, shared=shared,
-                      gpu_memory_utilization=utilization, talker_max_len=positions,
-                      kv_cache_tokens=max_speaking * positions, notes=tuple(notes))
+            notes.append(
+                f"--gpu-memory-utilization {gpu_memory_utilization} given: left as is"
+            )
+    return SpeechPlan(
+        memory=memory,
+        max_speaking=max_speaking,
+        budget=budget,
+        device=device,
+        shared=shared,
+        gpu_memory_utilization=utilization,
+        talker_max_len=positions,
+        kv_cache_tokens=max_speaking * positions,
+        notes=tuple(notes),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,8 +481,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-audio-tokens", type=int, default=4096)
     parser.add_argument("--speech-dtype", choices=SPEECH_DTYPES, default="auto")
     args = parser.parse_args(argv)
-    print("| model | --max-model-len | speech device | weights GiB | talker KV GiB / request | "
-          "Token2Wav GiB / window | --max-speaking | speech GiB | vLLM gpu_memory_utilization |")
+    print(
+        "| model | --max-model-len | speech device | weights GiB | talker KV GiB / request | "
+        "Token2Wav GiB / window | --max-speaking | speech GiB | vLLM gpu_memory_utilization |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         if model in ("7B", "3B"):
@@ -388,15 +499,28 @@ def main(argv: list[str] | None = None) -> None:
         for max_model_len in args.max_model_len:
             for device, shared in (("cuda:0", True), ("cuda:1", False)):
                 plan = plan_speech_memory(
-                    config, device=device, device_total=int(args.gpu_gb * GiB), shared=shared,
-                    talker_dtype=dtypes["talker"], token2wav_dtype=dtypes["token2wav"],
-                    vocoder_dtype=dtypes["vocoder"], max_model_len=max_model_len, max_codes=args.max_audio_tokens)
+                    config,
+                    device=device,
+                    device_total=int(args.gpu_gb * GiB),
+                    shared=shared,
+                    talker_dtype=dtypes["talker"],
+                    token2wav_dtype=dtypes["token2wav"],
+                    vocoder_dtype=dtypes["vocoder"],
+                    max_model_len=max_model_len,
+                    max_codes=args.max_audio_tokens,
+                )
                 m = plan.memory
-                util = "unchanged" if plan.gpu_memory_utilization is None else f"{plan.gpu_memory_utilization:.3f}"
+                util = (
+                    "unchanged"
+                    if plan.gpu_memory_utilization is None
+                    else f"{plan.gpu_memory_utilization:.3f}"
+                )
                 where = "the thinker's GPU" if shared else "its own GPU"
-                print(f"| {name} | {max_model_len} | {where} | {(m.talker_weights + m.token2wav_weights) / GiB:.2f} | "
-                      f"{m.positions * m.kv_per_token / GiB:.2f} | {m.window_bytes / GiB:.3f} | {plan.max_speaking} | "
-                      f"{plan.budget / GiB:.1f} | {util} |")
+                print(
+                    f"| {name} | {max_model_len} | {where} | {(m.talker_weights + m.token2wav_weights) / GiB:.2f} | "
+                    f"{m.positions * m.kv_per_token / GiB:.2f} | {m.window_bytes / GiB:.3f} | {plan.max_speaking} | "
+                    f"{plan.budget / GiB:.1f} | {util} |"
+                )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
 from omni_vllm.voices import resolve_voice
 
 # Engine settings that suit the speech path; any of them can be overridden by the caller.
-ENGINE_DEFAULTS = dict(enable_prefix_caching=False, limit_mm_per_prompt={"audio": 4, "image": 4, "video": 1})
+ENGINE_DEFAULTS = dict(
+    enable_prefix_caching=False,
+    limit_mm_per_prompt={"audio": 4, "image": 4, "video": 1},
+)
 
 
 @dataclass
@@ -48,8 +51,15 @@ class OmniOutput:
 class OmniLLM:
     """Qwen2.5-Omni offline: `generate(prompts, voice=...)` returns text and speech per prompt."""
 
-    def __init__(self, model: str, *, voice: str = "Chelsie", speech_device: str | None = None,
-                 speech_dtype: str = "auto", **engine_kwargs):
+    def __init__(
+        self,
+        model: str,
+        *,
+        voice: str = "Chelsie",
+        speech_device: str | None = None,
+        speech_dtype: str = "auto",
+        **engine_kwargs,
+    ):
         """`speech_dtype`: the talker's and Token2Wav's, as the server's `--speech-dtype` (`auto`:
         the talker in the thinker's dtype, Token2Wav in float32; `float32`; `bfloat16`)."""
         from vllm import LLM
@@ -60,10 +70,14 @@ class OmniLLM:
             check_speech_config(vllm_config)
         except ValueError as e:
             raise SpeechUnavailable(str(e)) from None
-        self.model_dir = engine_checkpoint(vllm_config)  # the engine's revision and download dir
+        self.model_dir = engine_checkpoint(
+            vllm_config
+        )  # the engine's revision and download dir
         self.default_voice = voice
         self.speech_device = speech_device or default_device()
-        self.speech_dtypes = speech_dtypes(speech_dtype, self.llm.llm_engine.model_config.dtype)
+        self.speech_dtypes = speech_dtypes(
+            speech_dtype, self.llm.llm_engine.model_config.dtype
+        )
         self._talker: Talker | None = None
         self._token2wav: Token2Wav | None = None
 
@@ -72,8 +86,14 @@ class OmniLLM:
         if self._talker is None:
             try:
                 self._talker, self._token2wav = load_speech_modules(
-                    self.model_dir, device=self.speech_device, dtypes=self.speech_dtypes, max_slots=16,
-                    max_len=4096, kv_cache_tokens=None, max_codes=4096)
+                    self.model_dir,
+                    device=self.speech_device,
+                    dtypes=self.speech_dtypes,
+                    max_slots=16,
+                    max_len=4096,
+                    kv_cache_tokens=None,
+                    max_codes=4096,
+                )
             except SpeechUnavailable as e:
                 raise SpeechUnavailable(
                     f"this checkpoint cannot speak (no talker/token2wav weights or voices): {e}"
@@ -109,18 +129,35 @@ class OmniLLM:
         params = list(params) if isinstance(params, Sequence) else [params] * n
         if not audio:
             outs = self.llm.generate(prompts, params, use_tqdm=False)
-            return [OmniOutput(o.request_id, o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outs]
+            return [
+                OmniOutput(
+                    o.request_id, o.outputs[0].text, list(o.outputs[0].token_ids)
+                )
+                for o in outs
+            ]
 
         talker, token2wav = self._speech_modules()
-        voices = [voice or self.default_voice] * n if voice is None or isinstance(voice, str) else list(voice)
-        voices = [resolve_voice(v, token2wav.voices) for v in voices]  # UnknownVoice before any work is done
-        samplings = [talker_sampling] * n if isinstance(talker_sampling, TalkerSampling) else list(talker_sampling)
+        voices = (
+            [voice or self.default_voice] * n
+            if voice is None or isinstance(voice, str)
+            else list(voice)
+        )
+        voices = [
+            resolve_voice(v, token2wav.voices) for v in voices
+        ]  # UnknownVoice before any work is done
+        samplings = (
+            [talker_sampling] * n
+            if isinstance(talker_sampling, TalkerSampling)
+            else list(talker_sampling)
+        )
 
         collector = HiddenStatesCollector()
         previous = set_hidden_states_sink(collector)
         try:
             outs = self.llm.generate(
-                prompts, [request_hidden_states(copy.copy(p)) for p in params], use_tqdm=False
+                prompts,
+                [request_hidden_states(copy.copy(p)) for p in params],
+                use_tqdm=False,
             )
         finally:
             set_hidden_states_sink(previous)

@@ -31,7 +31,9 @@ def _configure_logging() -> None:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(
-        NewLineFormatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", datefmt="%m-%d %H:%M:%S")
+        NewLineFormatter(
+            "%(levelname)s %(asctime)s [%(name)s] %(message)s", datefmt="%m-%d %H:%M:%S"
+        )
     )
     ours.addHandler(handler)
     ours.setLevel(envs.VLLM_LOGGING_LEVEL)
@@ -45,9 +47,11 @@ def _check_vllm_distribution() -> None:
 
     if not vllm_metadata_found():
         logging.getLogger("omni_vllm").warning(
-            "vLLM is installed as %r but reads its metadata as \"vllm\": the `vllm` command and vLLM's "
-            "errors for missing optional modules fail with \"No package metadata was found for vllm\". "
-            "Fix: python -m omni_vllm.distribution (what scripts/setup.sh does)", CPU_DIST)
+            'vLLM is installed as %r but reads its metadata as "vllm": the `vllm` command and vLLM\'s '
+            'errors for missing optional modules fail with "No package metadata was found for vllm". '
+            "Fix: python -m omni_vllm.distribution (what scripts/setup.sh does)",
+            CPU_DIST,
+        )
 
 
 def register() -> None:

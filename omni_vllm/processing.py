@@ -40,16 +40,26 @@ class OmniThinkerProcessingInfo(Qwen2_5OmniThinkerProcessingInfo):
 
 
 class OmniThinkerMultiModalProcessor(Qwen2_5OmniThinkerMultiModalProcessor):
-    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
         try:
             return super()._call_hf_processor(hf_data, hf_kwargs)
         except ValueError as e:
             cause = e.__cause__
             if cause is None:  # not vLLM's wrapper of a processor error
                 raise
-            what = describe_media(hf_data, self.info.get_feature_extractor().sampling_rate)
-            reason = str(cause) if len(str(cause)) <= MAX_REASON_CHARS else str(cause)[:MAX_REASON_CHARS] + "..."
-            raise ValueError(f"the model's processor cannot take {what or 'the input'}: {reason}") from cause
+            what = describe_media(
+                hf_data, self.info.get_feature_extractor().sampling_rate
+            )
+            reason = (
+                str(cause)
+                if len(str(cause)) <= MAX_REASON_CHARS
+                else str(cause)[:MAX_REASON_CHARS] + "..."
+            )
+            raise ValueError(
+                f"the model's processor cannot take {what or 'the input'}: {reason}"
+            ) from cause
 
 
 def describe_media(hf_data: Mapping[str, object], audio_sr: int) -> str:
@@ -60,8 +70,11 @@ def describe_media(hf_data: Mapping[str, object], audio_sr: int) -> str:
         parts.append(f"image {size[0]}x{size[1]}" if size else "image")
     for video in hf_data.get("videos") or ():
         shape = getattr(video, "shape", None)  # (frames, height, width, channels)
-        parts.append(f"video of {shape[0]} frames of {shape[2]}x{shape[1]}" if shape is not None and
-                     len(shape) == 4 else "video")
+        parts.append(
+            f"video of {shape[0]} frames of {shape[2]}x{shape[1]}"
+            if shape is not None and len(shape) == 4
+            else "video"
+        )
     for audio in hf_data.get("audio") or ():
         n = getattr(audio, "shape", (None,))[-1]
         parts.append(f"audio of {n / audio_sr:.2f} s" if n is not None else "audio")

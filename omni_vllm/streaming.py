@@ -89,12 +89,20 @@ class StreamConfig:
     """
 
     chunk: int = 36  # codes per chunk after the first
-    first_chunk: int | None = None  # codes in the first chunk (None: `chunk`); smaller starts sooner
+    first_chunk: int | None = (
+        None  # codes in the first chunk (None: `chunk`); smaller starts sooner
+    )
     left_context: int = 24  # DiT left context, codes
     look_ahead: int = 12  # DiT look-ahead, codes
-    vocoder_left: int = 34  # BigVGAN left context, mel frames of final mel (its whole field)
-    vocoder_right: int = 16  # BigVGAN right context, mel frames (held back until the next chunk)
-    vocoder_right_from_dit: bool = False  # right context from the DiT look-ahead (no hold-back)
+    vocoder_left: int = (
+        34  # BigVGAN left context, mel frames of final mel (its whole field)
+    )
+    vocoder_right: int = (
+        16  # BigVGAN right context, mel frames (held back until the next chunk)
+    )
+    vocoder_right_from_dit: bool = (
+        False  # right context from the DiT look-ahead (no hold-back)
+    )
     # Sampling, as Token2Wav.code2mel (the reference's defaults).
     num_steps: int = 10
     guidance_scale: float = 0.5
@@ -106,7 +114,9 @@ class StreamConfig:
 
     def sampling(self) -> dict:
         return dict(
-            num_steps=self.num_steps, guidance_scale=self.guidance_scale, sway_coefficient=self.sway_coefficient
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            sway_coefficient=self.sway_coefficient,
         )
 
     def validate(self, t2w: Token2Wav) -> None:
@@ -116,10 +126,14 @@ class StreamConfig:
             positive = name in ("chunk", "first")
             if value < 0 or value % block or (positive and value == 0):
                 kind = "positive multiple" if positive else "multiple"
-                raise ValueError(f"StreamConfig.{name}={value} must be a {kind} of the DiT block ({block} codes)")
+                raise ValueError(
+                    f"StreamConfig.{name}={value} must be a {kind} of the DiT block ({block} codes)"
+                )
         if self.vocoder_left < 0 or self.vocoder_right < 0:
             raise ValueError("vocoder contexts must be >= 0")
-        if not self.vocoder_right_from_dit and self.vocoder_right >= t2w.repeats * min(self.chunk, self.first):
+        if not self.vocoder_right_from_dit and self.vocoder_right >= t2w.repeats * min(
+            self.chunk, self.first
+        ):
             raise ValueError("vocoder_right must be shorter than a chunk's mel frames")
 
     def first_audio_codes(self) -> int:
@@ -158,14 +172,24 @@ def bigvgan_receptive_field(t2w: Token2Wav) -> tuple[int, int]:
 
     def act(m, lo, hi):  # anti-aliased activation: upsample, pointwise, downsample
         down, up = m.downsample, m.upsample
-        lo, hi = lo * down.stride - down.pad_left, hi * down.stride + down.kernel_size - 1 - down.pad_left
-        lo, hi = lo + up.pad_left, hi + up.pad_left  # crop of the transposed conv's output
+        lo, hi = (
+            lo * down.stride - down.pad_left,
+            hi * down.stride + down.kernel_size - 1 - down.pad_left,
+        )
+        lo, hi = (
+            lo + up.pad_left,
+            hi + up.pad_left,
+        )  # crop of the transposed conv's output
         k, s = up.kernel_size, up.stride
-        return -((-(lo - (k - 1))) // s) - up.pad, hi // s - up.pad  # undo the replicate pad
+        return -(
+            (-(lo - (k - 1))) // s
+        ) - up.pad, hi // s - up.pad  # undo the replicate pad
 
     def resblock(m, lo, hi):
         acts1, acts2 = m.activations[::2], m.activations[1::2]
-        for conv1, conv2, act1, act2 in reversed(list(zip(m.convs1, m.convs2, acts1, acts2))):
+        for conv1, conv2, act1, act2 in reversed(
+            list(zip(m.convs1, m.convs2, acts1, acts2))
+        ):
             a, b = act(act1, *conv(conv1, *act(act2, *conv(conv2, lo, hi))))
             lo, hi = min(lo, a), max(hi, b)
         return lo, hi
@@ -176,11 +200,18 @@ def bigvgan_receptive_field(t2w: Token2Wav) -> tuple[int, int]:
         lo = hi = phase
         lo, hi = act(voc.activation_post, *conv(voc.conv_post, lo, hi))
         for stage in reversed(range(voc.num_upsample_layers)):
-            blocks = voc.resblocks[stage * voc.num_residual_blocks : (stage + 1) * voc.num_residual_blocks]
+            blocks = voc.resblocks[
+                stage * voc.num_residual_blocks : (stage + 1) * voc.num_residual_blocks
+            ]
             spans = [resblock(b, lo, hi) for b in blocks]
-            lo, hi = conv_t(voc.ups[stage][0], min(s[0] for s in spans), max(s[1] for s in spans))
+            lo, hi = conv_t(
+                voc.ups[stage][0], min(s[0] for s in spans), max(s[1] for s in spans)
+            )
         lo, hi = conv(voc.conv_pre, lo, hi)
-        back, ahead = max(back, -lo), max(ahead, hi)  # the output sample lies in mel frame 0
+        back, ahead = (
+            max(back, -lo),
+            max(ahead, hi),
+        )  # the output sample lies in mel frame 0
     return back, ahead
 
 
@@ -198,7 +229,9 @@ class StreamState:
         record_mel: bool = False,
     ):
         self.voice = voice
-        self.mel_chunks: list[torch.Tensor] | None = [] if record_mel else None  # diagnostics
+        self.mel_chunks: list[torch.Tensor] | None = (
+            [] if record_mel else None
+        )  # diagnostics
         self.config = config or StreamConfig()
         self.repeats = repeats  # mel frames per code (Token2Wav.repeats)
         self.finished = False
@@ -206,7 +239,9 @@ class StreamState:
         self._codes: list[int] = []
         self._code_base = 0  # absolute index of _codes[0]
         self.next_chunk = 0  # index of the next chunk to decode
-        self._mel: torch.Tensor | None = None  # final mel frames [_mel_base, frames decoded)
+        self._mel: torch.Tensor | None = (
+            None  # final mel frames [_mel_base, frames decoded)
+        )
         self._mel_base = 0
         self.frames_emitted = 0  # mel frames whose waveform has left
         self.samples_emitted = 0
@@ -220,16 +255,27 @@ class StreamState:
             if isinstance(noise, int):
                 noise = torch.Generator().manual_seed(noise)
             if noise.device.type != "cpu":
-                raise ValueError("noise generators must be CPU generators (the stream draws on the CPU)")
+                raise ValueError(
+                    "noise generators must be CPU generators (the stream draws on the CPU)"
+                )
             self._generator = noise
-        self._noise: torch.Tensor | None = None  # lazily drawn frames [_noise_base, ...)
+        self._noise: torch.Tensor | None = (
+            None  # lazily drawn frames [_noise_base, ...)
+        )
         self._noise_base = 0
 
     # ------------------------------------------------------------------------------- input
 
-    def append(self, codes: Iterable[int] | torch.Tensor = (), finished: bool = False) -> None:
+    def append(
+        self, codes: Iterable[int] | torch.Tensor = (), finished: bool = False
+    ) -> None:
         """Add newly generated codes; `finished=True` once the code stream has ended."""
-        new = [int(c) for c in (codes.reshape(-1).tolist() if isinstance(codes, torch.Tensor) else codes)]
+        new = [
+            int(c)
+            for c in (
+                codes.reshape(-1).tolist() if isinstance(codes, torch.Tensor) else codes
+            )
+        ]
         if self.finished and new:
             raise ValueError("codes appended to a finished stream")
         self._codes.extend(new)
@@ -280,20 +326,32 @@ class StreamState:
     # ------------------------------------------------------------------------------ buffers
 
     def _code_slice(self, start: int, end: int) -> torch.Tensor:
-        return torch.tensor(self._codes[start - self._code_base : end - self._code_base], dtype=torch.long)
+        return torch.tensor(
+            self._codes[start - self._code_base : end - self._code_base],
+            dtype=torch.long,
+        )
 
-    def noise(self, start: int, end: int, mel_dim: int = 80, block: int = 24) -> torch.Tensor:
+    def noise(
+        self, start: int, end: int, mel_dim: int = 80, block: int = 24
+    ) -> torch.Tensor:
         """The request's noise for mel frames [start, end), shape (end - start, mel_dim)."""
         if self._noise_full is not None:
             if end > len(self._noise_full):
-                raise ValueError(f"stream needs noise for {end} mel frames, given {len(self._noise_full)}")
+                raise ValueError(
+                    f"stream needs noise for {end} mel frames, given {len(self._noise_full)}"
+                )
             return self._noise_full[start:end]
         if start < self._noise_base:
             raise ValueError("noise before the stream's window was already released")
         have = self._noise_base + (0 if self._noise is None else len(self._noise))
         if end > have:
-            draws = [torch.randn(block, mel_dim, generator=self._generator) for _ in range(math.ceil((end - have) / block))]
-            self._noise = torch.cat(([] if self._noise is None else [self._noise]) + draws)
+            draws = [
+                torch.randn(block, mel_dim, generator=self._generator)
+                for _ in range(math.ceil((end - have) / block))
+            ]
+            self._noise = torch.cat(
+                ([] if self._noise is None else [self._noise]) + draws
+            )
         return self._noise[start - self._noise_base : end - self._noise_base]
 
     def _release(self, code_start: int, frame_start: int, mel_start: int) -> None:
@@ -311,7 +369,13 @@ class StreamState:
 
     def free(self) -> None:
         """Drop every buffer (cancel); the state is `done` from now on."""
-        self._codes, self._mel, self._noise, self._noise_full, self._generator = [], None, None, None, None
+        self._codes, self._mel, self._noise, self._noise_full, self._generator = (
+            [],
+            None,
+            None,
+            None,
+            None,
+        )
         self.mel_chunks = None
         self.finished, self.num_codes, self.frames_emitted = True, 0, 0
 
@@ -342,13 +406,24 @@ def _windows_for(s: StreamState, max_windows: int) -> list[_Window]:
     while len(out) < max_windows and s._chunk_ready(k):
         start, end = s.bounds(k)
         keep_end = min(end, s.num_codes)
-        out.append(_Window(s, k, max(0, start - cfg.left_context), min(end + cfg.look_ahead, s.num_codes), start, keep_end))
+        out.append(
+            _Window(
+                s,
+                k,
+                max(0, start - cfg.left_context),
+                min(end + cfg.look_ahead, s.num_codes),
+                start,
+                keep_end,
+            )
+        )
         k += 1
     return out
 
 
 @torch.no_grad()
-def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: int = 1) -> list[torch.Tensor]:
+def decode_windows(
+    t2w: Token2Wav, streams: Sequence[StreamState], max_windows: int = 1
+) -> list[torch.Tensor]:
     """Decode the next ready window(s) of every stream in ONE batched DiT solve and ONE batched
     BigVGAN call; return, per stream, the waveform samples that became final (float32, CPU; empty
     when the stream had nothing ready). `max_windows` bounds the chunks taken from one stream per
@@ -358,12 +433,16 @@ def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: 
         return []
     sampling = streams[0].config.sampling()
     if any(s.config.sampling() != sampling for s in streams):
-        raise ValueError("streams decoded together must share num_steps / guidance / sway")
+        raise ValueError(
+            "streams decoded together must share num_steps / guidance / sway"
+        )
     repeats, hop = t2w.repeats, t2w.hop
     if len(set(map(id, streams))) != len(streams):
         raise ValueError("a stream appears twice in one call")
     if any(s.repeats != repeats for s in streams):
-        raise ValueError("stream opened with another mel frames per code than this Token2Wav")
+        raise ValueError(
+            "stream opened with another mel frames per code than this Token2Wav"
+        )
     windows = [_windows_for(s, max_windows) for s in streams]
 
     # DiT: every window of every stream, one batched solve.
@@ -372,7 +451,13 @@ def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: 
     if flat:
         codes = [w.stream._code_slice(w.code_start, w.code_end) for w in flat]
         noise = [
-            w.stream.noise(repeats * w.code_start, repeats * w.code_end, t2w.mel_dim, t2w.block_size) for w in flat
+            w.stream.noise(
+                repeats * w.code_start,
+                repeats * w.code_end,
+                t2w.mel_dim,
+                t2w.block_size,
+            )
+            for w in flat
         ]
         mels = t2w.code2mel(codes, [w.stream.voice for w in flat], noise, **sampling)
     mel_of = {id(w): m for w, m in zip(flat, mels)}
@@ -383,16 +468,23 @@ def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: 
         cfg = s.config
         for w in ws:
             mel = mel_of[id(w)]
-            a, b = repeats * (w.keep_start - w.code_start), repeats * (w.keep_end - w.code_start)
+            a, b = (
+                repeats * (w.keep_start - w.code_start),
+                repeats * (w.keep_end - w.code_start),
+            )
             final = mel[:, a:b]
             if s.mel_chunks is not None:
                 s.mel_chunks.append(final)
             s._mel = final if s._mel is None else torch.cat([s._mel, final], dim=1)
             decoded = repeats * w.keep_end  # final mel frames [0, decoded) exist now
-            full = w.keep_end == s.bounds(w.chunk)[1]  # a partial chunk is the stream's last
+            full = (
+                w.keep_end == s.bounds(w.chunk)[1]
+            )  # a partial chunk is the stream's last
             if cfg.vocoder_right_from_dit:
                 emit_end = decoded
-                right = mel[:, b : b + cfg.vocoder_right]  # provisional frames of the look-ahead
+                right = mel[
+                    :, b : b + cfg.vocoder_right
+                ]  # provisional frames of the look-ahead
             else:
                 emit_end = decoded - cfg.vocoder_right if full else decoded
                 right = mel[:, :0]
@@ -405,7 +497,12 @@ def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: 
 
     out: list[list[torch.Tensor]] = [[] for _ in streams]
     for seg, wav in zip(segments, wavs):
-        out[seg.index].append(wav[(seg.emit_start - seg.in_start) * hop : (seg.emit_end - seg.in_start) * hop])
+        out[seg.index].append(
+            wav[
+                (seg.emit_start - seg.in_start) * hop : (seg.emit_end - seg.in_start)
+                * hop
+            ]
+        )
     for s in streams:
         # Never needed again: codes and noise before the next window, mel before the next segment's context.
         nxt = max(0, s.bounds(s.next_chunk)[0] - s.config.left_context)
@@ -418,18 +515,25 @@ def decode_windows(t2w: Token2Wav, streams: Sequence[StreamState], max_windows: 
     return result
 
 
-def _segment(index: int, s: StreamState, emit_end: int, decoded: int, right: torch.Tensor) -> _Segment:
+def _segment(
+    index: int, s: StreamState, emit_end: int, decoded: int, right: torch.Tensor
+) -> _Segment:
     """Vocoder input for emitting final frames [frames_emitted, emit_end): final mel from
     `vocoder_left` frames before, up to `decoded`, then `right` (provisional) frames."""
     in_start = max(0, s.frames_emitted - s.config.vocoder_left)
-    mel = torch.cat([s._mel[:, in_start - s._mel_base : decoded - s._mel_base], right], dim=1)
+    mel = torch.cat(
+        [s._mel[:, in_start - s._mel_base : decoded - s._mel_base], right], dim=1
+    )
     seg = _Segment(index, mel, in_start, s.frames_emitted, emit_end)
     s.frames_emitted = emit_end
     return seg
 
 
 def stream_decode(
-    t2w: Token2Wav, codes: Sequence[int] | torch.Tensor, voice: str, noise: NoiseSource = None,
+    t2w: Token2Wav,
+    codes: Sequence[int] | torch.Tensor,
+    voice: str,
+    noise: NoiseSource = None,
     config: StreamConfig | None = None,
 ) -> torch.Tensor:
     """The streamed waveform of a complete code sequence, one window per call (the reference the
@@ -463,10 +567,17 @@ class StreamingToken2Wav:
         if request_id in self.streams:
             raise ValueError(f"stream {request_id!r} already open")
         self.t2w._voice(voice)  # unknown voice: fail now, not in a later batch
-        self.streams[request_id] = state = StreamState(voice, noise, self.config, self.t2w.repeats)
+        self.streams[request_id] = state = StreamState(
+            voice, noise, self.config, self.t2w.repeats
+        )
         return state
 
-    def push(self, request_id, codes: Iterable[int] | torch.Tensor = (), finished: bool = False) -> None:
+    def push(
+        self,
+        request_id,
+        codes: Iterable[int] | torch.Tensor = (),
+        finished: bool = False,
+    ) -> None:
         self.streams[request_id].append(codes, finished)
 
     def cancel(self, request_id) -> None:
@@ -478,7 +589,12 @@ class StreamingToken2Wav:
     def ready(self) -> list:
         return [rid for rid, s in self.streams.items() if s.ready]
 
-    def step(self, max_windows: int = 1, max_streams: int | None = None, request_ids: Sequence | None = None) -> dict:
+    def step(
+        self,
+        max_windows: int = 1,
+        max_streams: int | None = None,
+        request_ids: Sequence | None = None,
+    ) -> dict:
         """One batched decode of every ready stream (oldest first, at most `max_streams`), or of the
         given ready `request_ids`; returns {request_id: StreamOutput}. Finished streams that emitted
         their last samples are closed."""
@@ -490,7 +606,9 @@ class StreamingToken2Wav:
             out[rid] = StreamOutput(wav, done)
             if done:
                 self.cancel(rid)
-        for rid in [r for r, s in self.streams.items() if s.done]:  # empty streams finished with no codes
+        for rid in [
+            r for r, s in self.streams.items() if s.done
+        ]:  # empty streams finished with no codes
             out[rid] = StreamOutput(torch.zeros(0), True)
             self.cancel(rid)
         return out

@@ -71,12 +71,15 @@ from omni_vllm.voices import load_speakers, resolve_voice
 
 __all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
 
-KV_BLOCK_SIZE = 64  # talker KV positions per allocation block (a request's buffer is whole blocks)
+KV_BLOCK_SIZE = (
+    64  # talker KV positions per allocation block (a request's buffer is whole blocks)
+)
 
 
 def kv_tokens_for(num_requests: int, max_len: int) -> int:
     """KV positions that hold `num_requests` requests of `max_len` each, in whole blocks."""
     return num_requests * -(-max_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +102,18 @@ class TalkerOutput:
 @dataclass
 class _Request:
     slot: int
-    prefill: torch.Tensor | None  # (L+1, E) prompt + speaker bos inputs, before reply[0]
-    positions: torch.Tensor | None  # (3, L+2) TMRoPE positions of the prefill, on the CPU
+    prefill: (
+        torch.Tensor | None
+    )  # (L+1, E) prompt + speaker bos inputs, before reply[0]
+    positions: (
+        torch.Tensor | None
+    )  # (3, L+2) TMRoPE positions of the prefill, on the CPU
     next_position: int  # position of the next decode input (all three axes equal)
     max_codes: int
     most_tokens: int  # KV positions it can ever need: prompt + speaker bos + max_codes
-    reply: deque = field(default_factory=deque)  # pending reply-track elements, (E,) each
+    reply: deque = field(
+        default_factory=deque
+    )  # pending reply-track elements, (E,) each
     thinker_done: bool = False
     last_code: int | None = None
     num_codes: int = 0
@@ -138,20 +147,34 @@ class Talker:
         with torch.device("meta"):
             model = Qwen2_5OmniTalkerForConditionalGeneration(tcfg)
         model.load_state_dict(talker_state, strict=True, assign=True)
-        model.model.rotary_emb = Qwen2_5OmniRotaryEmbedding(tcfg)  # buffers, not in the checkpoint
-        inv_freq = model.model.rotary_emb.inv_freq  # RoPE frequencies stay fp32, as in transformers
-        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        model.model.rotary_emb = Qwen2_5OmniRotaryEmbedding(
+            tcfg
+        )  # buffers, not in the checkpoint
+        inv_freq = (
+            model.model.rotary_emb.inv_freq
+        )  # RoPE frequencies stay fp32, as in transformers
+        self.model = (
+            model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        )
         self.model.model.rotary_emb.inv_freq = inv_freq.to(self.device)
         self.voices = dict(voices)
         self.text_rows = {t: r.to(self.device, dtype) for t, r in text_rows.items()}
-        self.codec_bos, self.codec_pad = tcfg.tts_codec_start_token_id, tcfg.tts_codec_pad_token_id
+        self.codec_bos, self.codec_pad = (
+            tcfg.tts_codec_start_token_id,
+            tcfg.tts_codec_pad_token_id,
+        )
         self.codec_mask = tcfg.tts_codec_mask_token_id
-        self.text_end, self.text_pad = tcfg.tts_text_end_token_id, tcfg.tts_text_pad_token_id
-        self.media_ids = torch.tensor([
-            self.thinker_config.audio_token_index,
-            self.thinker_config.image_token_index,
-            self.thinker_config.video_token_index,
-        ])
+        self.text_end, self.text_pad = (
+            tcfg.tts_text_end_token_id,
+            tcfg.tts_text_pad_token_id,
+        )
+        self.media_ids = torch.tensor(
+            [
+                self.thinker_config.audio_token_index,
+                self.thinker_config.image_token_index,
+                self.thinker_config.video_token_index,
+            ]
+        )
         self.head_dim = tcfg.head_dim
         self.gqa = tcfg.num_attention_heads != tcfg.num_key_value_heads
 
@@ -176,13 +199,18 @@ class Talker:
         self.requests: dict[object, _Request] = {}
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **kwargs) -> "Talker":
+    def from_pretrained(cls, model_dir: str | Path, **kwargs) -> Talker:
         """Load from a Qwen2.5-Omni checkpoint directory (config.json, safetensors, spk_dict.pt)."""
         model_dir = Path(model_dir)
         config = Qwen2_5OmniConfig.from_pretrained(model_dir)
-        voices = {name: int(params["bos_token"]) for name, params in load_speakers(model_dir).items()}
+        voices = {
+            name: int(params["bos_token"])
+            for name, params in load_speakers(model_dir).items()
+        }
         tc = config.talker_config
-        token_ids = sorted({*voices.values(), tc.tts_text_end_token_id, tc.tts_text_pad_token_id})
+        token_ids = sorted(
+            {*voices.values(), tc.tts_text_end_token_id, tc.tts_text_pad_token_id}
+        )
         talker_state = load_prefixed(model_dir, "talker.")
         rows = load_embedding_rows(model_dir, token_ids)
         return cls(config, talker_state, rows, voices, **kwargs)
@@ -230,7 +258,9 @@ class Talker:
         prompt_ids = torch.as_tensor(prompt_ids).reshape(-1).cpu()
         n = prompt_ids.numel()
         if prompt_embeds.shape[0] != n or prompt_hidden.shape[0] != n:
-            raise ValueError("prompt_ids, prompt_embeds and prompt_hidden must have the same length")
+            raise ValueError(
+                "prompt_ids, prompt_embeds and prompt_hidden must have the same length"
+            )
         if n + 2 > self.max_len:
             raise ValueError(
                 f"prompt of {n} tokens does not fit the talker's max_len {self.max_len} (prompt + 2 + codes)"
@@ -242,16 +272,24 @@ class Talker:
         media = torch.isin(prompt_ids, self.media_ids).to(self.device)
         embeds = prompt_embeds.to(self.device).masked_fill(media[:, None], 0)
         spk = self.text_rows[self.voices[voice]] + self._codec_embed(self.codec_pad)
-        prefill = torch.cat([(embeds + prompt_hidden.to(self.device)).to(self.dtype), spk[None]])
+        prefill = torch.cat(
+            [(embeds + prompt_hidden.to(self.device)).to(self.dtype), spk[None]]
+        )
 
         # TMRoPE positions of prompt + speaker bos + first reply token, as the talker computes them:
         # the prompt's are the thinker's (same rule, same ids), the two text tokens continue them.
         if prompt_positions is not None:
-            prompt_positions = torch.as_tensor(prompt_positions).cpu().long().reshape(3, n)
+            prompt_positions = (
+                torch.as_tensor(prompt_positions).cpu().long().reshape(3, n)
+            )
             after = int(prompt_positions.max()) + 1
-            positions = torch.cat([prompt_positions, torch.arange(after, after + 2).expand(3, 2)], 1)
+            positions = torch.cat(
+                [prompt_positions, torch.arange(after, after + 2).expand(3, 2)], 1
+            )
         else:
-            text_ids = torch.cat([prompt_ids, torch.tensor([self.voices[voice]] * 2)])[None]
+            text_ids = torch.cat([prompt_ids, torch.tensor([self.voices[voice]] * 2)])[
+                None
+            ]
             cpu = lambda t: None if t is None else torch.as_tensor(t).cpu()  # noqa: E731
             positions, _ = self.model.get_rope_index(
                 text_ids,
@@ -266,11 +304,18 @@ class Talker:
 
         slot = self.free_slots[0]
         # transformers' talker input ids: codec_mask per prompt position, then pad, bos
-        self.sampler.open(slot, sampling, [self.codec_mask, self.codec_pad, self.codec_bos] if n else
-                          [self.codec_pad, self.codec_bos])
+        self.sampler.open(
+            slot,
+            sampling,
+            [self.codec_mask, self.codec_pad, self.codec_bos]
+            if n
+            else [self.codec_pad, self.codec_bos],
+        )
         max_codes = min(max_codes or self.default_max_codes, self.max_len - n - 1)
         most_tokens = n + 1 + max_codes
-        if not self.kv.reserve(req_id, n + 2, most_tokens):  # last: nothing to undo when refused
+        if not self.kv.reserve(
+            req_id, n + 2, most_tokens
+        ):  # last: nothing to undo when refused
             raise TalkerFull(
                 f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions (in blocks of "
                 f"{self.kv.block_size}), {self.kv.free_tokens} of {self.kv.max_tokens} are free"
@@ -285,12 +330,16 @@ class Talker:
             most_tokens=most_tokens,
         )
 
-    def add_thinker_token(self, req_id, embedding: torch.Tensor, hidden: torch.Tensor) -> None:
+    def add_thinker_token(
+        self, req_id, embedding: torch.Tensor, hidden: torch.Tensor
+    ) -> None:
         """Append one generated thinker token's (input embedding, last hidden state), (E,) each."""
         req = self.requests[req_id]
         if req.thinker_done:
             raise ValueError(f"request {req_id!r}: thinker already finished")
-        element = embedding.reshape(-1).to(self.device) + hidden.reshape(-1).to(self.device)
+        element = embedding.reshape(-1).to(self.device) + hidden.reshape(-1).to(
+            self.device
+        )
         req.reply.append(element.to(self.dtype))
 
     def finish_thinker(self, req_id, max_codes: int | None = None) -> bool:
@@ -317,7 +366,9 @@ class Talker:
 
     def ready(self) -> list:
         """Requests whose next input is available (prefill or decode)."""
-        return [rid for rid, req in self.requests.items() if req.reply or req.thinker_done]
+        return [
+            rid for rid, req in self.requests.items() if req.reply or req.thinker_done
+        ]
 
     # ------------------------------------------------------------------ stepping
 
@@ -327,7 +378,9 @@ class Talker:
     def _next_reply(self, req: _Request) -> torch.Tensor:
         element = req.reply.popleft()
         if req.thinker_done and not req.reply:
-            req.reply.append(self.text_rows[self.text_pad])  # tts_text_pad forever after text_end
+            req.reply.append(
+                self.text_rows[self.text_pad]
+            )  # tts_text_pad forever after text_end
         return element
 
     @torch.no_grad()
@@ -347,7 +400,9 @@ class Talker:
         req_ids = self.ready() if req_ids is None else list(req_ids)
         not_ready = set(req_ids) - set(self.ready())
         if not_ready:
-            raise ValueError(f"requests not ready for a talker step: {sorted(map(str, not_ready))}")
+            raise ValueError(
+                f"requests not ready for a talker step: {sorted(map(str, not_ready))}"
+            )
         forced_codes = forced_codes or {}
         outputs: dict[object, TalkerOutput] = {}
         batch, pieces, positions, decodes = [], [], [], []
@@ -362,40 +417,63 @@ class Talker:
                 if not self.kv.reserve(rid, self.kv.lengths[rid] + 1, req.most_tokens):
                     logger.warning(
                         "talker: request %s ends after %d codes: KV cache full (%d positions, all in use)",
-                        rid, req.num_codes, self.kv.max_tokens,
+                        rid,
+                        req.num_codes,
+                        self.kv.max_tokens,
                     )
                     self.remove(rid)
-                    outputs[rid] = TalkerOutput(code=None, finished=True, reason="length")
+                    outputs[rid] = TalkerOutput(
+                        code=None, finished=True, reason="length"
+                    )
                     continue
-                pieces.append(len(decodes))  # filled in below, once all decode inputs are embedded
-                positions.append(torch.full((3, 1), req.next_position, dtype=torch.long))
+                pieces.append(
+                    len(decodes)
+                )  # filled in below, once all decode inputs are embedded
+                positions.append(
+                    torch.full((3, 1), req.next_position, dtype=torch.long)
+                )
                 req.next_position += 1
                 decodes.append(rid)
             batch.append(rid)
         if decodes:
-            last = torch.tensor([self.requests[rid].last_code for rid in decodes], device=self.device)
-            replies = torch.stack([self._next_reply(self.requests[rid]) for rid in decodes])
+            last = torch.tensor(
+                [self.requests[rid].last_code for rid in decodes], device=self.device
+            )
+            replies = torch.stack(
+                [self._next_reply(self.requests[rid]) for rid in decodes]
+            )
             decode_inputs = replies + self.model.get_input_embeddings()(last)
-            pieces = [decode_inputs[p, None] if isinstance(p, int) else p for p in pieces]
+            pieces = [
+                decode_inputs[p, None] if isinstance(p, int) else p for p in pieces
+            ]
 
         if batch:
-            logits = self._forward(batch, pieces, torch.cat(positions, dim=1).to(self.device))
+            logits = self._forward(
+                batch, pieces, torch.cat(positions, dim=1).to(self.device)
+            )
             slots = [self.requests[rid].slot for rid in batch]
-            codes, stops = self.sampler.sample(slots, logits, [forced_codes.get(rid) for rid in batch])
+            codes, stops = self.sampler.sample(
+                slots, logits, [forced_codes.get(rid) for rid in batch]
+            )
             # The step's one read back to the host: every row's code and stop flag.
             read = torch.stack([codes, stops.to(codes.dtype)]).T.tolist()
             for i, (rid, (code, stop)) in enumerate(zip(batch, read)):
                 req = self.requests[rid]
                 req.last_code = code
                 req.num_codes += 1
-                out = TalkerOutput(code=None if stop else code, logits=logits[i] if return_logits else None)
+                out = TalkerOutput(
+                    code=None if stop else code,
+                    logits=logits[i] if return_logits else None,
+                )
                 if stop or req.num_codes >= req.max_codes:
                     out.finished, out.reason = True, ("stop" if stop else "length")
                     self.remove(rid)
                 outputs[rid] = out
         return {rid: outputs[rid] for rid in req_ids}
 
-    def _forward(self, req_ids: list, inputs: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, req_ids: list, inputs: list[torch.Tensor], positions: torch.Tensor
+    ) -> torch.Tensor:
         """Run the decoder over the requests' new inputs packed into one sequence ((q_i, E) each,
         positions (3, sum q_i)); returns the fp32 logits at each request's last input, (B, vocab)."""
         m = self.model
@@ -406,7 +484,9 @@ class Talker:
             start += q
         for rid, q in zip(req_ids, lengths):
             if q > 1 and self.kv.lengths[rid]:
-                raise AssertionError("a multi-token input must start from an empty KV cache")
+                raise AssertionError(
+                    "a multi-token input must start from an empty KV cache"
+                )
         h = m.thinker_to_talker_proj(torch.cat(inputs))[None]  # (1, T, H)
         T, d = h.shape[1], self.head_dim
         cos, sin = m.model.rotary_emb(h, positions[:, None])
@@ -420,9 +500,16 @@ class Talker:
             out = []
             for rid, (s, e) in zip(req_ids, spans):
                 keys, values = self.kv.append(rid, i, k[:, :, s:e], v[:, :, s:e])
-                out.append(F.scaled_dot_product_attention(
-                    q[:, :, s:e], keys, values, is_causal=e - s > 1, scale=attn.scaling, enable_gqa=self.gqa
-                ))
+                out.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, s:e],
+                        keys,
+                        values,
+                        is_causal=e - s > 1,
+                        scale=attn.scaling,
+                        enable_gqa=self.gqa,
+                    )
+                )
             h = h + attn.o_proj(torch.cat(out, dim=2).transpose(1, 2).reshape(1, T, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         for rid, q in zip(req_ids, lengths):

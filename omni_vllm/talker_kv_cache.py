@@ -43,11 +43,19 @@ class TalkerKVCache:
         block_size: int = 64,
     ):
         if max_tokens < block_size:
-            raise ValueError(f"talker KV cache of {max_tokens} positions is smaller than one block ({block_size})")
-        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+            raise ValueError(
+                f"talker KV cache of {max_tokens} positions is smaller than one block ({block_size})"
+            )
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            num_layers,
+            num_kv_heads,
+            head_dim,
+        )
         self.device, self.dtype = device, dtype
         self.max_tokens, self.block_size = max_tokens, block_size
-        self.buffers: dict[object, torch.Tensor] = {}  # rid -> (layers, 2, kv_heads, capacity, head_dim)
+        self.buffers: dict[
+            object, torch.Tensor
+        ] = {}  # rid -> (layers, 2, kv_heads, capacity, head_dim)
         # rid -> per layer (keys, values) views of its buffer, (1, kv_heads, capacity, head_dim) each
         self.layer_views: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.lengths: dict[object, int] = {}  # rid -> positions written
@@ -77,7 +85,10 @@ class TalkerKVCache:
         if num_tokens <= have:
             return True
         block = self.block_size
-        want = min(_round_up(max(num_tokens, have + max(block, have // 4)), block), _round_up(most, block))
+        want = min(
+            _round_up(max(num_tokens, have + max(block, have // 4)), block),
+            _round_up(most, block),
+        )
         need = _round_up(num_tokens, block)
         target = max(want, need)
         if target - have > self.free_tokens:
@@ -85,13 +96,17 @@ class TalkerKVCache:
             if target - have > self.free_tokens:
                 return False
         buf = torch.empty(
-            (self.num_layers, 2, self.num_kv_heads, target, self.head_dim), device=self.device, dtype=self.dtype
+            (self.num_layers, 2, self.num_kv_heads, target, self.head_dim),
+            device=self.device,
+            dtype=self.dtype,
         )
         length = self.lengths.get(rid, 0)
         if length:
             buf[:, :, :, :length] = self.buffers[rid][:, :, :, :length]
         self.buffers[rid] = buf
-        self.layer_views[rid] = [(buf[i, 0, None], buf[i, 1, None]) for i in range(self.num_layers)]
+        self.layer_views[rid] = [
+            (buf[i, 0, None], buf[i, 1, None]) for i in range(self.num_layers)
+        ]
         self.lengths[rid] = length
         self.allocated_tokens += target - have
         return True
@@ -103,7 +118,9 @@ class TalkerKVCache:
             self.allocated_tokens -= buf.shape[3]
             del self.lengths[rid], self.layer_views[rid]
 
-    def append(self, rid, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, rid, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys/values (1, kv_heads, q, head_dim) after `rid`'s current length
         and return views of all its keys/values so far, (1, kv_heads, length + q, head_dim) each. The
         length advances once the last layer has written (`advance`)."""

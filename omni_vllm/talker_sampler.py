@@ -39,17 +39,31 @@ class TalkerSampling:
 class CodecSampler:
     """Per-slot sampling state (settings, codes seen so far) on the device, for `max_slots` slots."""
 
-    def __init__(self, max_slots: int, vocab_size: int, *, suppress: int, stop: tuple[int, ...], device):
+    def __init__(
+        self,
+        max_slots: int,
+        vocab_size: int,
+        *,
+        suppress: int,
+        stop: tuple[int, ...],
+        device,
+    ):
         self.device = torch.device(device)
         self.vocab_size, self.suppress = vocab_size, suppress
         self.stop = torch.tensor(stop, device=self.device)
         # Codes seen by each slot's request: the repetition penalty's set (transformers gathers the
         # talker's input ids, in which a repeated id is penalised once, as a set member is).
-        self.seen = torch.zeros(max_slots, vocab_size, dtype=torch.bool, device=self.device)
+        self.seen = torch.zeros(
+            max_slots, vocab_size, dtype=torch.bool, device=self.device
+        )
         self.penalty = torch.ones(max_slots, device=self.device)
         self.temperature = torch.ones(max_slots, device=self.device)
-        self.top_k = torch.full((max_slots,), vocab_size, dtype=torch.long, device=self.device)
-        self.top_p_drop = torch.zeros(max_slots, device=self.device)  # tokens whose cumulative prob <= this go
+        self.top_k = torch.full(
+            (max_slots,), vocab_size, dtype=torch.long, device=self.device
+        )
+        self.top_p_drop = torch.zeros(
+            max_slots, device=self.device
+        )  # tokens whose cumulative prob <= this go
         self.uses_top_p = torch.zeros(max_slots, dtype=torch.bool, device=self.device)
         self.do_sample = [False] * max_slots
         self.top_k_host = [vocab_size] * max_slots
@@ -70,7 +84,9 @@ class CodecSampler:
         self.do_sample[slot] = sample
         self.generators[slot] = None
         if sampling.seed is not None:
-            self.generators[slot] = torch.Generator(device=self.device).manual_seed(sampling.seed)
+            self.generators[slot] = torch.Generator(device=self.device).manual_seed(
+                sampling.seed
+            )
 
     def sample(
         self, slots: list[int], logits: torch.Tensor, forced: list[int | None]
@@ -80,22 +96,38 @@ class CodecSampler:
         device. The codes join their slots' seen sets."""
         rows = torch.tensor(slots, device=self.device)
         penalty = self.penalty[rows, None]
-        scores = torch.where(self.seen[rows], torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        scores = torch.where(
+            self.seen[rows],
+            torch.where(logits < 0, logits * penalty, logits / penalty),
+            logits,
+        )
         scores[:, self.suppress] = -torch.inf
         codes = scores.argmax(dim=-1)
-        sampled = [i for i, s in enumerate(slots) if self.do_sample[s] and forced[i] is None]
+        sampled = [
+            i for i, s in enumerate(slots) if self.do_sample[s] and forced[i] is None
+        ]
         if sampled:
             scores = scores / self.temperature[rows, None]
             # top-k as transformers does it (below the k-th largest goes), one topk for all rows
             top_k = self.top_k[rows, None]
-            limited = [self.top_k_host[s] for s in slots if self.top_k_host[s] < self.vocab_size]
+            limited = [
+                self.top_k_host[s]
+                for s in slots
+                if self.top_k_host[s] < self.vocab_size
+            ]
             if limited:
                 k_most = max(limited)
-                kth = scores.topk(k_most, dim=-1).values.gather(1, top_k.clamp(max=k_most) - 1)
-                kth = kth.masked_fill(top_k >= self.vocab_size, -torch.inf)  # rows without top-k
+                kth = scores.topk(k_most, dim=-1).values.gather(
+                    1, top_k.clamp(max=k_most) - 1
+                )
+                kth = kth.masked_fill(
+                    top_k >= self.vocab_size, -torch.inf
+                )  # rows without top-k
                 scores = scores.masked_fill(scores < kth, -torch.inf)
             ascending, order = scores.sort(dim=-1)
-            drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= self.top_p_drop[rows, None]
+            drop = (
+                ascending.softmax(dim=-1).cumsum(dim=-1) <= self.top_p_drop[rows, None]
+            )
             drop[:, -1] = False
             drop &= self.uses_top_p[rows, None]
             scores = scores.masked_fill(drop.scatter(1, order, drop), -torch.inf)

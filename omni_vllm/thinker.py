@@ -36,7 +36,10 @@ from vllm.model_executor.models.qwen2_5_omni_thinker import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from omni_vllm.processing import OmniThinkerMultiModalProcessor, OmniThinkerProcessingInfo
+from omni_vllm.processing import (
+    OmniThinkerMultiModalProcessor,
+    OmniThinkerProcessingInfo,
+)
 
 logger = init_logger(__name__)
 
@@ -44,7 +47,10 @@ SPEECH_PREFIXES = ("talker", "token2wav")
 
 
 @MULTIMODAL_REGISTRY.register_processor(  # the parent's, resampling with PyAV (omni_vllm.processing)
-    OmniThinkerMultiModalProcessor, info=OmniThinkerProcessingInfo, dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder)
+    OmniThinkerMultiModalProcessor,
+    info=OmniThinkerProcessingInfo,
+    dummy_inputs=Qwen2_5OmniThinkerDummyInputsBuilder,
+)
 class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGeneration):
     """Qwen2.5-Omni thinker served by vLLM, loading the full checkpoint's weight names."""
 
@@ -59,7 +65,9 @@ class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenera
         runner_hidden_states.apply()
         super().__init__(vllm_config=vllm_config, prefix=prefix)
 
-    def _compute_interleaved_positions(self, start_idx: int, data: dict) -> tuple[np.ndarray, int]:
+    def _compute_interleaved_positions(
+        self, start_idx: int, data: dict
+    ) -> tuple[np.ndarray, int]:
         """Positions of `<|audio_bos|>`, the interleaved chunks, `<|audio_eos|><|vision_eos|>`.
 
         vLLM's caller places this block at the `<|audio_bos|>` token that follows
@@ -68,16 +76,24 @@ class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenera
         after the maximum of the last chunk laid out (audio, unless the video has more chunks).
         """
         chunks, n_chunk_tokens = super()._compute_interleaved_positions(start_idx, data)
-        per_chunk = int(self.config.position_id_per_seconds * self.config.seconds_per_chunk)
-        t_chunk = (np.arange(data["grid_t"]) * data["t_factor"]).astype(np.int64) // per_chunk
+        per_chunk = int(
+            self.config.position_id_per_seconds * self.config.seconds_per_chunk
+        )
+        t_chunk = (np.arange(data["grid_t"]) * data["t_factor"]).astype(
+            np.int64
+        ) // per_chunk
         n_audio = self._compute_audio_token_count(data["audio_feature_length"])
         if -(-n_audio // per_chunk) >= len(np.unique(t_chunk)):
             last_chunk = chunks[:, -1:]
         else:
-            n_last = int((t_chunk == t_chunk.max()).sum()) * data["grid_h"] * data["grid_w"]
+            n_last = (
+                int((t_chunk == t_chunk.max()).sum()) * data["grid_h"] * data["grid_w"]
+            )
             last_chunk = chunks[:, -n_last:]
         bos = np.full((3, 1), start_idx - 1)  # shared with <|vision_bos|>
-        eos = np.full((3, 2), int(last_chunk.max()) + 1)  # <|audio_eos|> and <|vision_eos|>
+        eos = np.full(
+            (3, 2), int(last_chunk.max()) + 1
+        )  # <|audio_eos|> and <|vision_eos|>
         return np.concatenate([bos, chunks, eos], axis=1), n_chunk_tokens + 3
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -95,7 +111,8 @@ class OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerForConditionalGenera
             "speech path: %s",
             seen["thinker"],
             len(loaded),
-            ", ".join(f"{n} {p}.* tensors" for p, n in speech.items()) if any(speech.values())
+            ", ".join(f"{n} {p}.* tensors" for p, n in speech.items())
+            if any(speech.values())
             else "nothing (this checkpoint has no talker/token2wav weights)",
         )
         return loaded

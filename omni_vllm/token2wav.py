@@ -105,7 +105,9 @@ class Token2Wav:
         self.bigvgan = self.model.code2wav_bigvgan_model
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vocoder_dtype = DEFAULT_VOCODER_DTYPE if vocoder_dtype is None else vocoder_dtype
+        self.vocoder_dtype = (
+            DEFAULT_VOCODER_DTYPE if vocoder_dtype is None else vocoder_dtype
+        )
         # Most requests per BigVGAN call (None: all). At the real size on a CPU batching makes the
         # vocoder slower per request (one thread: 16 requests cost 2.78 s per audio s one per call,
         # 3.40 in calls of 4, 7.20 in one call: its activations outgrow the caches), so set 1 there;
@@ -121,7 +123,11 @@ class Token2Wav:
         self._voices = {}
         with torch.no_grad():
             for name, spk in speakers.items():
-                ref_mel = spk["ref_mel"].to(self.device, torch.float32).reshape(1, -1, self.mel_dim)
+                ref_mel = (
+                    spk["ref_mel"]
+                    .to(self.device, torch.float32)
+                    .reshape(1, -1, self.mel_dim)
+                )
                 encoder = self.dit.input_embed.spk_encoder
                 self._voices[name] = _Voice(
                     cond=spk["cond"].to(self.device, torch.float32).reshape(-1),
@@ -136,7 +142,9 @@ class Token2Wav:
         self.bigvgan.to(self.vocoder_dtype)
 
         # BigVGAN boundary hooks (see module docstring); active only during a padded call.
-        self._frames: torch.Tensor | None = None  # mel frames per row of the padded batch
+        self._frames: torch.Tensor | None = (
+            None  # mel frames per row of the padded batch
+        )
         self._exact_padding = True
         zero = (nn.Conv1d, nn.ConvTranspose1d)
         replicate = (ref.Qwen2_5OmniUpSample1d, ref.Qwen2_5OmniDownSample1d)
@@ -147,9 +155,13 @@ class Token2Wav:
             elif isinstance(module, replicate):
                 module.register_forward_pre_hook(self._replicate_tail)
             elif not list(module.children()) and not isinstance(module, pointwise):
-                self._exact_padding = False  # unknown leaf: fall back to one call per length
+                self._exact_padding = (
+                    False  # unknown leaf: fall back to one call per length
+                )
         if not self._exact_padding:
-            logger.warning("Unknown BigVGAN layer type: vocoding one batch per distinct length.")
+            logger.warning(
+                "Unknown BigVGAN layer type: vocoding one batch per distinct length."
+            )
 
     @classmethod
     def from_pretrained(
@@ -164,8 +176,14 @@ class Token2Wav:
 
         model_dir = Path(model_dir)
         config = Qwen2_5OmniConfig.from_pretrained(model_dir).token2wav_config
-        return cls(config, load_prefixed(model_dir, "token2wav."), load_speakers(model_dir), device=device, dtype=dtype,
-                   vocoder_dtype=vocoder_dtype)
+        return cls(
+            config,
+            load_prefixed(model_dir, "token2wav."),
+            load_speakers(model_dir),
+            device=device,
+            dtype=dtype,
+            vocoder_dtype=vocoder_dtype,
+        )
 
     @property
     def voices(self) -> list[str]:
@@ -173,7 +191,9 @@ class Token2Wav:
 
     def _voice(self, name: str) -> _Voice:
         if name not in self._voices:
-            raise ValueError(f"Unknown voice {name!r}; available voices: {', '.join(self.voices)}")
+            raise ValueError(
+                f"Unknown voice {name!r}; available voices: {', '.join(self.voices)}"
+            )
         return self._voices[name]
 
     def noise(self, num_codes: int, noise: NoiseSource = None) -> torch.Tensor:
@@ -182,12 +202,16 @@ class Token2Wav:
         shape = (1, num_codes * self.repeats, self.mel_dim)
         if isinstance(noise, torch.Tensor):
             if noise.numel() != shape[1] * shape[2]:
-                raise ValueError(f"noise for {num_codes} codes must have shape {shape}, got {tuple(noise.shape)}")
+                raise ValueError(
+                    f"noise for {num_codes} codes must have shape {shape}, got {tuple(noise.shape)}"
+                )
             return noise.to(self.device, torch.float32).reshape(shape)
         if isinstance(noise, int):
             noise = torch.Generator(device=self.device).manual_seed(noise)
         if isinstance(noise, torch.Generator):
-            return torch.randn(shape, generator=noise, device=noise.device).to(self.device)
+            return torch.randn(shape, generator=noise, device=noise.device).to(
+                self.device
+            )
         return torch.randn(shape, device=self.device)
 
     # ----------------------------------------------------------------------------------- DiT
@@ -195,11 +219,15 @@ class Token2Wav:
     def _block_diff(self, frames: torch.Tensor, length: int) -> torch.Tensor:
         """The reference's block_diff, with (real query, padded key) pairs out of every window."""
         pos = torch.arange(length, device=self.device)
-        block = (pos // self.block_size).to(torch.int16)  # |diff| <= max_position_embeddings / block_size
+        block = (pos // self.block_size).to(
+            torch.int16
+        )  # |diff| <= max_position_embeddings / block_size
         diff = (block[None, :] - block[:, None]).expand(len(frames), length, length)
         valid = pos[None, :] < frames[:, None]  # (B, T)
         hide = valid[:, :, None] & ~valid[:, None, :]
-        beyond = 1 + max(layer.look_ahead_block for layer in self.dit.transformer_blocks)
+        beyond = 1 + max(
+            layer.look_ahead_block for layer in self.dit.transformer_blocks
+        )
         # (B, 1, T, T): the layers' masks broadcast over heads instead of materialising them.
         return diff.masked_fill(hide, beyond)[:, None]
 
@@ -226,11 +254,15 @@ class Token2Wav:
         """Mel spectrograms (mel_dim, repeats * len(codes[i])), one batched flow-matching solve.
 
         Defaults are the reference's: 10 time points (9 RK4 steps), guidance 0.5, sway -1."""
-        if len(voices) != len(codes) or (noise is not None and len(noise) != len(codes)):
+        if len(voices) != len(codes) or (
+            noise is not None and len(noise) != len(codes)
+        ):
             raise ValueError("codes, voices and noise must have one entry per request")
         batch = len(codes)
         spk = [self._voice(v) for v in voices]
-        codes = [torch.as_tensor(c, device=self.device).reshape(-1).long() for c in codes]
+        codes = [
+            torch.as_tensor(c, device=self.device).reshape(-1).long() for c in codes
+        ]
         if any(len(c) == 0 for c in codes):
             raise ValueError("every request needs at least one code")
         frames = [len(c) * self.repeats for c in codes]
@@ -241,14 +273,21 @@ class Token2Wav:
                 f"({self.dit.config.max_position_embeddings})"
             )
         all_codes = torch.cat(codes)
-        if all_codes.min() < 0 or all_codes.max() >= self.dit.text_embed.codec_embed.num_embeddings:
+        if (
+            all_codes.min() < 0
+            or all_codes.max() >= self.dit.text_embed.codec_embed.num_embeddings
+        ):
             raise ValueError("codec code out of range of the DiT codec embedding")
 
-        code_pad = torch.zeros(batch, length // self.repeats, dtype=torch.long, device=self.device)
+        code_pad = torch.zeros(
+            batch, length // self.repeats, dtype=torch.long, device=self.device
+        )
         x0 = torch.zeros(batch, length, self.mel_dim, device=self.device)
         for i, c in enumerate(codes):
             code_pad[i, : len(c)] = c
-            x0[i, : frames[i]] = self.noise(len(c), None if noise is None else noise[i])[0]
+            x0[i, : frames[i]] = self.noise(
+                len(c), None if noise is None else noise[i]
+            )[0]
         frames_t = torch.tensor(frames, device=self.device)
 
         # Everything but the ODE state is fixed over the solve: build it once. Rows are
@@ -259,8 +298,12 @@ class Token2Wav:
         code_embed = self.dit.text_embed(code_pad)
         if cfg:
             cond = torch.cat([cond, torch.zeros_like(cond)])
-            ref_enc = torch.cat([ref_enc, torch.stack([s.null_enc for s in spk]).to(self.dtype)])
-            code_embed = torch.cat([code_embed, self.dit.text_embed(code_pad, drop_code=True)])
+            ref_enc = torch.cat(
+                [ref_enc, torch.stack([s.null_enc for s in spk]).to(self.dtype)]
+            )
+            code_embed = torch.cat(
+                [code_embed, self.dit.text_embed(code_pad, drop_code=True)]
+            )
             frames_t = torch.cat([frames_t, frames_t])
         rows = len(frames_t)
         static = torch.cat(
@@ -284,7 +327,10 @@ class Token2Wav:
             time_embedding = self._time_embedding(time_step.repeat(rows))
             for layer in self.dit.transformer_blocks:
                 hidden = layer(
-                    hidden, time_embedding, position_embeddings=position_embeddings, block_diff=block_diff
+                    hidden,
+                    time_embedding,
+                    position_embeddings=position_embeddings,
+                    block_diff=block_diff,
                 )
             out = self.dit.proj_out(self.dit.norm_out(hidden, time_embedding)).float()
             if not cfg:
@@ -292,9 +338,13 @@ class Token2Wav:
             guided, null = torch.chunk(out, 2, dim=0)
             return guided + (guided - null) * guidance_scale
 
-        time_points = torch.linspace(0, 1, num_steps, device=self.device, dtype=torch.float32)
+        time_points = torch.linspace(
+            0, 1, num_steps, device=self.device, dtype=torch.float32
+        )
         if sway_coefficient is not None:
-            time_points += sway_coefficient * (torch.cos(torch.pi / 2 * time_points) - 1 + time_points)
+            time_points += sway_coefficient * (
+                torch.cos(torch.pi / 2 * time_points) - 1 + time_points
+            )
         solver = self._ref.RungeKutta4ODESolver(function=velocity, initial_value=x0)
         mel = solver.integrate(time_points)[-1]  # (B, T, mel_dim)
         return [mel[i, : frames[i]].T.contiguous() for i in range(batch)]
@@ -308,7 +358,10 @@ class Token2Wav:
         scale, rest = divmod(x.shape[-1], self._max_frames)
         assert rest == 0, "BigVGAN layer length is not a multiple of the mel length"
         lengths = self._frames * scale
-        keep = torch.arange(x.shape[-1], device=x.device)[None, None, :] < lengths[:, None, None]
+        keep = (
+            torch.arange(x.shape[-1], device=x.device)[None, None, :]
+            < lengths[:, None, None]
+        )
         return keep, lengths
 
     def _zero_tail(self, module, args):
@@ -329,7 +382,11 @@ class Token2Wav:
         CPU (transformers' vocoder moves its output there). At most `vocoder_batch` per call."""
         step = self.vocoder_batch
         if step and len(mels) > step:
-            return [wav for i in range(0, len(mels), step) for wav in self.mel2wav(mels[i : i + step])]
+            return [
+                wav
+                for i in range(0, len(mels), step)
+                for wav in self.mel2wav(mels[i : i + step])
+            ]
         frames = [m.shape[-1] for m in mels]
         if not self._exact_padding and len(set(frames)) > 1:
             out = [None] * len(mels)
@@ -339,7 +396,13 @@ class Token2Wav:
                     out[i] = wav
             return out
         length = max(frames)
-        batch = torch.zeros(len(mels), self.mel_dim, length, device=self.device, dtype=self.vocoder_dtype)
+        batch = torch.zeros(
+            len(mels),
+            self.mel_dim,
+            length,
+            device=self.device,
+            dtype=self.vocoder_dtype,
+        )
         for i, m in enumerate(mels):
             batch[i, :, : frames[i]] = m.reshape(self.mel_dim, -1)
         padded = len(set(frames)) > 1

@@ -48,7 +48,10 @@ def serves_omni_thinker(vllm_config) -> bool:
     from omni_vllm.plugin import ARCHITECTURES
 
     model_config = getattr(vllm_config, "model_config", None)
-    return model_config is not None and getattr(model_config, "architecture", None) in ARCHITECTURES
+    return (
+        model_config is not None
+        and getattr(model_config, "architecture", None) in ARCHITECTURES
+    )
 
 
 def v2_required_by(vllm_config) -> list[str]:
@@ -65,10 +68,18 @@ def v2_required_by(vllm_config) -> list[str]:
     # Features vLLM's own config checks refuse on V1 ("... requires Model Runner V2").
     model_config = vllm_config.model_config
     for owner, flag, name in (
-        (vllm_config.aux_output_config, "enabled", "the aux-output connector (routed experts)"),
+        (
+            vllm_config.aux_output_config,
+            "enabled",
+            "the aux-output connector (routed experts)",
+        ),
         (model_config, "return_sampling_mask", "sampling distribution replay"),
         (model_config, "enable_trace_replay", "trace replay"),
-        (vllm_config.profiler_config, "proton_graph_attribution", "Proton CUDA graph attribution"),
+        (
+            vllm_config.profiler_config,
+            "proton_graph_attribution",
+            "Proton CUDA graph attribution",
+        ),
     ):
         if getattr(owner, flag, False):
             reasons.append(name)
@@ -82,7 +93,9 @@ def vllm_decides(vllm_config) -> bool:
     """What vLLM itself would answer for `use_v2_model_runner` (without this patch)."""
     from vllm.config import VllmConfig
 
-    return getattr(VllmConfig, _APPLIED, VllmConfig.use_v2_model_runner.fget)(vllm_config)
+    return getattr(VllmConfig, _APPLIED, VllmConfig.use_v2_model_runner.fget)(
+        vllm_config
+    )
 
 
 def apply() -> None:

@@ -57,7 +57,11 @@ def apply() -> None:
         return
     params = inspect.signature(GPUModelRunner._model_forward).parameters
     assert list(params)[:5] == [
-        "self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds",
+        "self",
+        "input_ids",
+        "positions",
+        "intermediate_tensors",
+        "inputs_embeds",
     ], f"unexpected GPUModelRunner._model_forward signature: {list(params)}"
 
     from omni_vllm.hidden_states import RunnerCapture
@@ -87,13 +91,22 @@ def apply() -> None:
 
     @functools.wraps(model_forward)
     def model_forward_wrapper(
-        self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
+        self,
+        input_ids=None,
+        positions=None,
+        intermediate_tensors=None,
+        inputs_embeds=None,
         **kwargs,
     ):
         capture = self.__dict__.get("_omni_capture")
         if capture is None or not capture.requests:
             return model_forward(
-                self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs
+                self,
+                input_ids,
+                positions,
+                intermediate_tensors,
+                inputs_embeds,
+                **kwargs,
             )
         capture.before_forward(self, input_ids, inputs_embeds)
         out = model_forward(
@@ -105,7 +118,9 @@ def apply() -> None:
     @functools.wraps(sample_tokens)
     def sample_tokens_wrapper(self, *args, **kwargs):
         capture = self.__dict__.get("_omni_capture")
-        taken = capture.take() if capture is not None and capture.step is not None else None
+        taken = (
+            capture.take() if capture is not None and capture.step is not None else None
+        )
         out = sample_tokens(self, *args, **kwargs)
         if taken is None:
             return out
@@ -116,7 +131,9 @@ def apply() -> None:
                 RunnerCapture.attach(out, taken)
             return out
         inner = getattr(out, "_model_runner_output", None)  # AsyncGPUModelRunnerOutput
-        assert isinstance(inner, ModelRunnerOutput), f"unexpected runner output {type(out)}"
+        assert isinstance(inner, ModelRunnerOutput), (
+            f"unexpected runner output {type(out)}"
+        )
         get_output = out.get_output
 
         def get_output_with_hidden_states():

@@ -48,13 +48,31 @@ class FakeSpeech:
     def __init__(self, fail: BaseException | None):
         self.fail, self.aborted, self.calls = fail, [], []
 
-    async def generate(self, prompt, params, request_id, *, audio=True, voice=None, max_codes=None, **kw):
+    async def generate(
+        self,
+        prompt,
+        params,
+        request_id,
+        *,
+        audio=True,
+        voice=None,
+        max_codes=None,
+        **kw,
+    ):
         self.calls.append(dict(audio=audio, voice=voice, max_codes=max_codes))
         yield SpeechChunk("Hello", [1], np.full(480, 0.1, np.float32))
         if self.fail is not None:
             raise self.fail
-        yield SpeechChunk(" there", [2], np.full(480, 0.1, np.float32), finished=True, finish_reason="stop",
-                          prompt_tokens=3, completion_tokens=2, audio_tokens=4)
+        yield SpeechChunk(
+            " there",
+            [2],
+            np.full(480, 0.1, np.float32),
+            finished=True,
+            finish_reason="stop",
+            prompt_tokens=3,
+            completion_tokens=2,
+            audio_tokens=4,
+        )
 
     async def abort(self, request_id):
         self.aborted.append(request_id)
@@ -68,7 +86,9 @@ class FakeChat:
     override_max_tokens = None
     enable_force_include_usage = False
     models = SimpleNamespace(model_name=lambda lora=None: "fake-omni")
-    renderer = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: text.split()))
+    renderer = SimpleNamespace(
+        tokenizer=SimpleNamespace(encode=lambda text: text.split())
+    )
 
     async def render_chat_request(self, request):
         return None, [{"prompt_token_ids": [1, 2, 3]}]
@@ -85,9 +105,16 @@ class FakeChat:
 
 
 def _core(fail: BaseException | None) -> OmniServing:
-    return OmniServing(settings=Settings(), speech=FakeSpeech(fail), speech_error=None, audio_ids=AudioIds(60.0),
-                       metrics=SimpleNamespace(queue_time=_Nop(), speaking=_Nop(), ttfa=_Nop(),
-                                               audio_seconds=_Nop()), chat=FakeChat())
+    return OmniServing(
+        settings=Settings(),
+        speech=FakeSpeech(fail),
+        speech_error=None,
+        audio_ids=AudioIds(60.0),
+        metrics=SimpleNamespace(
+            queue_time=_Nop(), speaking=_Nop(), ttfa=_Nop(), audio_seconds=_Nop()
+        ),
+        chat=FakeChat(),
+    )
 
 
 def _client(fail: BaseException | None):
@@ -103,18 +130,44 @@ def _client(fail: BaseException | None):
 
 def _events(text: str) -> list:
     assert text.endswith("\n\n"), text[-200:]
-    return [json.loads(e.removeprefix("data: ")) if e != "data: [DONE]" else "[DONE]"
-            for e in text.strip().split("\n\n")]
+    return [
+        json.loads(e.removeprefix("data: ")) if e != "data: [DONE]" else "[DONE]"
+        for e in text.strip().split("\n\n")
+    ]
 
 
-CHAT = {"model": "fake-omni", "messages": [{"role": "user", "content": "Hi"}], "modalities": ["text", "audio"],
-        "audio": {"voice": "ethan", "format": "pcm16"}, "stream": True}
-SPEECH = {"input": "Hello there", "voice": "Chelsie", "response_format": "pcm", "stream_format": "sse"}
+CHAT = {
+    "model": "fake-omni",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "ethan", "format": "pcm16"},
+    "stream": True,
+}
+SPEECH = {
+    "input": "Hello there",
+    "voice": "Chelsie",
+    "response_format": "pcm",
+    "stream_format": "sse",
+}
 FAILURES = {
-    "engine_error": (RuntimeError("talker blew up"), 500, "InternalServerError", 500, "talker blew up"),
-    "wait_limit": (SpeechBusy("speech engine busy: no speaking slot within 5 s", code=SpeechBusy.WAIT_TIMEOUT,
-                              retry_after=1.5), 503, "ServiceUnavailableError", "speech_wait_timeout",
-                   "retry after 2 s"),
+    "engine_error": (
+        RuntimeError("talker blew up"),
+        500,
+        "InternalServerError",
+        500,
+        "talker blew up",
+    ),
+    "wait_limit": (
+        SpeechBusy(
+            "speech engine busy: no speaking slot within 5 s",
+            code=SpeechBusy.WAIT_TIMEOUT,
+            retry_after=1.5,
+        ),
+        503,
+        "ServiceUnavailableError",
+        "speech_wait_timeout",
+        "retry after 2 s",
+    ),
 }
 
 
@@ -125,14 +178,18 @@ def test_chat_stream_failure_mid_stream(name):
     fail, _, err_type, code, words = FAILURES[name]
     client, speech = _client(fail)
     r = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "mid"})
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.status_code == 200 and r.headers["content-type"].startswith(
+        "text/event-stream"
+    )
     events = _events(r.text)
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[1]["choices"][0]["delta"]["audio"]["transcript"] == "Hello"
     assert events[1]["choices"][0]["delta"]["audio"]["data"]
     assert set(events[2]) == {"error"}, events
     err = events[2]["error"]
-    assert err["type"] == err_type and err["code"] == code and words in err["message"], err
+    assert (
+        err["type"] == err_type and err["code"] == code and words in err["message"]
+    ), err
     assert events[3:] == ["[DONE]"]
     assert speech.aborted == ["chatcmpl-mid"]
 
@@ -144,9 +201,13 @@ def test_speech_sse_failure_mid_stream(name):
     r = client.post("/v1/audio/speech", json=SPEECH, headers={"X-Request-Id": "tts"})
     assert r.status_code == 200
     events = _events(r.text)
-    assert [e["type"] for e in events[:-2]] == ["speech.audio.delta"] * (len(events) - 2), events
+    assert [e["type"] for e in events[:-2]] == ["speech.audio.delta"] * (
+        len(events) - 2
+    ), events
     err = events[-2]["error"]
-    assert err["type"] == err_type and err["code"] == code and words in err["message"], err
+    assert (
+        err["type"] == err_type and err["code"] == code and words in err["message"]
+    ), err
     assert events[-1] == "[DONE]"
     assert speech.aborted == ["chatcmpl-tts"]
 
@@ -158,25 +219,54 @@ def test_streams_without_failure():
     assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
     events = _events(client.post("/v1/audio/speech", json=SPEECH).text + "\n\n")
-    assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] == 4
+    assert (
+        events[-1]["type"] == "speech.audio.done"
+        and events[-1]["usage"]["output_tokens"] == 4
+    )
     assert speech.aborted == []
 
 
-@pytest.mark.parametrize("body, status, param, words", [
-    ({**CHAT, "audio": {"voice": "Nobody"}}, 400, "audio.voice", "unknown voice 'Nobody'"),
-    ({**CHAT, "modalities": ["audio", "video"]}, 400, "modalities", "modalities must be"),
-    ({**CHAT, "audio": {"format": "wav"}}, 400, "audio.format", "streamed audio is sent as pcm16"),
-    ({**CHAT, "max_audio_tokens": 0}, 400, "max_audio_tokens", "positive integer"),
-    ({**CHAT, "messages": [{"role": "assistant", "audio": {"id": "audio_x"}}]}, 400, "messages[0].audio.id",
-     "audio id is unknown or expired"),
-])
+@pytest.mark.parametrize(
+    "body, status, param, words",
+    [
+        (
+            {**CHAT, "audio": {"voice": "Nobody"}},
+            400,
+            "audio.voice",
+            "unknown voice 'Nobody'",
+        ),
+        (
+            {**CHAT, "modalities": ["audio", "video"]},
+            400,
+            "modalities",
+            "modalities must be",
+        ),
+        (
+            {**CHAT, "audio": {"format": "wav"}},
+            400,
+            "audio.format",
+            "streamed audio is sent as pcm16",
+        ),
+        ({**CHAT, "max_audio_tokens": 0}, 400, "max_audio_tokens", "positive integer"),
+        (
+            {**CHAT, "messages": [{"role": "assistant", "audio": {"id": "audio_x"}}]},
+            400,
+            "messages[0].audio.id",
+            "audio id is unknown or expired",
+        ),
+    ],
+)
 def test_refusals_before_the_response(body, status, param, words):
     client, speech = _client(None)
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["param"] == param and err["code"] == status and words in err["message"], err
-    assert "(parameter=" not in err["message"]  # our messages as raised, not VLLMValidationError's str()
+    assert (
+        err["param"] == param and err["code"] == status and words in err["message"]
+    ), err
+    assert (
+        "(parameter=" not in err["message"]
+    )  # our messages as raised, not VLLMValidationError's str()
 
 
 def test_start_text_only():
@@ -190,7 +280,9 @@ def test_start_text_only():
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}])
 
     async def run():
-        started = await core.start(request, request_id="rt-1", voice=None, max_codes=None, audio=False)
+        started = await core.start(
+            request, request_id="rt-1", voice=None, max_codes=None, audio=False
+        )
         return started, [c async for c in core.chunks(started, 0.0)]
 
     started, chunks = asyncio.run(run())
@@ -204,14 +296,33 @@ def test_start_text_only():
 
 def test_error_vocabulary():
     assert error_body(VLLMValidationError("bad", parameter="x")) == {
-        "message": "bad", "type": "BadRequestError", "param": "x", "code": 400}
-    assert error_body(RequestTooLargeError("big", parameter="m"))["type"] == "RequestTooLargeError"
+        "message": "bad",
+        "type": "BadRequestError",
+        "param": "x",
+        "code": 400,
+    }
+    assert (
+        error_body(RequestTooLargeError("big", parameter="m"))["type"]
+        == "RequestTooLargeError"
+    )
     assert error_response(RequestTooLargeError("big")).status_code == 413
-    assert error_response(VLLMUnprocessableEntityError("no audio", parameter="p")).status_code == 422
-    busy = error_response(ServiceBusyError("busy", code="speech_queue_full", retry_after=0.2))
+    assert (
+        error_response(
+            VLLMUnprocessableEntityError("no audio", parameter="p")
+        ).status_code
+        == 422
+    )
+    busy = error_response(
+        ServiceBusyError("busy", code="speech_queue_full", retry_after=0.2)
+    )
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert json.loads(busy.body)["error"]["message"] == "busy; retry after 1 s"
-    assert json.loads(sse_error(ValueError("nope")).removeprefix("data: "))["error"]["code"] == 400  # as vLLM
+    assert (
+        json.loads(sse_error(ValueError("nope")).removeprefix("data: "))["error"][
+            "code"
+        ]
+        == 400
+    )  # as vLLM
 
 
 def test_attach_router_websocket_routes():
@@ -231,8 +342,11 @@ def test_attach_router_websocket_routes():
         await ws.close()
 
     endpoints = OmniEndpoints()  # its own /v1/realtime router makes way for this test's
-    endpoints.routers = [r for r in endpoints.routers
-                         if not any(isinstance(x, APIWebSocketRoute) for x in r.routes)] + [realtime]
+    endpoints.routers = [
+        r
+        for r in endpoints.routers
+        if not any(isinstance(x, APIWebSocketRoute) for x in r.routes)
+    ] + [realtime]
     endpoints.attach_router(app)
     ws_routes = [r for r in app.router.routes if isinstance(r, APIWebSocketRoute)]
     assert [r.endpoint for r in ws_routes] == [ours]

@@ -26,8 +26,11 @@ def test_refused_ids():
         AudioIds(60).transcript(audio_id)  # default: a random per-process key
     body, tag = audio_id.rsplit(".", 1)
     forged, _ = AudioIds(60, key="k1").issue("something else")
-    for bad in (body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1] + "." + tag,
-                body + "." + forged.rsplit(".", 1)[1], audio_id + "x"):
+    for bad in (
+        body[:-2] + ("A" if body[-2] != "A" else "B") + body[-1] + "." + tag,
+        body + "." + forged.rsplit(".", 1)[1],
+        audio_id + "x",
+    ):
         with pytest.raises(AudioIdError):
             ids.transcript(bad)
     for junk in ("audio_unknown", "", None, 3, "audio_%%%.%%%"):

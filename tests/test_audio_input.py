@@ -26,9 +26,18 @@ RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000]
 SECONDS = 1.0
 AUDIO_TOKENS = 25  # 1 s at one token per 40 ms
 MAX_AUDIO_S = 5
-SERVER_ARGS = ["--max-audio-tokens", "48", "--max-media-mb", "2", "--max-audio-input-seconds", str(MAX_AUDIO_S),
-               "--speech-stream-config", '{"first_chunk": 12, "chunk": 24, "left_context": 12, "look_ahead": 12, '
-               '"num_steps": 4}', "--trust-request-mm-kwargs"]
+SERVER_ARGS = [
+    "--max-audio-tokens",
+    "48",
+    "--max-media-mb",
+    "2",
+    "--max-audio-input-seconds",
+    str(MAX_AUDIO_S),
+    "--speech-stream-config",
+    '{"first_chunk": 12, "chunk": 24, "left_context": 12, "look_ahead": 12, '
+    '"num_steps": 4}',
+    "--trust-request-mm-kwargs",
+]
 QUESTION = {"type": "text", "text": "What is this?"}
 
 
@@ -37,30 +46,48 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("audio_input") / "server.log"
     with running_server(tiny_checkpoint_dir, log, *SERVER_ARGS) as s:
         yield s
-        text = log.read_text(errors="replace")  # read before the shutdown, whose races are not ours
-        assert "Traceback" not in text, text[text.index("Traceback"):][:3000]
+        text = log.read_text(
+            errors="replace"
+        )  # read before the shutdown, whose races are not ours
+        assert "Traceback" not in text, text[text.index("Traceback") :][:3000]
 
 
 def clip(sr: int, channels: int = 1, seconds: float = SECONDS) -> np.ndarray:
     """A tone at `sr`, (samples,) or (samples, channels) with a different tone in each channel."""
-    tones = [media.tone(seconds, freq=440.0 * (1 + c / 2), sr=sr) for c in range(channels)]
+    tones = [
+        media.tone(seconds, freq=440.0 * (1 + c / 2), sr=sr) for c in range(channels)
+    ]
     return tones[0] if channels == 1 else np.stack(tones, axis=1)
 
 
 def input_audio(raw: bytes, fmt: str) -> dict:
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": fmt}}
+    return {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(raw).decode(), "format": fmt},
+    }
 
 
 def audio_url(raw: bytes, fmt: str) -> dict:
     mime = media.AUDIO_CONTAINERS[fmt][2]
-    return {"type": "audio_url", "audio_url": {"url": f"data:{mime};base64," + base64.b64encode(raw).decode()}}
+    return {
+        "type": "audio_url",
+        "audio_url": {"url": f"data:{mime};base64," + base64.b64encode(raw).decode()},
+    }
 
 
 def chat(server, part: dict, speak: bool, **extra) -> httpx.Response:
-    body = {"model": server["model"], "max_tokens": 1,
-            "messages": [{"role": "user", "content": [part, QUESTION]}], **extra}
+    body = {
+        "model": server["model"],
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": [part, QUESTION]}],
+        **extra,
+    }
     if speak:
-        body.update(modalities=["text", "audio"], audio={"voice": "Ethan", "format": "wav"}, max_audio_tokens=2)
+        body.update(
+            modalities=["text", "audio"],
+            audio={"voice": "Ethan", "format": "wav"},
+            max_audio_tokens=2,
+        )
     return httpx.post(server["base_url"] + "/chat/completions", json=body, timeout=300)
 
 
@@ -78,11 +105,15 @@ def ok(resp: httpx.Response, speak: bool) -> dict:
 def error(resp: httpx.Response, status: int, *words: str) -> str:
     assert resp.status_code == status, (resp.status_code, resp.text[:2000])
     body = resp.json()
-    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(
+        body["error"]
+    ), body
     message = body["error"]["message"]
     for w in words:
         assert w.lower() in message.lower(), message
-    assert "object at 0x" not in message and "array(" not in message and len(message) < 600, message
+    assert (
+        "object at 0x" not in message and "array(" not in message and len(message) < 600
+    ), message
     return message
 
 
@@ -90,8 +121,12 @@ def error(resp: httpx.Response, status: int, *words: str) -> str:
 def reference_prompt_tokens(server):
     """Prompt tokens of 1 s of 16 kHz mono WAV, the model's own rate (nothing resampled)."""
     raw = media.encode_audio(clip(16000), 16000, "wav")
-    return {speak: ok(chat(server, input_audio(raw, "wav"), speak), speak)["usage"]["prompt_tokens"]
-            for speak in (False, True)}
+    return {
+        speak: ok(chat(server, input_audio(raw, "wav"), speak), speak)["usage"][
+            "prompt_tokens"
+        ]
+        for speak in (False, True)
+    }
 
 
 @pytest.mark.parametrize("speak", [False, True], ids=["text", "audio_out"])
@@ -113,14 +148,26 @@ def test_browser_and_phone_formats(server, reference_prompt_tokens, route, fmt, 
     frame), which may add an audio token or two. `input_audio.format` is only a label: at 48 kHz it
     says "wav" whatever the bytes are (OpenAI's SDK types it "wav" | "mp3")."""
     raw = media.encode_audio(clip(sr, channels=2), sr, fmt)
-    part = input_audio(raw, fmt if sr == 44100 else "wav") if route == "input_audio" else audio_url(raw, fmt)
-    speak = fmt in ("webm", "m4a") and sr == 48000  # the speaking route too, for the new containers
+    part = (
+        input_audio(raw, fmt if sr == 44100 else "wav")
+        if route == "input_audio"
+        else audio_url(raw, fmt)
+    )
+    speak = (
+        fmt in ("webm", "m4a") and sr == 48000
+    )  # the speaking route too, for the new containers
     body = ok(chat(server, part, speak), speak)
-    assert 0 <= body["usage"]["prompt_tokens"] - reference_prompt_tokens[speak] <= 2, body["usage"]
+    assert 0 <= body["usage"]["prompt_tokens"] - reference_prompt_tokens[speak] <= 2, (
+        body["usage"]
+    )
 
 
 def test_formats_keep_the_length_limit(server):
-    for fmt in ("webm", "m4a", "aac"):  # WebM: no duration in the header; ADTS: estimated from the bit rate
+    for fmt in (
+        "webm",
+        "m4a",
+        "aac",
+    ):  # WebM: no duration in the header; ADTS: estimated from the bit rate
         raw = media.encode_audio(clip(48000, seconds=MAX_AUDIO_S + 1.0), 48000, fmt)
         for part in (input_audio(raw, fmt), audio_url(raw, fmt)):
             error(chat(server, part, False), 413, "limit is 5 s")
@@ -137,13 +184,20 @@ def test_audio_url_at_any_rate(server, reference_prompt_tokens, sr):
 def test_video_sound_track_at_any_rate(server, sr):
     """A video's own AAC track at `sr` (`use_audio_in_video`): 2 s of sound, 50 audio tokens, plus the
     AAC encoder's priming and last-frame padding (up to 2048 samples), whatever the rate."""
-    url = mp4_data_url(media.video(frames=4), fps=2, audio=media.tone(2.0, sr=sr), sr=sr)
+    url = mp4_data_url(
+        media.video(frames=4), fps=2, audio=media.tone(2.0, sr=sr), sr=sr
+    )
     part = {"type": "video_url", "video_url": {"url": url}}
     speak = sr in (8000, 48000)
-    body = ok(chat(server, part, speak, mm_processor_kwargs={"use_audio_in_video": True}), speak)
+    body = ok(
+        chat(server, part, speak, mm_processor_kwargs={"use_audio_in_video": True}),
+        speak,
+    )
     if speak:
         padding = int(np.ceil(2048 / sr * AUDIO_TOKENS))
-        assert 50 <= body["usage"]["prompt_tokens_details"]["audio_tokens"] <= 50 + padding, body["usage"]
+        assert (
+            50 <= body["usage"]["prompt_tokens_details"]["audio_tokens"] <= 50 + padding
+        ), body["usage"]
 
 
 @pytest.mark.parametrize("speak", [False, True], ids=["text", "audio_out"])
@@ -152,14 +206,26 @@ def test_undecodable_input_is_a_4xx_that_names_it(server, speak):
     for part in (input_audio(garbage, "wav"), audio_url(garbage, "webm")):
         error(chat(server, part, speak), 422, "could not be decoded", "webm")
     truncated = media.encode_audio(clip(48000), 48000, "m4a")[:200]
-    error(chat(server, input_audio(truncated, "m4a"), speak), 422, "could not be decoded")
+    error(
+        chat(server, input_audio(truncated, "m4a"), speak), 422, "could not be decoded"
+    )
     image_only = base64.b64decode(png_data_url(media.image()).split(",", 1)[1])
     error(chat(server, input_audio(image_only, "wav"), speak), 422, "no audio stream")
     # use_audio_in_video with a video that has no sound track
-    silent = {"type": "video_url", "video_url": {"url": mp4_data_url(media.video(frames=4), fps=2)}}
-    error(chat(server, silent, speak, mm_processor_kwargs={"use_audio_in_video": True}), 400, "audio")
+    silent = {
+        "type": "video_url",
+        "video_url": {"url": mp4_data_url(media.video(frames=4), fps=2)},
+    }
+    error(
+        chat(server, silent, speak, mm_processor_kwargs={"use_audio_in_video": True}),
+        400,
+        "audio",
+    )
     # an image the model's processor refuses: its reason and the image's size, not an object's repr
-    thin = {"type": "image_url", "image_url": {"url": png_data_url(media.image(width=3000, height=1))}}
+    thin = {
+        "type": "image_url",
+        "image_url": {"url": png_data_url(media.image(width=3000, height=1))},
+    }
     error(chat(server, thin, speak), 400, "image 3000x1", "aspect ratio")
 
 
@@ -178,9 +244,16 @@ def test_resampled_tone_keeps_frequency_and_level():
         y = resampler.resample(x, orig_sr=sr)
         assert abs(len(y) - 32000) <= 1, (sr, len(y))
         peak, level = tone_peak(y, 16000), rms(y[1600:-1600])
-        assert abs(peak - 1000.0) <= 0.5 and abs(20 * np.log10(level / (0.5 / np.sqrt(2)))) < 0.1, (sr, peak, level)
-        if sr >= 32000:  # a 12 kHz tone cannot exist at 16 kHz: it must vanish, not alias to 4 kHz
-            alias = resampler.resample((0.5 * np.sin(2 * np.pi * 12000.0 * t)).astype(np.float32), orig_sr=sr)
+        assert (
+            abs(peak - 1000.0) <= 0.5
+            and abs(20 * np.log10(level / (0.5 / np.sqrt(2)))) < 0.1
+        ), (sr, peak, level)
+        if (
+            sr >= 32000
+        ):  # a 12 kHz tone cannot exist at 16 kHz: it must vanish, not alias to 4 kHz
+            alias = resampler.resample(
+                (0.5 * np.sin(2 * np.pi * 12000.0 * t)).astype(np.float32), orig_sr=sr
+            )
             assert 20 * np.log10(rms(alias[1600:-1600]) / (0.5 / np.sqrt(2))) < -40, sr
 
 
@@ -197,8 +270,15 @@ def test_encoded_test_media_is_what_it_says():
     """The containers the tests send: their codec, rate and channels, as FFmpeg reads them."""
     import av
 
-    expected = {"wav": "pcm_s16le", "flac": "flac", "mp3": "mp3float", "ogg": "opus", "webm": "opus", "m4a": "aac",
-                "aac": "aac"}
+    expected = {
+        "wav": "pcm_s16le",
+        "flac": "flac",
+        "mp3": "mp3float",
+        "ogg": "opus",
+        "webm": "opus",
+        "m4a": "aac",
+        "aac": "aac",
+    }
     for fmt, codec in expected.items():
         with av.open(io.BytesIO(media.encode_audio(clip(44100, 2), 44100, fmt))) as c:
             stream = c.streams.audio[0]
@@ -209,7 +289,13 @@ def test_encoded_test_media_is_what_it_says():
 def test_describe_media():
     from omni_vllm.processing import describe_media
 
-    data = {"images": [media.image(width=3000, height=1)], "videos": [media.video(frames=4)],
-            "audio": [np.zeros(32000, np.float32)]}
-    assert describe_media(data, 16000) == "image 3000x1, video of 4 frames of 84x56, audio of 2.00 s"
+    data = {
+        "images": [media.image(width=3000, height=1)],
+        "videos": [media.video(frames=4)],
+        "audio": [np.zeros(32000, np.float32)],
+    }
+    assert (
+        describe_media(data, 16000)
+        == "image 3000x1, video of 4 frames of 84x56, audio of 2.00 s"
+    )
     assert describe_media({"text": "hi"}, 16000) == ""

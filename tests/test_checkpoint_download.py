@@ -23,7 +23,9 @@ REPO_ID = "omni-test/tiny-omni"
 COMMITS = {"main": "a" * 40, "v1": "b" * 40}  # branch -> commit
 
 
-def put_in_hub_cache(cache_dir: Path, src: Path, commit: str, ref: str, tag: str) -> Path:
+def put_in_hub_cache(
+    cache_dir: Path, src: Path, commit: str, ref: str, tag: str
+) -> Path:
     """`src`'s files as revision `ref` (commit `commit`) of REPO_ID in a hub cache; returns the
     snapshot folder. config.json is tagged so that each revision is recognisable."""
     from huggingface_hub.file_download import repo_folder_name
@@ -61,12 +63,14 @@ def hubs(tmp_path_factory, tiny_checkpoint_dir):
             snapshots[name, ref] = put_in_hub_cache(
                 cache, Path(tiny_checkpoint_dir), commit, ref, f"{name}:{ref}"
             )
-        info = scan_cache_dir(cache)  # huggingface_hub reads the layout as a valid cache
+        info = scan_cache_dir(
+            cache
+        )  # huggingface_hub reads the layout as a valid cache
         assert not info.warnings, info.warnings
         (repo,) = info.repos
-        assert repo.repo_id == REPO_ID and {r.commit_hash for r in repo.revisions} == set(
-            COMMITS.values()
-        )
+        assert repo.repo_id == REPO_ID and {
+            r.commit_hash for r in repo.revisions
+        } == set(COMMITS.values())
     return download_dir, hf_home, snapshots
 
 
@@ -100,14 +104,25 @@ def test_revision_download_dir_and_hf_home(hubs, tmp_path):
     script = tmp_path / "resolve.py"
     script.write_text(RESOLVE)
     repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script), str(download_dir)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))
+    }
+    env.update(
+        HF_HOME=str(hf_home),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(download_dir)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESOLVED "))
-    got = {k: Path(v) for k, v in json.loads(line[len("RESOLVED "):]).items()}
+    got = {k: Path(v) for k, v in json.loads(line[len("RESOLVED ") :]).items()}
     assert got == {
         "hf_home main": snapshots["hf_home", "main"],
         "hf_home v1": snapshots["hf_home", "v1"],
@@ -117,13 +132,16 @@ def test_revision_download_dir_and_hf_home(hubs, tmp_path):
     }
     for name, path in got.items():  # really the tagged files of that revision and place
         where, ref = name.split()[0], "main" if name.endswith("main") else "v1"
-        assert json.loads((path / "config.json").read_text())["omni_test_revision"] == f"{where}:{ref}"
+        assert (
+            json.loads((path / "config.json").read_text())["omni_test_revision"]
+            == f"{where}:{ref}"
+        )
 
 
 def test_local_directory_is_used_as_is(tiny_checkpoint_dir, tmp_path):
     from omni_vllm.checkpoint import local_checkpoint
 
-    assert local_checkpoint(tiny_checkpoint_dir, revision="v1", download_dir=str(tmp_path)) == Path(
-        tiny_checkpoint_dir
-    )
+    assert local_checkpoint(
+        tiny_checkpoint_dir, revision="v1", download_dir=str(tmp_path)
+    ) == Path(tiny_checkpoint_dir)
     assert not any(tmp_path.iterdir())  # nothing fetched or written

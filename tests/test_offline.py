@@ -37,7 +37,13 @@ def processor(tiny_checkpoint_dir):
 def omni(tiny_checkpoint_dir):
     from omni_vllm.offline import OmniLLM
 
-    return OmniLLM(str(tiny_checkpoint_dir), max_model_len=4096, kv_cache_memory_bytes=2**28, seed=0, **ENGINE)
+    return OmniLLM(
+        str(tiny_checkpoint_dir),
+        max_model_len=4096,
+        kv_cache_memory_bytes=2**28,
+        seed=0,
+        **ENGINE,
+    )
 
 
 def _greedy(n=THINKER_TOKENS, **kwargs):
@@ -51,7 +57,9 @@ def reference(tiny_checkpoint_dir, processor):
     """transformers' text ids, codes and waveform per case (noise seed = case index)."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint_dir, dtype=torch.float32)
+    model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        tiny_checkpoint_dir, dtype=torch.float32
+    )
     model.eval()
     results = {}
     for seed, (name, case) in enumerate(CASES.items()):
@@ -59,8 +67,10 @@ def reference(tiny_checkpoint_dir, processor):
         seen = {}
         token2wav_forward = model.token2wav.forward
 
-        def token2wav(code, *args, _seed=seed, _forward=token2wav_forward, **kwargs):
-            seen["codes"] = code[0].tolist()
+        def token2wav(
+            code, *args, _seed=seed, _forward=token2wav_forward, _seen=seen, **kwargs
+        ):
+            _seen["codes"] = code[0].tolist()
             torch.manual_seed(_seed)  # Token2Wav's first draw is its initial noise
             return _forward(code, *args, **kwargs)
 
@@ -80,7 +90,10 @@ def reference(tiny_checkpoint_dir, processor):
             del model.token2wav.forward
         n_prompt = inputs["input_ids"].shape[1]
         results[name] = dict(
-            token_ids=sequences[0, n_prompt:].tolist(), codes=seen["codes"], wave=wave.numpy(), seed=seed
+            token_ids=sequences[0, n_prompt:].tolist(),
+            codes=seen["codes"],
+            wave=wave.numpy(),
+            seed=seed,
         )
     return results
 
@@ -105,7 +118,9 @@ def test_speech_matches_transformers(name, omni, processor, reference):
     assert out.audio.dtype == np.float32 and out.sample_rate == 24000
     assert out.audio.shape == ref["wave"].shape
     diff = float(np.abs(out.audio - ref["wave"]).max())
-    print(f"{name}: {len(out.codes)} codes, {out.audio.size} samples, waveform max abs diff {diff:.2e}")
+    print(
+        f"{name}: {len(out.codes)} codes, {out.audio.size} samples, waveform max abs diff {diff:.2e}"
+    )
     assert diff <= WAVE_ATOL, f"waveform differs by {diff:.2e}"
 
 
@@ -115,17 +130,23 @@ def test_batch_of_mixed_requests_equals_one_at_a_time(omni, processor):
     for name, got in zip(names, batch, strict=True):
         (alone,) = _generate(omni, processor, [name])
         assert got.token_ids == alone.token_ids and got.codes == alone.codes, name
-        np.testing.assert_allclose(got.audio, alone.audio, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            got.audio, alone.audio, rtol=0, atol=1e-5, err_msg=name
+        )
 
 
 def test_text_only_request_has_no_audio(omni, processor):
-    (out,) = omni.generate([vllm_prompt(processor, CASES["text"])], _greedy(), audio=False)
+    (out,) = omni.generate(
+        [vllm_prompt(processor, CASES["text"])], _greedy(), audio=False
+    )
     assert out.audio is None and len(out.token_ids) == THINKER_TOKENS
 
 
 def test_unknown_voice_is_a_clear_error(omni, processor):
     with pytest.raises(ValueError, match="Chelsie"):
-        omni.generate([vllm_prompt(processor, CASES["text"])], _greedy(), voice="Nobody")
+        omni.generate(
+            [vllm_prompt(processor, CASES["text"])], _greedy(), voice="Nobody"
+        )
 
 
 def test_checkpoint_without_speech_weights_refuses_audio(tmp_path):

@@ -20,19 +20,32 @@ from api_server import running_server
 from omni_vllm.testing import media
 
 CHROMIUM = os.environ.get("OMNI_VLLM_CHROMIUM", "/usr/bin/chromium")
-MIC_SR = 48000  # the fake capture device's file; Chromium resamples it to the device rate
+MIC_SR = (
+    48000  # the fake capture device's file; Chromium resamples it to the device rate
+)
 # Random weights never stop speaking: a short reply (speech codes and text tokens capped). Greedy
 # text, so that a reply is the same every run (sampled, one ended after a few tokens now and then).
-SERVER_ARGS = ["--max-audio-tokens", "48", "--default-voice", "ethan",
-               "--override-generation-config", '{"temperature": 0}']
+SERVER_ARGS = [
+    "--max-audio-tokens",
+    "48",
+    "--default-voice",
+    "ethan",
+    "--override-generation-config",
+    '{"temperature": 0}',
+]
 MAX_OUTPUT_TOKENS = 6
-REPLY_TIMEOUT_MS = 240_000  # two busy cores: the first turn warms up the thinker, talker and vocoder
+REPLY_TIMEOUT_MS = (
+    240_000  # two busy cores: the first turn warms up the thinker, talker and vocoder
+)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dir, tmp_path_factory):
-    with running_server(tiny_checkpoint_dir, tmp_path_factory.mktemp("playground") / "server.log",
-                        *SERVER_ARGS) as s:
+    with running_server(
+        tiny_checkpoint_dir,
+        tmp_path_factory.mktemp("playground") / "server.log",
+        *SERVER_ARGS,
+    ) as s:
         yield s
 
 
@@ -41,10 +54,16 @@ def fake_microphone(path: Path) -> Path:
     second turn on a slow machine would interrupt the first reply before its audio came)."""
     import soundfile as sf
 
-    phrase = media.spoken_phrase("Hello! Can you hear me? Please tell me a story.", sr=MIC_SR)
-    assert phrase is not None, "espeak-ng is not installed: apt-get install espeak-ng (.ci/run installs it)"
+    phrase = media.spoken_phrase(
+        "Hello! Can you hear me? Please tell me a story.", sr=MIC_SR
+    )
+    assert phrase is not None, (
+        "espeak-ng is not installed: apt-get install espeak-ng (.ci/run installs it)"
+    )
     phrase = 0.7 * phrase / max(1e-6, float(np.abs(phrase).max()))
-    audio = np.concatenate([np.zeros(MIC_SR // 2), phrase, np.zeros(8 * MIC_SR)]).astype(np.float32)
+    audio = np.concatenate(
+        [np.zeros(MIC_SR // 2), phrase, np.zeros(8 * MIC_SR)]
+    ).astype(np.float32)
     sf.write(path, audio, MIC_SR, subtype="PCM_16")
     return path
 
@@ -54,18 +73,27 @@ def browser(tmp_path):
     """Headless Debian Chromium with the fake microphone; a missing browser or driver fails, saying so."""
     assert Path(CHROMIUM).exists() or shutil.which(CHROMIUM), (
         f"Chromium not found at {CHROMIUM}: apt-get install chromium (.ci/run installs it) "
-        "or set OMNI_VLLM_CHROMIUM")
+        "or set OMNI_VLLM_CHROMIUM"
+    )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the `playwright` package is missing: pip install -e '.[test]' (the system "
-                    "Chromium is used, no browser download)")
+        pytest.fail(
+            "the `playwright` package is missing: pip install -e '.[test]' (the system "
+            "Chromium is used, no browser download)"
+        )
     wav = fake_microphone(tmp_path / "mic.wav")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop", "--autoplay-policy=no-user-gesture-required",
-            "--no-sandbox"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={wav}%noloop",
+                "--autoplay-policy=no-user-gesture-required",
+                "--no-sandbox",
+            ],
+        )
         try:
             yield b
         finally:
@@ -123,14 +151,19 @@ class Playground:
         return self.page.evaluate(
             "({status: playground.status, counts: playground.counts, errors: playground.errors,"
             " sent: playground.sentSamples, got: playground.receivedSamples, played: playground.playedSamples,"
-            " transcript: playground.transcript})")
+            " transcript: playground.transcript})"
+        )
 
     def wait_for(self, condition: str, timeout_ms: int) -> None:
         """Until `condition` holds in the page; an error the page shows fails at once."""
         try:
-            self.page.wait_for_function(f"({condition}) || playground.errors.length > 0", timeout=timeout_ms)
+            self.page.wait_for_function(
+                f"({condition}) || playground.errors.length > 0", timeout=timeout_ms
+            )
         except Exception:
-            print("page state:", self.state(), "\nconsole:", "\n".join(self.console[-30:]))
+            print(
+                "page state:", self.state(), "\nconsole:", "\n".join(self.console[-30:])
+            )
             raise
         errors = self.page.evaluate("playground.errors")
         assert not errors, f"the page shows errors: {errors}; state: {self.state()}"
@@ -146,26 +179,44 @@ def test_spoken_turn_is_answered_and_played(server, browser, tmp_path):
     page = pg.page
     pg.connect()
     # A reply heard (its audio played out by the AudioContext) and its words on the page.
-    pg.wait_for("playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
-                REPLY_TIMEOUT_MS)
+    pg.wait_for(
+        "playground.playedSamples > 0 && playground.transcript.some(t => t.role === 'assistant' && t.text)",
+        REPLY_TIMEOUT_MS,
+    )
     s = pg.state()
     print("page state:", {k: v for k, v in s.items() if k != "transcript"})
     counts = s["counts"]
-    assert counts["input_audio_buffer.speech_started"] == 1, counts  # one phrase, one turn
-    for event in ("session.created", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
-                  "response.created", "response.output_audio.delta", "response.output_audio_transcript.delta"):
+    assert counts["input_audio_buffer.speech_started"] == 1, (
+        counts
+    )  # one phrase, one turn
+    for event in (
+        "session.created",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "response.created",
+        "response.output_audio.delta",
+        "response.output_audio_transcript.delta",
+    ):
         assert counts.get(event, 0) > 0, (event, counts)
     session = page.evaluate("playground.session")
-    assert session["max_output_tokens"] == MAX_OUTPUT_TOKENS and session["output_modalities"] == ["audio"]
+    assert session["max_output_tokens"] == MAX_OUTPUT_TOKENS and session[
+        "output_modalities"
+    ] == ["audio"]
     assert session["audio"]["input"]["turn_detection"]["type"] == "server_vad"
     # What was sent was the microphone at 24 kHz; what was played is at most what came (24 kHz too).
     assert s["sent"] >= 24000 and 0 < s["played"] <= s["got"]
     # The page shows both sides: the spoken user turn and the assistant's words.
     assert "spoken" in page.locator(".msg.user").first.text_content()
     assert page.locator(".msg.assistant .text").first.text_content(), s["transcript"]
-    assert page.evaluate("document.getElementById('status').textContent === playground.status")
-    pg.wait_for("playground.counts['response.done'] > 0", REPLY_TIMEOUT_MS)  # the whole reply shown
-    shot = Path(os.environ.get("OMNI_VLLM_PLAYGROUND_SCREENSHOT", tmp_path / "playground.png"))
+    assert page.evaluate(
+        "document.getElementById('status').textContent === playground.status"
+    )
+    pg.wait_for(
+        "playground.counts['response.done'] > 0", REPLY_TIMEOUT_MS
+    )  # the whole reply shown
+    shot = Path(
+        os.environ.get("OMNI_VLLM_PLAYGROUND_SCREENSHOT", tmp_path / "playground.png")
+    )
     page.screenshot(path=str(shot), full_page=True)
     print("screenshot:", shot)
 
@@ -184,8 +235,13 @@ def test_typed_message_answered_in_text(server, browser):
     s = pg.state()
     counts = s["counts"]
     assert counts.get("response.output_text.delta", 0) > 0, counts
-    assert "response.output_audio.delta" not in counts and s["got"] == 0 and s["sent"] == 0, s
-    user, assistant = (page.locator(f".msg.{role} .text").first.text_content() for role in ("user", "assistant"))
+    assert (
+        "response.output_audio.delta" not in counts and s["got"] == 0 and s["sent"] == 0
+    ), s
+    user, assistant = (
+        page.locator(f".msg.{role} .text").first.text_content()
+        for role in ("user", "assistant")
+    )
     assert user == "Hello, who are you?" and assistant, s["transcript"]
 
 
@@ -198,26 +254,38 @@ def test_speaking_over_the_reply_cuts_it(server, browser, tmp_path):
 
     pg = Playground(browser, server, init_script=TEST_MICROPHONE)
     page = pg.page
-    page.fill("#max-tokens", "")  # a long reply: the text runs on after the speech cap's audio came
+    page.fill(
+        "#max-tokens", ""
+    )  # a long reply: the text runs on after the speech cap's audio came
     pg.connect()
     page.fill("#text", "Tell me a very long story.")
     page.press("#text", "Enter")
     pg.wait_for("playground.receivedSamples > 0", REPLY_TIMEOUT_MS)
-    assert page.evaluate("playground.responding || playground.playing"), f"the reply was over: {pg.state()}"
-    mic = sf.read(fake_microphone(tmp_path / "phrase.wav"), dtype="int16")[0][MIC_SR // 2: 5 * MIC_SR]
+    assert page.evaluate("playground.responding || playground.playing"), (
+        f"the reply was over: {pg.state()}"
+    )
+    mic = sf.read(fake_microphone(tmp_path / "phrase.wav"), dtype="int16")[0][
+        MIC_SR // 2 : 5 * MIC_SR
+    ]
     page.evaluate("b64 => testSpeak(b64)", base64.b64encode(mic.tobytes()).decode())
     # (then the server's VAD ends the user's turn and a new reply starts: not waited for)
-    pg.wait_for("playground.counts['conversation.item.truncated'] > 0 && playground.responses.length > 0",
-                REPLY_TIMEOUT_MS)
+    pg.wait_for(
+        "playground.counts['conversation.item.truncated'] > 0 && playground.responses.length > 0",
+        REPLY_TIMEOUT_MS,
+    )
     s = pg.state()
     print("page state:", {k: v for k, v in s.items() if k != "transcript"})
     (cut,) = page.evaluate("playground.truncations")
-    assert cut["audio_end_ms"] == s["played"] * 1000 // 24000 <= s["got"] * 1000 // 24000, (cut, s)
+    assert (
+        cut["audio_end_ms"] == s["played"] * 1000 // 24000 <= s["got"] * 1000 // 24000
+    ), (cut, s)
     # A reply still running when the user spoke is cancelled by the server (the turn was detected);
     # one that had just ended (its text at the model's length) is cut in the page only.
     events = page.evaluate("playground.events")
     done = page.evaluate("playground.responses")[0]
-    if events.index("input_audio_buffer.speech_started") < events.index("response.done"):
+    if events.index("input_audio_buffer.speech_started") < events.index(
+        "response.done"
+    ):
         assert (done["status"], done["reason"]) == ("cancelled", "turn_detected"), done
     assert s["counts"]["input_audio_buffer.speech_started"] == 1
     bubble = page.locator(f'.msg[data-item-id="{cut["item_id"]}"]')

@@ -19,35 +19,82 @@ def test_every_field_has_a_docstring():
     from vllm.config.utils import get_attr_docs
 
     docs = get_attr_docs(SpeechConfig)
-    assert {f.name for f in dataclasses.fields(SpeechConfig)} <= {k for k, v in docs.items() if v.strip()}
+    assert {f.name for f in dataclasses.fields(SpeechConfig)} <= {
+        k for k, v in docs.items() if v.strip()
+    }
 
 
 def test_flags_default_to_the_config_defaults():
     assert SpeechConfig.from_cli_args(parser().parse_args([])) == SpeechConfig()
-    assert SpeechConfig.from_cli_args(argparse.Namespace()) == SpeechConfig()  # no flags at all (vllm serve)
+    assert (
+        SpeechConfig.from_cli_args(argparse.Namespace()) == SpeechConfig()
+    )  # no flags at all (vllm serve)
 
 
 def test_flags_keep_their_names_and_set_their_fields():
-    args = parser().parse_args([
-        "--speech-device", "cpu", "--max-speaking", "3", "--max-queued-windows", "9",
-        "--speech-stream-config", '{"first_chunk": 12}', "--default-voice", "ethan",
-        "--max-wait-seconds", "2.5", "--max-waiting", "7", "--max-audio-tokens", "12",
-        "--max-audio-tokens-per-text-token", "0", "--talker-max-len", "100", "--window-delay", "0.1",
-        "--speech-log-interval", "5", "--speech-dtype", "bfloat16", "--speech-gpu-memory-gb", "1.5",
-        "--allow-text-only",
-    ])
-    assert args.speech_stream_config == {"first_chunk": 12} and args.max_audio_tokens == 12  # as before
+    args = parser().parse_args(
+        [
+            "--speech-device",
+            "cpu",
+            "--max-speaking",
+            "3",
+            "--max-queued-windows",
+            "9",
+            "--speech-stream-config",
+            '{"first_chunk": 12}',
+            "--default-voice",
+            "ethan",
+            "--max-wait-seconds",
+            "2.5",
+            "--max-waiting",
+            "7",
+            "--max-audio-tokens",
+            "12",
+            "--max-audio-tokens-per-text-token",
+            "0",
+            "--talker-max-len",
+            "100",
+            "--window-delay",
+            "0.1",
+            "--speech-log-interval",
+            "5",
+            "--speech-dtype",
+            "bfloat16",
+            "--speech-gpu-memory-gb",
+            "1.5",
+            "--allow-text-only",
+        ]
+    )
+    assert (
+        args.speech_stream_config == {"first_chunk": 12} and args.max_audio_tokens == 12
+    )  # as before
     assert SpeechConfig.from_cli_args(args) == SpeechConfig(
-        device="cpu", max_speaking=3, max_queued_windows=9, stream_config=StreamConfig(first_chunk=12),
-        default_voice="ethan", queue_timeout=2.5, max_waiting=7, max_codes=12, max_codes_per_text_token=0.0,
-        talker_max_len=100, window_delay=0.1, log_interval=5.0, speech_dtype="bfloat16", gpu_memory_gb=1.5,
-        allow_text_only=True)
+        device="cpu",
+        max_speaking=3,
+        max_queued_windows=9,
+        stream_config=StreamConfig(first_chunk=12),
+        default_voice="ethan",
+        queue_timeout=2.5,
+        max_waiting=7,
+        max_codes=12,
+        max_codes_per_text_token=0.0,
+        talker_max_len=100,
+        window_delay=0.1,
+        log_interval=5.0,
+        speech_dtype="bfloat16",
+        gpu_memory_gb=1.5,
+        allow_text_only=True,
+    )
     with pytest.raises(SystemExit):
         parser().parse_args(["--speech-dtype", "float64"])
-    assert "--kv-cache-tokens" not in parser().format_help()  # derived by the server, no flag
+    assert (
+        "--kv-cache-tokens" not in parser().format_help()
+    )  # derived by the server, no flag
 
 
 def test_config_checks_its_limits():
     with pytest.raises(ValueError, match="max_speaking"):
         SpeechConfig(max_speaking=0)
-    assert SpeechConfig(stream_config={"chunk": 24}).stream_config == StreamConfig(chunk=24)
+    assert SpeechConfig(stream_config={"chunk": 24}).stream_config == StreamConfig(
+        chunk=24
+    )

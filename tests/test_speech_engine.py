@@ -27,8 +27,18 @@ import numpy as np
 import pytest
 import torch
 
-from omni_vllm.hidden_states import HiddenStatesCollector, request_hidden_states, set_hidden_states_sink
-from omni_vllm.speech import SpeechBusy, SpeechChunk, SpeechEngine, SpeechUnavailable, UnknownVoice
+from omni_vllm.hidden_states import (
+    HiddenStatesCollector,
+    request_hidden_states,
+    set_hidden_states_sink,
+)
+from omni_vllm.speech import (
+    SpeechBusy,
+    SpeechChunk,
+    SpeechEngine,
+    SpeechUnavailable,
+    UnknownVoice,
+)
 from omni_vllm.streaming import StreamConfig, stream_decode
 from omni_vllm.talker import Talker, TalkerSampling
 from omni_vllm.testing import media
@@ -36,15 +46,24 @@ from omni_vllm.token2wav import Token2Wav
 
 torch.set_num_threads(1)
 
-MAX_TOKENS = 512  # thinker tokens per request (ignore_eos): the text outlasts the speech's start
+MAX_TOKENS = (
+    512  # thinker tokens per request (ignore_eos): the text outlasts the speech's start
+)
 # The 16-at-once test: long enough that every request's first window (decoded alone, one after another)
 # comes before its text ends even when the suite has left the machine busy.
 LONG_TOKENS = 1024
 MAX_CODES = 48  # talker codes per request (random weights never stop on their own)
 # A short first chunk so that audio starts early (after 24 codes); small vocoder contexts and 4 ODE
 # points keep the tiny Token2Wav (BigVGAN above all) cheap on two cores.
-STREAM = StreamConfig(first_chunk=12, chunk=24, left_context=12, look_ahead=12, vocoder_left=8, vocoder_right=8,
-                      num_steps=4)
+STREAM = StreamConfig(
+    first_chunk=12,
+    chunk=24,
+    left_context=12,
+    look_ahead=12,
+    vocoder_left=8,
+    vocoder_right=8,
+    num_steps=4,
+)
 GREEDY = TalkerSampling(do_sample=False)
 ATOL = 1e-5
 
@@ -98,14 +117,26 @@ def make_cases(processor, n: int, prefix: str) -> list[Case]:
         mm = {}
         if kind == "audio":
             content.insert(0, {"type": "audio"})
-            mm = {"audio": [(media.tone(0.6 + 0.2 * (i % 5), freq=220.0 + 40 * i), media.AUDIO_SR)]}
+            mm = {
+                "audio": [
+                    (
+                        media.tone(0.6 + 0.2 * (i % 5), freq=220.0 + 40 * i),
+                        media.AUDIO_SR,
+                    )
+                ]
+            }
         elif kind == "image":
             content.insert(0, {"type": "image"})
             mm = {"image": [media.image(seed=i)]}
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         prompt = {"prompt": text, **({"multi_modal_data": mm} if mm else {})}
-        cases.append(Case(f"{prefix}{i}", prompt, ("Chelsie", "Ethan")[i % 2], 1000 + i))
+        cases.append(
+            Case(f"{prefix}{i}", prompt, ("Chelsie", "Ethan")[i % 2], 1000 + i)
+        )
     return cases
 
 
@@ -153,7 +184,13 @@ def speech_factory(engine, tiny_checkpoint_dir, loop):
     made = []
 
     def make(**kwargs) -> SpeechEngine:
-        kwargs = {"device": "cpu", "stream_config": STREAM, "max_codes": MAX_CODES, "talker_max_len": 512, **kwargs}
+        kwargs = {
+            "device": "cpu",
+            "stream_config": STREAM,
+            "max_codes": MAX_CODES,
+            "talker_max_len": 512,
+            **kwargs,
+        }
         made.append(SpeechEngine(engine, tiny_checkpoint_dir, **kwargs))
         return made[-1]
 
@@ -169,7 +206,9 @@ class Outcome:
     codes: list[int] = dataclasses.field(default_factory=list)
     audio: list[np.ndarray] = dataclasses.field(default_factory=list)
     final: SpeechChunk | None = None
-    tokens_at_first_audio: int | None = None  # thinker tokens received up to the first audio chunk
+    tokens_at_first_audio: int | None = (
+        None  # thinker tokens received up to the first audio chunk
+    )
     chunks: int = 0
 
 
@@ -192,8 +231,16 @@ async def consume(gen, out: Outcome, stop_after=None) -> Outcome:
 
 
 def run_speech(speech, case: Case, max_tokens=MAX_TOKENS, **kw):
-    return speech.generate(case.prompt, params(max_tokens), case.rid, audio=case.audio, voice=case.voice,
-                           talker_sampling=GREEDY, noise=case.seed, **kw)
+    return speech.generate(
+        case.prompt,
+        params(max_tokens),
+        case.rid,
+        audio=case.audio,
+        voice=case.voice,
+        talker_sampling=GREEDY,
+        noise=case.seed,
+        **kw,
+    )
 
 
 def assert_idle(speech, engine, loop):
@@ -201,13 +248,19 @@ def assert_idle(speech, engine, loop):
     loop.run_until_complete(speech.sync())  # the worker has applied every cancellation
     s = speech.stats()
     assert s["active_speaking"] == 0 and s["waiting"] == 0, s
-    assert s["talker_slots_used"] == 0 and s["stream_states"] == 0 and s["worker_requests"] == 0, s
+    assert (
+        s["talker_slots_used"] == 0
+        and s["stream_states"] == 0
+        and s["worker_requests"] == 0
+    ), s
     assert s["queued_windows"] == 0, s
     assert s["thinker_unfinished"] == 0 and engine.get_num_unfinished_requests() == 0, s
     # The worker's own structures (it is idle now).
     w = speech._worker
     assert not w.talker.requests and w.talker.num_free_slots == w.talker.max_slots
-    assert not w.streamer.streams and not w.speakers and not w.ready_since and not w.inbox
+    assert (
+        not w.streamer.streams and not w.speakers and not w.ready_since and not w.inbox
+    )
     assert not speech._jobs
 
 
@@ -221,7 +274,9 @@ def reference(engine, loop, cases, talker, t2w, max_tokens=MAX_TOKENS):
     previous = set_hidden_states_sink(collector)
 
     async def thinker(case):
-        async for out in engine.generate(case.prompt, request_hidden_states(params(max_tokens)), case.rid + "-ref"):
+        async for out in engine.generate(
+            case.prompt, request_hidden_states(params(max_tokens)), case.rid + "-ref"
+        ):
             pass
         return out
 
@@ -229,7 +284,13 @@ def reference(engine, loop, cases, talker, t2w, max_tokens=MAX_TOKENS):
         return await asyncio.gather(*(thinker(c) for c in cases))
 
     try:
-        outs = dict(zip([c.rid for c in cases], loop.run_until_complete(all_thinkers()), strict=True))
+        outs = dict(
+            zip(
+                [c.rid for c in cases],
+                loop.run_until_complete(all_thinkers()),
+                strict=True,
+            )
+        )
     finally:
         set_hidden_states_sink(previous)
 
@@ -242,9 +303,16 @@ def reference(engine, loop, cases, talker, t2w, max_tokens=MAX_TOKENS):
             continue
         rows = collector.rows(case.rid + "-ref")
         n = len(out.prompt_token_ids)
-        talker.add_request(case.rid, prompt_ids=torch.tensor(out.prompt_token_ids), prompt_embeds=rows[:n, 0],
-                           prompt_hidden=rows[:n, 1], prompt_positions=collector.prompt_positions(case.rid + "-ref"),
-                           voice=case.voice, sampling=GREEDY, max_codes=MAX_CODES)
+        talker.add_request(
+            case.rid,
+            prompt_ids=torch.tensor(out.prompt_token_ids),
+            prompt_embeds=rows[:n, 0],
+            prompt_hidden=rows[:n, 1],
+            prompt_positions=collector.prompt_positions(case.rid + "-ref"),
+            voice=case.voice,
+            sampling=GREEDY,
+            max_codes=MAX_CODES,
+        )
         for row in rows[n:]:
             talker.add_thinker_token(case.rid, row[0], row[1])
         talker.finish_thinker(case.rid)
@@ -253,13 +321,22 @@ def reference(engine, loop, cases, talker, t2w, max_tokens=MAX_TOKENS):
             step = talker.step([case.rid])[case.rid]
             if step.code is not None:
                 codes.append(step.code)
-        refs[case.rid] = (ids, codes, stream_decode(t2w, codes, case.voice, case.seed, STREAM).numpy())
+        refs[case.rid] = (
+            ids,
+            codes,
+            stream_decode(t2w, codes, case.voice, case.seed, STREAM).numpy(),
+        )
     return refs
 
 
-def test_concurrent_requests_equal_one_at_a_time(engine, loop, processor, t2w, speech_factory, tiny_checkpoint_dir):
+def test_concurrent_requests_equal_one_at_a_time(
+    engine, loop, processor, t2w, speech_factory, tiny_checkpoint_dir
+):
     cases = make_cases(processor, 16, "c")
-    cases += [dataclasses.replace(c, rid=f"t{i}", audio=False) for i, c in enumerate(cases[:2])]  # text out only
+    cases += [
+        dataclasses.replace(c, rid=f"t{i}", audio=False)
+        for i, c in enumerate(cases[:2])
+    ]  # text out only
     talker = Talker.from_pretrained(tiny_checkpoint_dir, max_slots=1, max_len=512)
     refs = reference(engine, loop, cases, talker, t2w, LONG_TOKENS)
 
@@ -267,28 +344,49 @@ def test_concurrent_requests_equal_one_at_a_time(engine, loop, processor, t2w, s
     assert speech.has_speech and sorted(speech.voices) == ["Chelsie", "Ethan"]
 
     async def all_at_once():
-        return await asyncio.gather(*(consume(run_speech(speech, c, LONG_TOKENS), Outcome()) for c in cases))
+        return await asyncio.gather(
+            *(consume(run_speech(speech, c, LONG_TOKENS), Outcome()) for c in cases)
+        )
 
-    results = dict(zip([c.rid for c in cases], loop.run_until_complete(all_at_once()), strict=True))
+    results = dict(
+        zip([c.rid for c in cases], loop.run_until_complete(all_at_once()), strict=True)
+    )
     for case in cases:
         got, (ids, codes, wav) = results[case.rid], refs[case.rid]
         assert got.tokens == ids and len(ids) == LONG_TOKENS, case.rid
-        assert got.final is not None and got.final.finished and got.final.finish_reason == "length"
-        assert got.final.completion_tokens == LONG_TOKENS and got.final.prompt_tokens > 10
+        assert (
+            got.final is not None
+            and got.final.finished
+            and got.final.finish_reason == "length"
+        )
+        assert (
+            got.final.completion_tokens == LONG_TOKENS and got.final.prompt_tokens > 10
+        )
         if not case.audio:
             assert got.audio == [] and got.codes == [] and got.final.audio_tokens == 0
             continue
-        assert got.codes == codes and len(codes) == MAX_CODES == got.final.audio_tokens, case.rid
+        assert (
+            got.codes == codes and len(codes) == MAX_CODES == got.final.audio_tokens
+        ), case.rid
         audio = np.concatenate(got.audio)
         assert audio.shape == wav.shape == (MAX_CODES * 2 * t2w.hop,)
         np.testing.assert_allclose(audio, wav, atol=ATOL, rtol=0, err_msg=case.rid)
         # Streamed: the first audio reached the consumer before the thinker's last token did.
-        assert got.tokens_at_first_audio is not None and got.tokens_at_first_audio < LONG_TOKENS, case.rid
+        assert (
+            got.tokens_at_first_audio is not None
+            and got.tokens_at_first_audio < LONG_TOKENS
+        ), case.rid
         assert len(got.audio) >= 2  # and in pieces
     stats = speech.stats()
-    assert stats["audio_requests"] == 16 and stats["text_requests"] == 2 and len(stats["ttfa_samples"]) == 16
+    assert (
+        stats["audio_requests"] == 16
+        and stats["text_requests"] == 2
+        and len(stats["ttfa_samples"]) == 16
+    )
     assert stats["audio_seconds_total"] == pytest.approx(16 * MAX_CODES / 50)
-    print({c.rid: results[c.rid].tokens_at_first_audio for c in cases if c.audio}, stats)
+    print(
+        {c.rid: results[c.rid].tokens_at_first_audio for c in cases if c.audio}, stats
+    )
     assert_idle(speech, engine, loop)
 
 
@@ -304,7 +402,9 @@ def test_cancellation_frees_everything(engine, loop, processor, speech_factory):
             return out
 
         async def cancel_task(case):
-            task = asyncio.ensure_future(consume(run_speech(speech, case, 64), Outcome()))
+            task = asyncio.ensure_future(
+                consume(run_speech(speech, case, 64), Outcome())
+            )
             while speech.stats()["audio_samples_total"] == 0 and not task.done():
                 await asyncio.sleep(0.005)
             task.cancel()
@@ -342,7 +442,11 @@ def test_cancellation_frees_everything(engine, loop, processor, speech_factory):
     results = loop.run_until_complete(scenario())
     for i, (case, out) in enumerate(zip(cases, results, strict=True)):
         if i % 2 == 0:  # untouched requests complete normally beside the cancelled ones
-            assert out.final.finished and out.final.audio_tokens == MAX_CODES and len(out.tokens) == 64
+            assert (
+                out.final.finished
+                and out.final.audio_tokens == MAX_CODES
+                and len(out.tokens) == 64
+            )
         elif i % 8 == 7:
             assert out.final.finished and out.final.finish_reason == "abort"
         elif out is not None:
@@ -356,7 +460,9 @@ def test_closing_aborts_the_thinker_at_once(engine, loop, processor, speech_fact
     case = make_cases(processor, 1, "a")[0]
 
     async def scenario():
-        gen = speech.generate(case.prompt, params(2000), case.rid, audio=True, talker_sampling=GREEDY)
+        gen = speech.generate(
+            case.prompt, params(2000), case.rid, audio=True, talker_sampling=GREEDY
+        )
         await gen.__anext__()
         assert engine.get_num_unfinished_requests() == 1
         await gen.aclose()
@@ -367,8 +473,14 @@ def test_closing_aborts_the_thinker_at_once(engine, loop, processor, speech_fact
     async def stop_at_final():
         # A consumer that stops at the final chunk without closing the generator: the request's
         # slot is already free when that chunk arrives.
-        async for ch in speech.generate(case.prompt, params(8), case.rid, audio=True, talker_sampling=GREEDY,
-                                        max_codes=12):
+        async for ch in speech.generate(
+            case.prompt,
+            params(8),
+            case.rid,
+            audio=True,
+            talker_sampling=GREEDY,
+            max_codes=12,
+        ):
             if ch.finished:
                 assert speech.stats()["active_speaking"] == 0 and ch.audio_tokens == 12
                 break
@@ -385,8 +497,15 @@ def test_back_pressure(engine, loop, processor, speech_factory):
 
     async def tracked(case, max_codes=None):
         out = Outcome()
-        async for ch in speech.generate(case.prompt, params(64), case.rid, audio=True, talker_sampling=GREEDY,
-                                        noise=case.seed, max_codes=max_codes):
+        async for ch in speech.generate(
+            case.prompt,
+            params(64),
+            case.rid,
+            audio=True,
+            talker_sampling=GREEDY,
+            noise=case.seed,
+            max_codes=max_codes,
+        ):
             if out.chunks == 0:
                 order.append((case.rid, "first"))
             out.chunks += 1
@@ -405,25 +524,46 @@ def test_back_pressure(engine, loop, processor, speech_factory):
         waiting = loop_.create_task(tracked(c))  # waits for a slot
         while speech.stats()["waiting"] < 1:
             await asyncio.sleep(0.005)
-        with pytest.raises(SpeechBusy) as full:  # the wait queue is full: refused at once
+        with pytest.raises(
+            SpeechBusy
+        ) as full:  # the wait queue is full: refused at once
             await tracked(d)
-        assert full.value.code == SpeechBusy.QUEUE_FULL and full.value.retry_after >= 1.0
+        assert (
+            full.value.code == SpeechBusy.QUEUE_FULL and full.value.retry_after >= 1.0
+        )
         speech.queue_timeout = 0.01
         speech.max_waiting = 2
         with pytest.raises(SpeechBusy) as late:  # waits briefly, then refused
             await tracked(e)
-        assert late.value.code == SpeechBusy.WAIT_TIMEOUT and late.value.retry_after >= 1.0
+        assert (
+            late.value.code == SpeechBusy.WAIT_TIMEOUT and late.value.retry_after >= 1.0
+        )
         speech.queue_timeout = 30.0
-        aborted = loop_.create_task(consume(run_speech(speech, f), Outcome()))  # waits behind c
+        aborted = loop_.create_task(
+            consume(run_speech(speech, f), Outcome())
+        )  # waits behind c
         while speech.stats()["waiting"] < 2:
             await asyncio.sleep(0.005)
-        await speech.abort(f.rid)  # leaves the queue: a final "abort" chunk, no thinker request
+        await speech.abort(
+            f.rid
+        )  # leaves the queue: a final "abort" chunk, no thinker request
         out = await aborted
-        assert out.final.finished and out.final.finish_reason == "abort" and out.tokens == [] and out.audio == []
+        assert (
+            out.final.finished
+            and out.final.finish_reason == "abort"
+            and out.tokens == []
+            and out.audio == []
+        )
         assert speech.stats()["waiting"] == 1
         # Text keeps flowing while speech is at its limit.
-        text = await consume(speech.generate(e.prompt, params(8), "text-while-busy"), Outcome())
-        assert len(text.tokens) == 8 and text.final.finished and speech.stats()["active_speaking"] == 2
+        text = await consume(
+            speech.generate(e.prompt, params(8), "text-while-busy"), Outcome()
+        )
+        assert (
+            len(text.tokens) == 8
+            and text.final.finished
+            and speech.stats()["active_speaking"] == 2
+        )
         return await asyncio.gather(long_a, long_b, waiting)
 
     outs = loop.run_until_complete(scenario())
@@ -437,7 +577,9 @@ def test_back_pressure(engine, loop, processor, speech_factory):
     assert_idle(speech, engine, loop)
 
 
-def test_waiting_requests_are_served_in_arrival_order(engine, loop, processor, speech_factory):
+def test_waiting_requests_are_served_in_arrival_order(
+    engine, loop, processor, speech_factory
+):
     """Many more audio requests than slots: by default every one waits (no time limit) and all are
     served, admitted in arrival order; a waiter whose caller goes away leaves the queue at once and
     its thinker request is never started."""
@@ -448,8 +590,17 @@ def test_waiting_requests_are_served_in_arrival_order(engine, loop, processor, s
 
     async def one(case):
         arrived[case.rid] = time.monotonic()
-        gen = speech.generate(case.prompt, params(8), case.rid, audio=True, voice=case.voice, talker_sampling=GREEDY,
-                              noise=case.seed, max_codes=24, on_queued=lambda: queued.append(case.rid))
+        gen = speech.generate(
+            case.prompt,
+            params(8),
+            case.rid,
+            audio=True,
+            voice=case.voice,
+            talker_sampling=GREEDY,
+            noise=case.seed,
+            max_codes=24,
+            on_queued=lambda: queued.append(case.rid),
+        )
         return await consume(gen, Outcome())
 
     async def scenario():
@@ -466,28 +617,43 @@ def test_waiting_requests_are_served_in_arrival_order(engine, loop, processor, s
 
     outs = loop.run_until_complete(scenario())
     for case, out in zip(cases, outs):
-        assert out.final.finished and out.final.finish_reason == "length" and out.final.audio_tokens == 24, case.rid
+        assert (
+            out.final.finished
+            and out.final.finish_reason == "length"
+            and out.final.audio_tokens == 24
+        ), case.rid
         assert len(out.tokens) == 8
     waits = [out.final.queue_seconds for out in outs]
     assert waits[0] < 0.1 and waits[1] < 0.1 and all(w > 0 for w in waits[2:]), waits
     admitted = [arrived[c.rid] + w for c, w in zip(cases, waits)]
     assert all(b >= a - 1e-3 for a, b in zip(admitted, admitted[1:])), admitted  # FIFO
     s = speech.stats()
-    assert s["audio_requests"] == 10 and s["refused"] == 0, s  # the cancelled waiter never started
+    assert s["audio_requests"] == 10 and s["refused"] == 0, (
+        s
+    )  # the cancelled waiter never started
     mean_hold = sum(speech._hold_seconds) / len(speech._hold_seconds)
-    assert len(speech._hold_seconds) == 10 and speech.retry_after() == pytest.approx(max(1.0, mean_hold / 2))
+    assert len(speech._hold_seconds) == 10 and speech.retry_after() == pytest.approx(
+        max(1.0, mean_hold / 2)
+    )
     print(f"waits {[round(w, 2) for w in waits]}, mean slot hold {mean_hold:.2f} s")
     assert_idle(speech, engine, loop)
 
 
-def test_unknown_voice_is_refused_before_any_work(engine, loop, processor, speech_factory):
+def test_unknown_voice_is_refused_before_any_work(
+    engine, loop, processor, speech_factory
+):
     speech = speech_factory()
     case = make_cases(processor, 1, "v")[0]
 
     async def scenario():
         with pytest.raises(UnknownVoice):
-            await speech.generate(case.prompt, params(), case.rid, audio=True, voice="Nobody").__anext__()
-        assert engine.get_num_unfinished_requests() == 0 and speech.stats()["active_speaking"] == 0
+            await speech.generate(
+                case.prompt, params(), case.rid, audio=True, voice="Nobody"
+            ).__anext__()
+        assert (
+            engine.get_num_unfinished_requests() == 0
+            and speech.stats()["active_speaking"] == 0
+        )
 
     loop.run_until_complete(scenario())
     with pytest.raises(UnknownVoice):
@@ -508,8 +674,12 @@ def test_checkpoint_without_speech(engine, loop, processor, tmp_path):
         try:
             assert not speech.has_speech and speech.voices == []
             with pytest.raises(SpeechUnavailable):
-                await speech.generate(case.prompt, params(), case.rid, audio=True).__anext__()
-            out = await consume(speech.generate(case.prompt, params(8), case.rid), Outcome())
+                await speech.generate(
+                    case.prompt, params(), case.rid, audio=True
+                ).__anext__()
+            out = await consume(
+                speech.generate(case.prompt, params(8), case.rid), Outcome()
+            )
             assert len(out.tokens) == 8 and out.final.finished and out.audio == []
             assert out.final.completion_tokens == 8 and out.final.audio_tokens == 0
             assert engine.get_num_unfinished_requests() == 0
@@ -519,19 +689,33 @@ def test_checkpoint_without_speech(engine, loop, processor, tmp_path):
     loop.run_until_complete(scenario())
 
 
-def test_runaway_guard_caps_speech_after_the_text(engine, loop, processor, speech_factory):
+def test_runaway_guard_caps_speech_after_the_text(
+    engine, loop, processor, speech_factory
+):
     """Random weights never sample the stop code: once the thinker is done, the speech is capped at
     max(RUNAWAY_FLOOR_CODES, ratio x text tokens) codes, ends "length" and is counted; off, the request's
     own cap applies."""
     from omni_vllm.speech import RUNAWAY_FLOOR_CODES
 
     case = make_cases(processor, 1, "g")[0]
-    for ratio, expected in ((4.0, RUNAWAY_FLOOR_CODES), (None, RUNAWAY_FLOOR_CODES + 60)):
+    for ratio, expected in (
+        (4.0, RUNAWAY_FLOOR_CODES),
+        (None, RUNAWAY_FLOOR_CODES + 60),
+    ):
         speech = speech_factory(max_codes_per_text_token=ratio)
         assert speech.runaway_cap(3) == (None if ratio is None else RUNAWAY_FLOOR_CODES)
         assert speech.runaway_cap(1000) == (None if ratio is None else 4000)
-        out = loop.run_until_complete(consume(run_speech(speech, case, max_tokens=3, max_codes=expected + 60
-                                                         if ratio else expected), Outcome()))
+        out = loop.run_until_complete(
+            consume(
+                run_speech(
+                    speech,
+                    case,
+                    max_tokens=3,
+                    max_codes=expected + 60 if ratio else expected,
+                ),
+                Outcome(),
+            )
+        )
         assert len(out.tokens) == 3 and out.final.finish_reason == "length"
         assert len(out.codes) == out.final.audio_tokens == expected
         assert speech.stats()["runaway_capped"] == (1 if ratio else 0)

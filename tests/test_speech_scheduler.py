@@ -38,30 +38,50 @@ def test_nothing_ready_means_no_decode_and_no_wake_up():
     streams = {"a": FakeStream(), "b": FakeStream()}
     speakers = {"a": Speaker(), "b": Speaker()}
     assert s.plan(10.0, streams, speakers, talker_idle=False) == ([], None)
-    assert s.idle_wait(10.0, streams, speakers, talker_idle=True) is None  # sleep until a command
-    assert s.idle_wait(10.0, streams, speakers, talker_idle=False) == 0.0  # the talker has work
+    assert (
+        s.idle_wait(10.0, streams, speakers, talker_idle=True) is None
+    )  # sleep until a command
+    assert (
+        s.idle_wait(10.0, streams, speakers, talker_idle=False) == 0.0
+    )  # the talker has work
 
 
 def test_first_windows_go_at_once_and_alone():
     s = scheduler()
-    streams = {"old": FakeStream(ready=True), "new": FakeStream(ready=True), "idle": FakeStream()}
+    streams = {
+        "old": FakeStream(ready=True),
+        "new": FakeStream(ready=True),
+        "idle": FakeStream(),
+    }
     speakers = {"old": speaking(0.0, 10.0), "new": Speaker(), "idle": Speaker()}
     s.window_ready("old", 1.0)
     assert s.plan(1.0, streams, speakers, talker_idle=False) == (["new"], 0.0)
-    assert Speaker().slack(5.0) == float("-inf")  # no audio yet: time to first audio counts
+    assert Speaker().slack(5.0) == float(
+        "-inf"
+    )  # no audio yet: time to first audio counts
 
 
 def test_starving_stream_goes_alone_before_the_company_wait():
     s = scheduler()
     s.record_call(0.2)  # expected call: 0.2 s, margin = DELAY + 2 calls = 0.45 s
-    streams = {"dry": FakeStream(ready=True), "ok": FakeStream(ready=True), "busy": FakeStream()}
+    streams = {
+        "dry": FakeStream(ready=True),
+        "ok": FakeStream(ready=True),
+        "busy": FakeStream(),
+    }
     # 'dry' has 0.4 s of audio left at t=10, 'ok' 5 s.
-    speakers = {"dry": speaking(0.0, 10.4), "ok": speaking(0.0, 15.0), "busy": Speaker(first_audio=0.0)}
+    speakers = {
+        "dry": speaking(0.0, 10.4),
+        "ok": speaking(0.0, 15.0),
+        "busy": Speaker(first_audio=0.0),
+    }
     for rid in ("dry", "ok"):
         s.window_ready(rid, 10.0)
     assert speakers["dry"].slack(10.0) == pytest.approx(0.4)
     assert s.plan(10.0, streams, speakers, talker_idle=False) == (["dry"], 0.0)
-    speakers["dry"].decoded(1.0, 10.1)  # its window was decoded: 1.4 s left, not urgent any more
+    speakers["dry"].decoded(
+        1.0, 10.1
+    )  # its window was decoded: 1.4 s left, not urgent any more
     assert s.plan(10.0, streams, speakers, talker_idle=False)[0] == []
 
 
@@ -69,11 +89,18 @@ def test_ready_windows_wait_for_company_up_to_window_delay():
     s = scheduler()
     streams = {"a": FakeStream(ready=True), "b": FakeStream()}
     speakers = {"a": speaking(0.0, 100.0), "b": speaking(0.0, 100.0)}
-    assert s.window_ready("a", 5.0) and not s.window_ready("a", 5.01)  # the wait starts once
+    assert s.window_ready("a", 5.0) and not s.window_ready(
+        "a", 5.01
+    )  # the wait starts once
     chosen, wait = s.plan(5.02, streams, speakers, talker_idle=False)
     assert chosen == [] and wait == pytest.approx(DELAY - 0.02)
-    assert s.idle_wait(5.02, streams, speakers, talker_idle=True) == 0.0  # idle talker: nobody to wait for
-    assert s.plan(5.0 + DELAY, streams, speakers, talker_idle=False) == (["a"], 0.0)  # waited long enough
+    assert (
+        s.idle_wait(5.02, streams, speakers, talker_idle=True) == 0.0
+    )  # idle talker: nobody to wait for
+    assert s.plan(5.0 + DELAY, streams, speakers, talker_idle=False) == (
+        ["a"],
+        0.0,
+    )  # waited long enough
     # ... or at once when every speaking stream has a window, or the talker has nothing to do.
     assert s.plan(5.01, streams, speakers, talker_idle=True) == (["a"], 0.0)
     streams["b"].ready = True
@@ -110,7 +137,9 @@ def test_talker_budget_follows_the_token2wav_call_time():
     s.record_call(0.5)
     assert s.call_seconds == 0.5 and s.talker_budget() == 0.5  # the first call as it is
     s.record_call(1.0)
-    assert s.call_seconds == pytest.approx(0.6)  # then a moving average (0.8 old + 0.2 new)
+    assert s.call_seconds == pytest.approx(
+        0.6
+    )  # then a moving average (0.8 old + 0.2 new)
     for _ in range(50):
         s.record_call(0.01)
     assert s.talker_budget() == DELAY
@@ -132,7 +161,9 @@ def test_stream_state_counts_its_queued_windows():
 
     st = StreamState("Chelsie", noise=0, config=StreamConfig(chunk=36, look_ahead=12))
     st.append(range(47))
-    assert st.queued_windows() == 0 and not st.ready  # chunk 0 needs codes [0, 36) + 12 ahead
+    assert (
+        st.queued_windows() == 0 and not st.ready
+    )  # chunk 0 needs codes [0, 36) + 12 ahead
     st.append([0])
     assert st.queued_windows() == 1 and st.ready
     st.append(range(36))  # 84: chunk 1 ([36, 72)) has its look-ahead

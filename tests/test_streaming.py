@@ -37,12 +37,21 @@ torch.set_num_threads(1)
 
 BATCH_ATOL = 1e-6
 EXACT_ATOL = 5e-6
-FAST = dict(num_steps=4)  # properties of the windowing do not depend on the sampler's length
+FAST = dict(
+    num_steps=4
+)  # properties of the windowing do not depend on the sampler's length
 CONFIGS = {
     "default": StreamConfig(**FAST),
     "dit-right": StreamConfig(vocoder_right_from_dit=True, **FAST),
-    "no-context": StreamConfig(chunk=12, first_chunk=12, left_context=0, look_ahead=0, vocoder_left=0,
-                               vocoder_right=0, **FAST),
+    "no-context": StreamConfig(
+        chunk=12,
+        first_chunk=12,
+        left_context=0,
+        look_ahead=0,
+        vocoder_left=0,
+        vocoder_right=0,
+        **FAST,
+    ),
 }
 
 
@@ -70,7 +79,11 @@ def drive(streamer, arrivals, max_windows=1, cancel=None):
         for rid, (voice, seed, codes, sizes, start) in arrivals.items():
             if it == start:
                 streamer.open(rid, voice, seed)
-            if it < start or rid not in streamer.streams or streamer.streams[rid].finished:
+            if (
+                it < start
+                or rid not in streamer.streams
+                or streamer.streams[rid].finished
+            ):
                 continue
             n = sizes[(it - start) % len(sizes)]
             new = codes[pos[rid] : pos[rid] + n]
@@ -82,19 +95,28 @@ def drive(streamer, arrivals, max_windows=1, cancel=None):
             out[rid].append(o.audio)
         it += 1
         if not streamer.streams and it > max(a[4] for a in arrivals.values()):
-            return {rid: torch.cat(parts) if parts else torch.zeros(0) for rid, parts in out.items()}
+            return {
+                rid: torch.cat(parts) if parts else torch.zeros(0)
+                for rid, parts in out.items()
+            }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_batched_incremental_equals_streamed_decode(t2w, name):
     cfg = CONFIGS[name]
-    a, b = codes_of(101, 1), codes_of(72, 2)  # 72 = 2 chunks of 36: ends exactly on a boundary
+    a, b = (
+        codes_of(101, 1),
+        codes_of(72, 2),
+    )  # 72 = 2 chunks of 36: ends exactly on a boundary
     ref_a = stream_decode(t2w, a, "Chelsie", 11, cfg)
     ref_b = stream_decode(t2w, b, "Ethan", 22, cfg)
     assert ref_a.shape == (101 * 480,) and ref_b.shape == (72 * 480,)
     patterns = [
         ({"a": ("Chelsie", 11, a, [1], 0), "b": ("Ethan", 22, b, [7, 2], 3)}, 1),
-        ({"a": ("Chelsie", 11, a, [50, 3], 2), "b": ("Ethan", 22, b, [72], 0)}, 2),  # bursts: catch up 2 at a time
+        (
+            {"a": ("Chelsie", 11, a, [50, 3], 2), "b": ("Ethan", 22, b, [72], 0)},
+            2,
+        ),  # bursts: catch up 2 at a time
     ]
     for arrivals, max_windows in patterns:
         got = drive(StreamingToken2Wav(t2w, cfg), arrivals, max_windows)
@@ -115,13 +137,20 @@ def test_full_receptive_field_equals_one_shot(t2w):
 
     def streamed(**windows):
         cfg = StreamConfig(chunk=24, first_chunk=24, num_steps=steps, **windows)
-        s = StreamState("Ethan", noise, cfg, record_mel=True)  # the same noise tensor, sliced
+        s = StreamState(
+            "Ethan", noise, cfg, record_mel=True
+        )  # the same noise tensor, sliced
         s.append(codes, finished=True)
         wav = torch.cat([decode_windows(t2w, [s])[0] for _ in range(20) if not s.done])
         return torch.cat(s.mel_chunks, dim=1), wav
 
-    mel, wav = streamed(left_context=back, look_ahead=ahead, vocoder_left=vb, vocoder_right=va)
-    mel_err, wav_err = (mel - ref_mel).abs().max().item(), (wav - ref_wav).abs().max().item()
+    mel, wav = streamed(
+        left_context=back, look_ahead=ahead, vocoder_left=vb, vocoder_right=va
+    )
+    mel_err, wav_err = (
+        (mel - ref_mel).abs().max().item(),
+        (wav - ref_wav).abs().max().item(),
+    )
     assert mel_err < EXACT_ATOL and wav_err < EXACT_ATOL
     # Control: the check is sensitive. Without context the chunk edges are far off (on this random
     # DiT the coupling decays fast with distance, so a block less than the full field would hide
@@ -143,7 +172,9 @@ def test_default_sampler_error_is_bounded(t2w):
 
 
 def test_finished_streams_flush_their_tail(t2w):
-    cfg = dataclasses.replace(CONFIGS["default"], look_ahead=0)  # chunks decode before finish() is known
+    cfg = dataclasses.replace(
+        CONFIGS["default"], look_ahead=0
+    )  # chunks decode before finish() is known
     streamer = StreamingToken2Wav(t2w, cfg)
     # 5 codes: shorter than the first chunk; 72: ends on a chunk boundary, finish() arrives after
     # the last chunk was already decoded (its held vocoder frames must still come out); 0: nothing.
@@ -157,7 +188,9 @@ def test_finished_streams_flush_their_tail(t2w):
         for rid, o in streamer.step().items():
             got[rid].append(o.audio)
             assert not o.done
-    assert sum(len(a) for a in got["boundary"]) == (72 * 2 - cfg.vocoder_right) * 240  # held back
+    assert (
+        sum(len(a) for a in got["boundary"]) == (72 * 2 - cfg.vocoder_right) * 240
+    )  # held back
     assert sum(len(a) for a in got["short"]) == 0  # waits for more codes
     for rid in lengths:
         streamer.push(rid, [], finished=True)
@@ -167,7 +200,9 @@ def test_finished_streams_flush_their_tail(t2w):
         audio = torch.cat(got[rid] + [outs[rid].audio])
         assert audio.shape == (n * 480,)
         if n:
-            assert (audio - stream_decode(t2w, codes_of(n, 6), "Ethan", 5, cfg)).abs().max() < BATCH_ATOL
+            assert (
+                audio - stream_decode(t2w, codes_of(n, 6), "Ethan", 5, cfg)
+            ).abs().max() < BATCH_ATOL
 
 
 def test_cancel_frees_state(t2w):
@@ -210,6 +245,8 @@ def test_settings_are_validated(t2w):
     with pytest.raises(ValueError, match="multiple of the DiT block"):
         StreamingToken2Wav(t2w, StreamConfig(left_context=6))
     with pytest.raises(ValueError, match="vocoder_right"):
-        StreamingToken2Wav(t2w, StreamConfig(chunk=12, first_chunk=12, vocoder_right=24))
+        StreamingToken2Wav(
+            t2w, StreamConfig(chunk=12, first_chunk=12, vocoder_right=24)
+        )
     with pytest.raises(ValueError, match="Unknown voice"):
         StreamingToken2Wav(t2w).open("r", "Nobody")

@@ -37,7 +37,9 @@ def tiny_dir(tiny_checkpoint_dir):
 def hf_model(tiny_dir):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        tiny_dir, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,9 @@ def _inputs(processor, kind: str):
     from PIL import Image
 
     rng = np.random.RandomState(0)
-    video_kwargs = dict(videos_kwargs=dict(size={"shortest_edge": 3136, "longest_edge": 6272}))
+    video_kwargs = dict(
+        videos_kwargs=dict(size={"shortest_edge": 3136, "longest_edge": 6272})
+    )
     parts, media = [], {}
     if kind == "text":
         parts = [{"type": "text", "text": "Hello, how are you today?"}]
@@ -77,10 +81,17 @@ def _inputs(processor, kind: str):
         frames = (rng.rand(8, 56, 56, 3) * 255).astype(np.uint8)  # (T, H, W, 3)
         parts = [{"type": "video"}, {"type": "text", "text": "Describe this video."}]
         media = dict(videos=[frames], **video_kwargs)
-    elif kind == "video_audio":  # audio track interleaved with the video in 2-second chunks
+    elif (
+        kind == "video_audio"
+    ):  # audio track interleaved with the video in 2-second chunks
         frames = (rng.rand(8, 56, 56, 3) * 255).astype(np.uint8)
         parts = [{"type": "video"}, {"type": "text", "text": "Describe this video."}]
-        media = dict(videos=[frames], audio=[_tone(3.0, 300.0)], use_audio_in_video=True, **video_kwargs)
+        media = dict(
+            videos=[frames],
+            audio=[_tone(3.0, 300.0)],
+            use_audio_in_video=True,
+            **video_kwargs,
+        )
     text = processor.apply_chat_template(
         [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
     )
@@ -98,16 +109,27 @@ class Reference:
     request: dict  # Talker.add_request kwargs (without sampling)
     reply: list  # [(embedding, hidden)] of generated thinker tokens, as fed back to the thinker
     codes: list  # transformers' talker codes, up to the first stop code
-    talker_kwargs: dict = field(repr=False, default_factory=dict)  # transformers talker.generate inputs
+    talker_kwargs: dict = field(
+        repr=False, default_factory=dict
+    )  # transformers talker.generate inputs
 
 
-def run_reference(model, inputs, *, voice, use_audio_in_video=False, sample_seed=None) -> Reference:
+def run_reference(
+    model, inputs, *, voice, use_audio_in_video=False, sample_seed=None
+) -> Reference:
     with corrected_reference(model):
-        return _run_reference(model, inputs, voice=voice, use_audio_in_video=use_audio_in_video,
-                              sample_seed=sample_seed)
+        return _run_reference(
+            model,
+            inputs,
+            voice=voice,
+            use_audio_in_video=use_audio_in_video,
+            sample_seed=sample_seed,
+        )
 
 
-def _run_reference(model, inputs, *, voice, use_audio_in_video, sample_seed) -> Reference:
+def _run_reference(
+    model, inputs, *, voice, use_audio_in_video, sample_seed
+) -> Reference:
     captured = {}
     thinker_generate, talker_generate = model.thinker.generate, model.talker.generate
 
@@ -116,16 +138,20 @@ def _run_reference(model, inputs, *, voice, use_audio_in_video, sample_seed) -> 
         return captured["thinker"]
 
     def talker_hook(*args, **kwargs):
-        captured["talker_kwargs"] = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        captured["talker_kwargs"] = {
+            k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()
+        }
         out = talker_generate(*args, **kwargs)
         captured["codes"] = out[0, kwargs["input_ids"].shape[1] :].tolist()
         raise _SkipToken2Wav  # the waveform is not what we test here
 
     if sample_seed is not None:
         torch.manual_seed(sample_seed)  # transformers samples from the global generator
-    with mock.patch.object(model.thinker, "generate", thinker_hook), mock.patch.object(
-        model.talker, "generate", talker_hook
-    ), pytest.raises(_SkipToken2Wav):
+    with (
+        mock.patch.object(model.thinker, "generate", thinker_hook),
+        mock.patch.object(model.talker, "generate", talker_hook),
+        pytest.raises(_SkipToken2Wav),
+    ):
         model.generate(
             **inputs,
             speaker=voice,
@@ -135,7 +161,9 @@ def _run_reference(model, inputs, *, voice, use_audio_in_video, sample_seed) -> 
             thinker_do_sample=False,
             talker_do_sample=sample_seed is not None,
         )
-    hs = captured["thinker"].hidden_states  # step 0: prompt; step i: generated token i-1 fed back
+    hs = captured[
+        "thinker"
+    ].hidden_states  # step 0: prompt; step i: generated token i-1 fed back
     codes = captured["codes"]
     stops = [i for i, c in enumerate(codes) if c in STOP_CODES]
     request = dict(
@@ -147,24 +175,37 @@ def _run_reference(model, inputs, *, voice, use_audio_in_video, sample_seed) -> 
         video_grid_thw=inputs.get("video_grid_thw"),
         video_second_per_grid=inputs.get("video_second_per_grid"),
         audio_feature_lengths=(
-            inputs["feature_attention_mask"].sum(-1) if "feature_attention_mask" in inputs else None
+            inputs["feature_attention_mask"].sum(-1)
+            if "feature_attention_mask" in inputs
+            else None
         ),
         use_audio_in_video=use_audio_in_video,
         max_codes=TALKER_CODES,
     )
     reply = [(hs[i][0][0, -1], hs[i][-1][0, -1]) for i in range(1, len(hs))]
-    return Reference(request, reply, codes[: stops[0]] if stops else codes, captured["talker_kwargs"])
+    return Reference(
+        request, reply, codes[: stops[0]] if stops else codes, captured["talker_kwargs"]
+    )
 
 
 KINDS = ["text", "audio", "image", "video", "video_audio"]
-VOICE = {"text": "Ethan", "audio": "Chelsie", "image": "Ethan", "video": "Chelsie", "video_audio": "Ethan"}
+VOICE = {
+    "text": "Ethan",
+    "audio": "Chelsie",
+    "image": "Ethan",
+    "video": "Chelsie",
+    "video_audio": "Ethan",
+}
 
 
 @pytest.fixture(scope="module")
 def references(hf_model, processor):
     return {
         kind: run_reference(
-            hf_model, _inputs(processor, kind), voice=VOICE[kind], use_audio_in_video=kind == "video_audio"
+            hf_model,
+            _inputs(processor, kind),
+            voice=VOICE[kind],
+            use_audio_in_video=kind == "video_audio",
         )
         for kind in KINDS
     }
@@ -205,7 +246,11 @@ def drive(talker: Talker, jobs: list[Job], forced: dict | None = None):
                 del active[rid]
                 result[rid] = (*result[rid][:2], "aborted")
                 continue
-            due = len(job.ref.reply) if job.every == 0 else (tick - joined) // job.every + 1
+            due = (
+                len(job.ref.reply)
+                if job.every == 0
+                else (tick - joined) // job.every + 1
+            )
             while fed[rid] < min(due, len(job.ref.reply)):
                 talker.add_thinker_token(rid, *job.ref.reply[fed[rid]])
                 fed[rid] += 1
@@ -216,8 +261,12 @@ def drive(talker: Talker, jobs: list[Job], forced: dict | None = None):
             continue
         force = None
         if forced is not None:
-            force = {rid: forced[rid][len(result[rid][1])] for rid in ready if rid in forced}
-        for rid, out in talker.step(ready, forced_codes=force, return_logits=True).items():
+            force = {
+                rid: forced[rid][len(result[rid][1])] for rid in ready if rid in forced
+            }
+        for rid, out in talker.step(
+            ready, forced_codes=force, return_logits=True
+        ).items():
             codes, logits, _ = result[rid]
             if out.code is not None:
                 codes.append(out.code)
@@ -257,9 +306,15 @@ def test_teacher_forced_logits_match_transformers(hf_model, talker, references, 
 
     ref = references[kind]
     steps = 12
-    codes = torch.randint(0, 8192, (steps,), generator=torch.Generator().manual_seed(7)).tolist()
-    kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in ref.talker_kwargs.items()}
-    kwargs.update(max_new_tokens=steps, output_logits=True, return_dict_in_generate=True)
+    codes = torch.randint(
+        0, 8192, (steps,), generator=torch.Generator().manual_seed(7)
+    ).tolist()
+    kwargs = {
+        k: v.clone() if torch.is_tensor(v) else v for k, v in ref.talker_kwargs.items()
+    }
+    kwargs.update(
+        max_new_tokens=steps, output_logits=True, return_dict_in_generate=True
+    )
     prompt_len = kwargs["input_ids"].shape[1]
     with corrected_reference(hf_model):
         force = LogitsProcessorList([_ForceCodes(codes, prompt_len)])
@@ -267,7 +322,9 @@ def test_teacher_forced_logits_match_transformers(hf_model, talker, references, 
     assert out.sequences[0, prompt_len:].tolist() == codes
     expected = torch.cat(out.logits)  # raw logits per step, (steps, vocab)
 
-    got_codes, logits, _ = drive(talker, [Job(kind, ref, every=1, max_codes=steps)], forced={kind: codes})[kind]
+    got_codes, logits, _ = drive(
+        talker, [Job(kind, ref, every=1, max_codes=steps)], forced={kind: codes}
+    )[kind]
     assert got_codes == codes
     diff = (torch.stack(logits) - expected).abs().max().item()
     print(f"{kind}: teacher-forced talker logits max abs diff {diff:.2e}")
@@ -278,12 +335,16 @@ def test_teacher_forced_logits_match_transformers(hf_model, talker, references, 
 def hf_model_bf16(tiny_dir):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        tiny_dir, dtype=torch.bfloat16
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def talker_bf16(tiny_dir):
-    return Talker.from_pretrained(tiny_dir, max_slots=4, max_len=256, dtype=torch.bfloat16)
+    return Talker.from_pretrained(
+        tiny_dir, max_slots=4, max_len=256, dtype=torch.bfloat16
+    )
 
 
 # bf16 against transformers' talker in bf16 (same inputs, teacher-forced codes): the two run the same
@@ -295,17 +356,25 @@ BF16_GREEDY_AGREEMENT = 0.9
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_bf16_teacher_forced_greedy_codes_match_transformers_bf16(hf_model_bf16, talker_bf16, talker, references, kind):
+def test_bf16_teacher_forced_greedy_codes_match_transformers_bf16(
+    hf_model_bf16, talker_bf16, talker, references, kind
+):
     from transformers import LogitsProcessorList
 
     ref = references[kind]
     steps = 16
-    codes = torch.randint(0, 8192, (steps,), generator=torch.Generator().manual_seed(7)).tolist()
+    codes = torch.randint(
+        0, 8192, (steps,), generator=torch.Generator().manual_seed(7)
+    ).tolist()
     kwargs = {
-        k: (v.to(torch.bfloat16) if v.is_floating_point() else v.clone()) if torch.is_tensor(v) else v
+        k: (v.to(torch.bfloat16) if v.is_floating_point() else v.clone())
+        if torch.is_tensor(v)
+        else v
         for k, v in ref.talker_kwargs.items()
     }
-    kwargs.update(max_new_tokens=steps, output_logits=True, return_dict_in_generate=True)
+    kwargs.update(
+        max_new_tokens=steps, output_logits=True, return_dict_in_generate=True
+    )
     prompt_len = kwargs["input_ids"].shape[1]
     with corrected_reference(hf_model_bf16):
         force = LogitsProcessorList([_ForceCodes(codes, prompt_len)])
@@ -316,24 +385,36 @@ def test_bf16_teacher_forced_greedy_codes_match_transformers_bf16(hf_model_bf16,
     got_codes, logits, _ = drive(talker_bf16, [job], forced={kind: codes})[kind]
     assert got_codes == codes
     got = torch.stack(logits)
-    assert talker_bf16.model.codec_head.weight.dtype == talker_bf16.kv.dtype == torch.bfloat16
+    assert (
+        talker_bf16.model.codec_head.weight.dtype
+        == talker_bf16.kv.dtype
+        == torch.bfloat16
+    )
 
     def greedy(x):
-        return x.clone().index_fill_(-1, torch.tensor([talker_bf16.codec_bos]), -math.inf).argmax(-1)
+        return (
+            x.clone()
+            .index_fill_(-1, torch.tensor([talker_bf16.codec_bos]), -math.inf)
+            .argmax(-1)
+        )
 
     diff = (got - expected).abs().max().item()
     agree = (greedy(got) == greedy(expected)).float().mean().item()
     fp32 = torch.stack(drive(talker, [job], forced={kind: codes})[kind][1])
     agree_fp32 = (greedy(got) == greedy(fp32)).float().mean().item()
-    print(f"{kind}: bf16 vs transformers bf16: logits max abs diff {diff:.2e} (scale {expected.abs().max():.2f}), "
-          f"greedy codes agree {agree:.0%}; bf16 vs fp32: max abs diff {(got - fp32).abs().max():.2e}, "
-          f"greedy agree {agree_fp32:.0%}")
+    print(
+        f"{kind}: bf16 vs transformers bf16: logits max abs diff {diff:.2e} (scale {expected.abs().max():.2f}), "
+        f"greedy codes agree {agree:.0%}; bf16 vs fp32: max abs diff {(got - fp32).abs().max():.2e}, "
+        f"greedy agree {agree_fp32:.0%}"
+    )
     assert diff < BF16_LOGITS_ATOL
     assert agree >= BF16_GREEDY_AGREEMENT
 
 
 def test_sampling_matches_transformers_with_same_seed(hf_model, processor, talker):
-    ref = run_reference(hf_model, _inputs(processor, "text"), voice="Chelsie", sample_seed=1234)
+    ref = run_reference(
+        hf_model, _inputs(processor, "text"), voice="Chelsie", sample_seed=1234
+    )
     sampling = TalkerSampling(seed=1234)  # the defaults of transformers' generate
     codes, _, _ = drive(talker, [Job("s", ref, sampling=sampling, every=1)])["s"]
     assert codes == ref.codes
@@ -347,12 +428,43 @@ def test_mixed_batch_equals_each_alone(talker, references):
     a freed slot); one client aborts mid-way. Each request's codes are those it gets alone."""
     jobs = [
         Job("text", references["text"], TalkerSampling(seed=11), join=0, every=1),
-        Job("audio", references["audio"], TalkerSampling(do_sample=False), join=1, every=3),
-        Job("image", references["image"], TalkerSampling(seed=12, top_k=10, temperature=1.3), join=1,
-            every=0, max_codes=8),
-        Job("video", references["video"], TalkerSampling(seed=13, repetition_penalty=1.3), join=4, every=2),
-        Job("video_audio", references["video_audio"], TalkerSampling(do_sample=False), join=2, every=1),
-        Job("gone", references["audio"], TalkerSampling(seed=14), join=3, every=1, abort_at=7),
+        Job(
+            "audio",
+            references["audio"],
+            TalkerSampling(do_sample=False),
+            join=1,
+            every=3,
+        ),
+        Job(
+            "image",
+            references["image"],
+            TalkerSampling(seed=12, top_k=10, temperature=1.3),
+            join=1,
+            every=0,
+            max_codes=8,
+        ),
+        Job(
+            "video",
+            references["video"],
+            TalkerSampling(seed=13, repetition_penalty=1.3),
+            join=4,
+            every=2,
+        ),
+        Job(
+            "video_audio",
+            references["video_audio"],
+            TalkerSampling(do_sample=False),
+            join=2,
+            every=1,
+        ),
+        Job(
+            "gone",
+            references["audio"],
+            TalkerSampling(seed=14),
+            join=3,
+            every=1,
+            abort_at=7,
+        ),
     ]
     t0 = time.perf_counter()
     batched = drive(talker, jobs)
@@ -360,16 +472,27 @@ def test_mixed_batch_equals_each_alone(talker, references):
     assert talker.num_free_slots == talker.max_slots
     assert batched["gone"][2] == "aborted"
     for job in jobs[:-1]:
-        alone = drive(talker, [Job(job.rid, job.ref, job.sampling, max_codes=job.max_codes)])[job.rid]
+        alone = drive(
+            talker, [Job(job.rid, job.ref, job.sampling, max_codes=job.max_codes)]
+        )[job.rid]
         assert batched[job.rid][0] == alone[0], job.rid
         assert batched[job.rid][2] == alone[2]
-        diff = (torch.stack(batched[job.rid][1]) - torch.stack(alone[1])).abs().max().item()
+        diff = (
+            (torch.stack(batched[job.rid][1]) - torch.stack(alone[1]))
+            .abs()
+            .max()
+            .item()
+        )
         print(f"{job.rid}: batched vs alone logits max abs diff {diff:.2e}")
         assert diff < 1e-4
     assert len(batched["image"][0]) == 8 and batched["image"][2] == "length"
-    assert batched["audio"][0] == references["audio"].codes  # greedy in a batch still matches transformers
+    assert (
+        batched["audio"][0] == references["audio"].codes
+    )  # greedy in a batch still matches transformers
     again = drive(talker, jobs)
-    assert all(again[r][0] == batched[r][0] for r in batched)  # seeded sampling is reproducible
+    assert all(
+        again[r][0] == batched[r][0] for r in batched
+    )  # seeded sampling is reproducible
     print(f"mixed batch drive: {t_batch:.2f}s")
 
 
@@ -384,7 +507,9 @@ def test_waiting_unknown_voice_and_edge_cases(talker, references):
     with pytest.raises(ValueError, match="not ready"):
         talker.step(["w"])
     talker.add_thinker_token("w", *ref.reply[0])
-    assert talker.step() and talker.ready() == []  # prefill consumed reply[0]; step 1 waits
+    assert (
+        talker.step() and talker.ready() == []
+    )  # prefill consumed reply[0]; step 1 waits
     talker.finish_thinker("w")  # the track goes on with tts_text_end, tts_text_pad, ...
     n = 1
     while "w" in talker:
@@ -407,18 +532,25 @@ def test_loads_sharded_checkpoint(tmp_path, tiny_dir, talker):
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(tiny_dir / "model.safetensors")
-    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    shards = {
+        "model-00001-of-00002.safetensors": {},
+        "model-00002-of-00002.safetensors": {},
+    }
     for i, (name, tensor) in enumerate(sorted(tensors.items())):
         shards[sorted(shards)[i % 2]][name] = tensor
     weight_map = {}
     for fname, part in shards.items():
         save_file(part, tmp_path / fname, metadata={"format": "pt"})
         weight_map.update({name: fname for name in part})
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
     for fname in ("config.json", "spk_dict.pt"):
         shutil.copy(tiny_dir / fname, tmp_path / fname)
     sharded = Talker.from_pretrained(tmp_path, max_slots=1, max_len=64)
     ours = talker.model.state_dict()
     assert all(torch.equal(t, ours[k]) for k, t in sharded.model.state_dict().items())
-    assert all(torch.equal(r, talker.text_rows[t]) for t, r in sharded.text_rows.items())
+    assert all(
+        torch.equal(r, talker.text_rows[t]) for t, r in sharded.text_rows.items()
+    )
     assert sorted(sharded.voices) == ["Chelsie", "Ethan"]

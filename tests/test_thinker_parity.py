@@ -76,7 +76,9 @@ def reference(processor, hf_thinker):
             second_per_grid,
         )
         with torch.no_grad():
-            logits = hf_thinker(**inputs, use_audio_in_video=case.use_audio_in_video).logits
+            logits = hf_thinker(
+                **inputs, use_audio_in_video=case.use_audio_in_video
+            ).logits
             generated = hf_thinker.generate(
                 **inputs,
                 use_audio_in_video=case.use_audio_in_video,
@@ -142,21 +144,28 @@ def _run(llm, processor, names: list[str]):
     (calls,) = llm.apply_model(lambda m: list(m._omni_test_calls))
     prompt_lens = [len(o.prompt_token_ids) for o in outputs]
     positions, hidden = calls[0]
-    assert positions.shape[1] == sum(prompt_lens), "the batch did not prefill in one step"
+    assert positions.shape[1] == sum(prompt_lens), (
+        "the batch did not prefill in one step"
+    )
     (logits,) = llm.apply_model(lambda m: m.compute_logits(hidden))
     bounds = np.cumsum([0, *prompt_lens])
     per_request = [
-        (positions[:, a:b], logits[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        (positions[:, a:b], logits[a:b])
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     return outputs, per_request
 
 
 def _check(name, output, positions, logits, ref: Reference):
     assert output.prompt_token_ids == ref.input_ids, f"{name}: prompt token ids differ"
-    torch.testing.assert_close(positions, ref.positions, rtol=0, atol=0, msg=f"{name}: positions")
+    torch.testing.assert_close(
+        positions, ref.positions, rtol=0, atol=0, msg=f"{name}: positions"
+    )
     diff = (logits - ref.logits).abs().max().item()
     assert diff <= LOGITS_ATOL, f"{name}: prompt logits differ by {diff:.2e}"
-    assert list(output.outputs[0].token_ids) == ref.output_ids, f"{name}: greedy ids differ"
+    assert list(output.outputs[0].token_ids) == ref.output_ids, (
+        f"{name}: greedy ids differ"
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -168,11 +177,15 @@ def test_single_request_matches_transformers(name, llm, processor, reference):
 def test_mixed_batch_matches_transformers(llm, processor, reference):
     names = list(CASES)
     outputs, per_request = _run(llm, processor, names)
-    for name, output, (positions, logits) in zip(names, outputs, per_request, strict=True):
+    for name, output, (positions, logits) in zip(
+        names, outputs, per_request, strict=True
+    ):
         _check(name, output, positions, logits, reference(name))
 
 
 def test_speech_input_is_available_to_the_suite():
     """espeak-ng makes the spoken-phrase case possible; CI installs it (see .ci/run)."""
     if media.spoken_phrase() is None:
-        pytest.skip("espeak-ng is not installed here: the spoken-phrase parity case did not run")
+        pytest.skip(
+            "espeak-ng is not installed here: the spoken-phrase parity case did not run"
+        )

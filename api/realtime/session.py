@@ -18,14 +18,25 @@ from typing import Any
 import numpy as np
 from vllm.logger import init_logger
 
-from omni_vllm.api.realtime.protocol import SAMPLE_RATE, ClientError, decode_audio, new_id
+from omni_vllm.api.realtime.protocol import (
+    SAMPLE_RATE,
+    ClientError,
+    decode_audio,
+    new_id,
+)
 from omni_vllm.api.realtime.vad import VadSettings
 
 logger = init_logger("omni_vllm.api.realtime")
 
 AUDIO_TOKENS_PER_SECOND = 25  # Qwen2.5-Omni's audio encoder: one token per 40 ms
 MESSAGE_OVERHEAD_TOKENS = 6  # <|im_start|>role\n ... <|im_end|>\n, and audio bos/eos
-VAD_KEYS = ("threshold", "prefix_padding_ms", "silence_duration_ms", "create_response", "interrupt_response")
+VAD_KEYS = (
+    "threshold",
+    "prefix_padding_ms",
+    "silence_duration_ms",
+    "create_response",
+    "interrupt_response",
+)
 
 
 @dataclass
@@ -36,64 +47,115 @@ class SessionConfig:
     voice: str
     output_modalities: tuple[str, ...] = ("audio",)
     # server_vad settings (VAD_KEYS), or None: the client commits the turns itself
-    turn_detection: dict | None = field(default_factory=lambda: {
-        "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500, "create_response": True,
-        "interrupt_response": True})
+    turn_detection: dict | None = field(
+        default_factory=lambda: {
+            "threshold": 0.5,
+            "prefix_padding_ms": 300,
+            "silence_duration_ms": 500,
+            "create_response": True,
+            "interrupt_response": True,
+        }
+    )
     max_output_tokens: int | str = "inf"
 
     def vad_settings(self) -> VadSettings | None:
         td = self.turn_detection
         if td is None:
             return None
-        return VadSettings(td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"])
+        return VadSettings(
+            td["threshold"], td["prefix_padding_ms"], td["silence_duration_ms"]
+        )
 
     def to_openai(self, model: str, session_id: str) -> dict:
         """As `session.created` / `session.updated` show it (RealtimeSessionCreateRequest)."""
         fmt = {"type": "audio/pcm", "rate": SAMPLE_RATE}
-        td = None if self.turn_detection is None else {"type": "server_vad", **self.turn_detection}
-        return {"type": "realtime", "id": session_id, "object": "realtime.session", "model": model,
-                "instructions": self.instructions, "output_modalities": list(self.output_modalities),
-                "max_output_tokens": self.max_output_tokens,
-                "audio": {"input": {"format": fmt, "turn_detection": td},
-                          "output": {"format": fmt, "voice": self.voice}}}
+        td = (
+            None
+            if self.turn_detection is None
+            else {"type": "server_vad", **self.turn_detection}
+        )
+        return {
+            "type": "realtime",
+            "id": session_id,
+            "object": "realtime.session",
+            "model": model,
+            "instructions": self.instructions,
+            "output_modalities": list(self.output_modalities),
+            "max_output_tokens": self.max_output_tokens,
+            "audio": {
+                "input": {"format": fmt, "turn_detection": td},
+                "output": {"format": fmt, "voice": self.voice},
+            },
+        }
 
 
-def check_modalities(value: list[str] | None, param: str, event_id: str | None) -> tuple[str, ...] | None:
+def check_modalities(
+    value: list[str] | None, param: str, event_id: str | None
+) -> tuple[str, ...] | None:
     if value is None:
         return None
     if list(value) not in (["audio"], ["text"]):
-        raise ClientError(f"{param} is [\"audio\"] (speech and its transcript) or [\"text\"], got {value!r}",
-                          code="invalid_value", param=param, event_id=event_id)
+        raise ClientError(
+            f'{param} is ["audio"] (speech and its transcript) or ["text"], got {value!r}',
+            code="invalid_value",
+            param=param,
+            event_id=event_id,
+        )
     return tuple(value)
 
 
 def check_format(fmt: Any, param: str, event_id: str | None) -> None:
     if fmt is None:
         return
-    if getattr(fmt, "type", None) not in (None, "audio/pcm") or getattr(fmt, "rate", None) not in (None, SAMPLE_RATE):
-        raise ClientError(f"{param}: this server takes and sends audio/pcm at {SAMPLE_RATE} Hz only",
-                          code="invalid_value", param=param, event_id=event_id)
+    if getattr(fmt, "type", None) not in (None, "audio/pcm") or getattr(
+        fmt, "rate", None
+    ) not in (None, SAMPLE_RATE):
+        raise ClientError(
+            f"{param}: this server takes and sends audio/pcm at {SAMPLE_RATE} Hz only",
+            code="invalid_value",
+            param=param,
+            event_id=event_id,
+        )
 
 
-def apply_session_update(config: SessionConfig, session, voice: Callable[[Any, str], str],
-                         event_id: str | None, voice_locked: bool) -> SessionConfig:
+def apply_session_update(
+    config: SessionConfig,
+    session,
+    voice: Callable[[Any, str], str],
+    event_id: str | None,
+    voice_locked: bool,
+) -> SessionConfig:
     """A new config with the fields that `session` (a RealtimeSessionCreateRequest) sets; the old
     one stays if any of them is refused (ClientError)."""
     if getattr(session, "type", None) != "realtime":
-        raise ClientError("this server has realtime (speech to speech) sessions only, not transcription ones",
-                          code="invalid_value", param="session.type", event_id=event_id)
+        raise ClientError(
+            "this server has realtime (speech to speech) sessions only, not transcription ones",
+            code="invalid_value",
+            param="session.type",
+            event_id=event_id,
+        )
     new, sent = replace(config), session.model_fields_set
     for name in ("tools", "tool_choice", "prompt", "tracing", "reasoning"):
         if getattr(session, name, None):
-            raise ClientError(f"session.{name} is not supported by this server", code="unsupported_value",
-                              param=f"session.{name}", event_id=event_id)
+            raise ClientError(
+                f"session.{name} is not supported by this server",
+                code="unsupported_value",
+                param=f"session.{name}",
+                event_id=event_id,
+            )
     if "instructions" in sent:
         new.instructions = session.instructions or ""
     if "output_modalities" in sent:
-        new.output_modalities = check_modalities(session.output_modalities, "session.output_modalities",
-                                                 event_id) or config.output_modalities
+        new.output_modalities = (
+            check_modalities(
+                session.output_modalities, "session.output_modalities", event_id
+            )
+            or config.output_modalities
+        )
     if "max_output_tokens" in sent:
-        new.max_output_tokens = check_max_tokens(session.max_output_tokens, "session.max_output_tokens", event_id)
+        new.max_output_tokens = check_max_tokens(
+            session.max_output_tokens, "session.max_output_tokens", event_id
+        )
     audio = session.audio
     if audio is not None and audio.input is not None:
         check_format(audio.input.format, "session.audio.input.format", event_id)
@@ -102,9 +164,12 @@ def apply_session_update(config: SessionConfig, session, voice: Callable[[Any, s
             if td is None:
                 new.turn_detection = None
             elif td.type != "server_vad":
-                raise ClientError(f"turn_detection {td.type!r} is not supported; use server_vad or null",
-                                  code="unsupported_value", param="session.audio.input.turn_detection.type",
-                                  event_id=event_id)
+                raise ClientError(
+                    f"turn_detection {td.type!r} is not supported; use server_vad or null",
+                    code="unsupported_value",
+                    param="session.audio.input.turn_detection.type",
+                    event_id=event_id,
+                )
             else:
                 new.turn_detection = vad_dict(td, config.turn_detection, event_id)
     if audio is not None and audio.output is not None:
@@ -112,8 +177,12 @@ def apply_session_update(config: SessionConfig, session, voice: Callable[[Any, s
         if audio.output.voice is not None:
             name = voice(audio.output.voice, "session.audio.output.voice")
             if voice_locked and name != config.voice:
-                raise ClientError("the voice cannot change once the session has spoken", code="invalid_value",
-                                  param="session.audio.output.voice", event_id=event_id)
+                raise ClientError(
+                    "the voice cannot change once the session has spoken",
+                    code="invalid_value",
+                    param="session.audio.output.voice",
+                    event_id=event_id,
+                )
             new.voice = name
     return new
 
@@ -124,12 +193,20 @@ def vad_dict(td, old: dict | None, event_id: str | None) -> dict:
         if (value := getattr(td, key, None)) is not None:
             base[key] = value
     if not 0.0 <= base["threshold"] <= 1.0:
-        raise ClientError("turn_detection.threshold is between 0.0 and 1.0", code="invalid_value",
-                          param="session.audio.input.turn_detection.threshold", event_id=event_id)
+        raise ClientError(
+            "turn_detection.threshold is between 0.0 and 1.0",
+            code="invalid_value",
+            param="session.audio.input.turn_detection.threshold",
+            event_id=event_id,
+        )
     for key in ("prefix_padding_ms", "silence_duration_ms"):
         if base[key] < 0:
-            raise ClientError(f"turn_detection.{key} is not negative", code="invalid_value",
-                              param=f"session.audio.input.turn_detection.{key}", event_id=event_id)
+            raise ClientError(
+                f"turn_detection.{key} is not negative",
+                code="invalid_value",
+                param=f"session.audio.input.turn_detection.{key}",
+                event_id=event_id,
+            )
     return base
 
 
@@ -137,8 +214,12 @@ def check_max_tokens(value: Any, param: str, event_id: str | None) -> int | str:
     if value is None or value == "inf":
         return "inf"
     if not isinstance(value, int) or not 1 <= value <= 4096:
-        raise ClientError(f"{param} is an integer from 1 to 4096, or \"inf\"", code="invalid_value", param=param,
-                          event_id=event_id)
+        raise ClientError(
+            f'{param} is an integer from 1 to 4096, or "inf"',
+            code="invalid_value",
+            param=param,
+            event_id=event_id,
+        )
     return value
 
 
@@ -156,9 +237,13 @@ class InputAudioBuffer:
 
     def append(self, pcm: bytes, event_id: str | None) -> None:
         if len(self.data) + len(pcm) > self.max_bytes:
-            raise ClientError(f"the input audio buffer holds at most {self.max_bytes / 2 / SAMPLE_RATE:g} s; "
-                              "commit or clear it (this append was dropped)", code="input_audio_buffer_full",
-                              param="audio", event_id=event_id)
+            raise ClientError(
+                f"the input audio buffer holds at most {self.max_bytes / 2 / SAMPLE_RATE:g} s; "
+                "commit or clear it (this append was dropped)",
+                code="input_audio_buffer_full",
+                param="audio",
+                event_id=event_id,
+            )
         self.data += pcm
         self.total_ms += len(pcm) / 2 / SAMPLE_RATE * 1000
 
@@ -166,7 +251,7 @@ class InputAudioBuffer:
         """Drop all but the last `ms` (the prefix padding kept while no one speaks)."""
         keep = int(ms * SAMPLE_RATE / 1000) * 2
         if len(self.data) > keep:
-            del self.data[:len(self.data) - keep]
+            del self.data[: len(self.data) - keep]
         self.start_ms = int(self.total_ms - len(self.data) / 2 / SAMPLE_RATE * 1000)
 
     def take(self) -> bytes:
@@ -187,7 +272,9 @@ class Part:
     text: str = ""  # the text, or an audio part's transcript
     audio: bytes | None = None  # user audio: pcm16 24 kHz
     audio_ms: float = 0.0  # assistant audio sent
-    wav: str | None = field(default=None, repr=False)  # `audio` as base64 WAV, made once for every later prompt
+    wav: str | None = field(
+        default=None, repr=False
+    )  # `audio` as base64 WAV, made once for every later prompt
 
 
 @dataclass
@@ -209,8 +296,14 @@ class Item:
                 content.append(c)
             else:
                 content.append({"type": "output_audio", "transcript": p.text})
-        return {"id": self.id, "type": "message", "object": "realtime.item", "role": self.role,
-                "status": self.status, "content": content}
+        return {
+            "id": self.id,
+            "type": "message",
+            "object": "realtime.item",
+            "role": self.role,
+            "status": self.status,
+            "content": content,
+        }
 
     def to_message(self) -> dict | None:
         """The chat message for the thinker (None: nothing to say, e.g. a reply cut before its first word)."""
@@ -222,7 +315,12 @@ class Item:
             if p.type == "input_audio":
                 if p.wav is None:
                     p.wav = wav_b64(p.audio or b"")
-                content.append({"type": "input_audio", "input_audio": {"data": p.wav, "format": "wav"}})
+                content.append(
+                    {
+                        "type": "input_audio",
+                        "input_audio": {"data": p.wav, "format": "wav"},
+                    }
+                )
             elif p.text:
                 content.append({"type": "text", "text": p.text})
         return {"role": "user", "content": content} if content else None
@@ -232,7 +330,10 @@ class Item:
         n = MESSAGE_OVERHEAD_TOKENS
         for p in self.parts:
             if p.type == "input_audio":
-                n += int(len(p.audio or b"") / 2 / SAMPLE_RATE * AUDIO_TOKENS_PER_SECOND) + 3
+                n += (
+                    int(len(p.audio or b"") / 2 / SAMPLE_RATE * AUDIO_TOKENS_PER_SECOND)
+                    + 3
+                )
             else:
                 n += count_text(p.text)
         return n
@@ -242,15 +343,22 @@ def wav_b64(pcm16: bytes) -> str:
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.frombuffer(pcm16, "<i2"), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    sf.write(
+        buf, np.frombuffer(pcm16, "<i2"), SAMPLE_RATE, format="WAV", subtype="PCM_16"
+    )
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def item_from_event(item, event_id: str | None, max_audio_bytes: int) -> Item:
     """An Item from the `item` of `conversation.item.create` (or `response.create`'s `input`)."""
     if getattr(item, "type", None) != "message":
-        raise ClientError(f"item type {getattr(item, 'type', None)!r} is not supported (messages only: this "
-                          "server has no tools)", code="unsupported_value", param="item.type", event_id=event_id)
+        raise ClientError(
+            f"item type {getattr(item, 'type', None)!r} is not supported (messages only: this "
+            "server has no tools)",
+            code="unsupported_value",
+            param="item.type",
+            event_id=event_id,
+        )
     parts = []
     for i, c in enumerate(item.content):
         kind = c.type or ("input_text" if item.role != "assistant" else "output_text")
@@ -258,21 +366,45 @@ def item_from_event(item, event_id: str | None, max_audio_bytes: int) -> Item:
         if item.role == "user" and kind == "input_audio":
             pcm = decode_audio(c.audio or "", f"{param}.audio", event_id)
             if len(pcm) > max_audio_bytes:
-                raise ClientError(f"{param}.audio is longer than {max_audio_bytes / 2 / SAMPLE_RATE:g} s",
-                                  code="input_audio_too_long", param=f"{param}.audio", event_id=event_id)
+                raise ClientError(
+                    f"{param}.audio is longer than {max_audio_bytes / 2 / SAMPLE_RATE:g} s",
+                    code="input_audio_too_long",
+                    param=f"{param}.audio",
+                    event_id=event_id,
+                )
             if not pcm:
-                raise ClientError(f"{param}.audio is empty", code="invalid_value", param=f"{param}.audio",
-                                  event_id=event_id)
+                raise ClientError(
+                    f"{param}.audio is empty",
+                    code="invalid_value",
+                    param=f"{param}.audio",
+                    event_id=event_id,
+                )
             parts.append(Part("input_audio", text=c.transcript or "", audio=pcm))
         elif kind in ("input_text", "output_text", "text"):
-            parts.append(Part("input_text" if item.role != "assistant" else "output_text", text=c.text or ""))
+            parts.append(
+                Part(
+                    "input_text" if item.role != "assistant" else "output_text",
+                    text=c.text or "",
+                )
+            )
         elif item.role == "assistant" and kind == "output_audio":
-            parts.append(Part("output_audio", text=c.transcript or ""))  # its transcript is what it said
+            parts.append(
+                Part("output_audio", text=c.transcript or "")
+            )  # its transcript is what it said
         else:
-            raise ClientError(f"{param}: content type {kind!r} is not supported for a {item.role} message",
-                              code="unsupported_value", param=f"{param}.type", event_id=event_id)
+            raise ClientError(
+                f"{param}: content type {kind!r} is not supported for a {item.role} message",
+                code="unsupported_value",
+                param=f"{param}.type",
+                event_id=event_id,
+            )
     if not parts:
-        raise ClientError("item.content is empty", code="invalid_value", param="item.content", event_id=event_id)
+        raise ClientError(
+            "item.content is empty",
+            code="invalid_value",
+            param="item.content",
+            event_id=event_id,
+        )
     return Item(item.id or new_id("item"), item.role, parts)
 
 
@@ -286,47 +418,90 @@ class Conversation:
         for item in self.items:
             if item.id == item_id:
                 return item
-        raise ClientError(f"no item with id {item_id!r} in the conversation", code="item_not_found",
-                          param=param, event_id=event_id)
+        raise ClientError(
+            f"no item with id {item_id!r} in the conversation",
+            code="item_not_found",
+            param=param,
+            event_id=event_id,
+        )
 
-    def add(self, item: Item, previous_item_id: str | None = None, event_id: str | None = None) -> str | None:
+    def add(
+        self,
+        item: Item,
+        previous_item_id: str | None = None,
+        event_id: str | None = None,
+    ) -> str | None:
         """Insert `item` after `previous_item_id` ("root": first; None: last); returns the id before it."""
         if any(i.id == item.id for i in self.items):
-            raise ClientError(f"an item with id {item.id!r} is in the conversation already", code="invalid_value",
-                              param="item.id", event_id=event_id)
+            raise ClientError(
+                f"an item with id {item.id!r} is in the conversation already",
+                code="invalid_value",
+                param="item.id",
+                event_id=event_id,
+            )
         if previous_item_id is None:
             at = len(self.items)
         elif previous_item_id == "root":
             at = 0
         else:
-            at = self.items.index(self.find(previous_item_id, event_id, "previous_item_id")) + 1
+            at = (
+                self.items.index(
+                    self.find(previous_item_id, event_id, "previous_item_id")
+                )
+                + 1
+            )
         self.items.insert(at, item)
         return self.items[at - 1].id if at else None
 
     def delete(self, item_id: str, event_id: str | None) -> None:
         self.items.remove(self.find(item_id, event_id))
 
-    def truncate(self, item_id: str, content_index: int, audio_end_ms: int, event_id: str | None) -> None:
+    def truncate(
+        self, item_id: str, content_index: int, audio_end_ms: int, event_id: str | None
+    ) -> None:
         """The client played only `audio_end_ms` of an assistant reply: keep that much of its
         transcript (in proportion to the audio played; text leads audio, so this is the best
         estimate without word timings)."""
         item = self.find(item_id, event_id)
         if item.role != "assistant":
-            raise ClientError("only assistant items can be truncated", code="invalid_value", param="item_id",
-                              event_id=event_id)
-        if not 0 <= content_index < len(item.parts) or item.parts[content_index].type != "output_audio":
-            raise ClientError(f"content_index {content_index} is not an audio part of {item_id}",
-                              code="invalid_value", param="content_index", event_id=event_id)
+            raise ClientError(
+                "only assistant items can be truncated",
+                code="invalid_value",
+                param="item_id",
+                event_id=event_id,
+            )
+        if (
+            not 0 <= content_index < len(item.parts)
+            or item.parts[content_index].type != "output_audio"
+        ):
+            raise ClientError(
+                f"content_index {content_index} is not an audio part of {item_id}",
+                code="invalid_value",
+                param="content_index",
+                event_id=event_id,
+            )
         part = item.parts[content_index]
         if audio_end_ms < 0 or audio_end_ms > part.audio_ms + 1:
-            raise ClientError(f"audio_end_ms {audio_end_ms} is beyond the item's audio ({part.audio_ms:.0f} ms)",
-                              code="invalid_value", param="audio_end_ms", event_id=event_id)
+            raise ClientError(
+                f"audio_end_ms {audio_end_ms} is beyond the item's audio ({part.audio_ms:.0f} ms)",
+                code="invalid_value",
+                param="audio_end_ms",
+                event_id=event_id,
+            )
         keep = audio_end_ms / part.audio_ms if part.audio_ms else 0.0
-        part.text, part.audio_ms = part.text[:int(round(len(part.text) * keep))], float(audio_end_ms)
+        part.text, part.audio_ms = (
+            part.text[: int(round(len(part.text) * keep))],
+            float(audio_end_ms),
+        )
         item.status = "incomplete"
 
-    def messages(self, instructions: str, items: list[Item] | None, budget: int,
-                 count_text: Callable[[str], int]) -> tuple[list[dict], list[Item]]:
+    def messages(
+        self,
+        instructions: str,
+        items: list[Item] | None,
+        budget: int,
+        count_text: Callable[[str], int],
+    ) -> tuple[list[dict], list[Item]]:
         """The prompt's messages (instructions first) and the items dropped to fit `budget` tokens:
         the oldest non-system items go first; the last item always stays."""
         own = items is None
@@ -345,7 +520,11 @@ class Conversation:
             for item in dropped:
                 self.items.remove(item)
         if dropped:
-            logger.info("realtime conversation over %d tokens: dropped its %d oldest item(s)", budget, len(dropped))
+            logger.info(
+                "realtime conversation over %d tokens: dropped its %d oldest item(s)",
+                budget,
+                len(dropped),
+            )
         msgs = [{"role": "system", "content": instructions}] if instructions else []
         msgs += [m for i in items if (m := i.to_message()) is not None]
         return msgs, dropped

@@ -77,7 +77,9 @@ class ServerVad:
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = self.in_rate
         out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
-        self._pending = np.concatenate([self._pending, *out]).astype(np.float32, copy=False)
+        self._pending = np.concatenate([self._pending, *out]).astype(
+            np.float32, copy=False
+        )
         events: list[VadEvent] = []
         s = self.settings
         with torch.inference_mode():
@@ -88,9 +90,16 @@ class ServerVad:
                 if not self.speaking and prob >= s.threshold:
                     self.speaking, self._silent_ms = True, 0
                     self._speech_start_ms = self._frames * FRAME_MS
-                    events.append(VadEvent("speech_started", max(0, self._speech_start_ms - s.prefix_padding_ms)))
+                    events.append(
+                        VadEvent(
+                            "speech_started",
+                            max(0, self._speech_start_ms - s.prefix_padding_ms),
+                        )
+                    )
                 elif self.speaking:
-                    self._silent_ms = 0 if prob >= s.threshold else self._silent_ms + FRAME_MS
+                    self._silent_ms = (
+                        0 if prob >= s.threshold else self._silent_ms + FRAME_MS
+                    )
                     if self._silent_ms >= s.silence_duration_ms:
                         self.speaking = False
                         events.append(VadEvent("speech_stopped", end_ms))

@@ -21,5 +21,9 @@ class SpeechRequest(OpenAIBaseModel):
     instructions: str | None = None
     stream_format: Literal["audio", "sse"] = "audio"
     # extensions (not in OpenAI's API), as in chat completions
-    seed: int | None = Field(default=None, description="Seeds the talker's sampling and the vocoder noise.")
-    max_audio_tokens: int | None = Field(default=None, description="Cap on speech codes (50 per second).")
+    seed: int | None = Field(
+        default=None, description="Seeds the talker's sampling and the vocoder noise."
+    )
+    max_audio_tokens: int | None = Field(
+        default=None, description="Cap on speech codes (50 per second)."
+    )

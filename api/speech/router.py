@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
+from vllm.entrypoints.serve.utils.api_utils import (
+    validate_json_request,
+    with_cancellation,
+)
 
 from omni_vllm.api.speech.protocol import SpeechRequest
 from omni_vllm.api.speech.serving import OmniServingSpeech

@@ -7,7 +7,12 @@ one `RequestCollector` per request), `config` (`SpeechConfig`, every setting and
 `loading` (the modules of a checkpoint).
 """
 
-from omni_vllm.errors import SpeechBusy, SpeechLoadError, SpeechUnavailable, UnknownVoice
+from omni_vllm.errors import (
+    SpeechBusy,
+    SpeechLoadError,
+    SpeechUnavailable,
+    UnknownVoice,
+)
 from omni_vllm.speech.config import SpeechConfig
 from omni_vllm.speech.engine import RUNAWAY_FLOOR_CODES, SpeechChunk, SpeechEngine
 from omni_vllm.speech.loading import load_speech_modules

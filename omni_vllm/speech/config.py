@@ -84,7 +84,9 @@ class SpeechConfig:
     def __post_init__(self) -> None:
         # JSON from the command line or the environment (a dict), or None: the defaults.
         self.stream_config = _stream_config(self.stream_config)
-        if (self.max_speaking is not None and self.max_speaking < 1) or self.max_queued_windows < 1:
+        if (
+            self.max_speaking is not None and self.max_speaking < 1
+        ) or self.max_queued_windows < 1:
             raise ValueError("max_speaking and max_queued_windows must be >= 1")
 
     # ------------------------------------------------------------------------- command line
@@ -92,7 +94,11 @@ class SpeechConfig:
     @classmethod
     def cli_fields(cls) -> dict[str, str]:
         """{field: its flag's dest} of every field that has a flag."""
-        return {f.name: CLI_NAMES.get(f.name, f.name) for f in dataclasses.fields(cls) if f.name not in NO_FLAG}
+        return {
+            f.name: CLI_NAMES.get(f.name, f.name)
+            for f in dataclasses.fields(cls)
+            if f.name not in NO_FLAG
+        }
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -100,18 +106,28 @@ class SpeechConfig:
         from vllm.engine.arg_utils import get_kwargs
 
         kwargs = get_kwargs(cls)
-        group = parser.add_argument_group("omni-vllm speech", "Settings of the speech path (SpeechConfig).")
+        group = parser.add_argument_group(
+            "omni-vllm speech", "Settings of the speech path (SpeechConfig)."
+        )
         for name, dest in cls.cli_fields().items():
             kw = kwargs[name]
-            if name == "stream_config":  # JSON of some of its fields (a dict); unset: None, the defaults
-                kw.update(default=None, type=json.loads, help=kw["help"].split("\n\n")[0])
+            if (
+                name == "stream_config"
+            ):  # JSON of some of its fields (a dict); unset: None, the defaults
+                kw.update(
+                    default=None, type=json.loads, help=kw["help"].split("\n\n")[0]
+                )
             group.add_argument(f"--{dest.replace('_', '-')}", dest=dest, **kw)
         return parser
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "SpeechConfig":
         """The config of parsed flags (fields whose flag `args` lacks keep their default)."""
-        values = {name: getattr(args, dest) for name, dest in cls.cli_fields().items() if hasattr(args, dest)}
+        values = {
+            name: getattr(args, dest)
+            for name, dest in cls.cli_fields().items()
+            if hasattr(args, dest)
+        }
         return cls(**values)
 
 

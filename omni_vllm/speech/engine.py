@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -60,7 +61,12 @@ import numpy as np
 import torch
 
 from omni_vllm.checkpoint import engine_checkpoint
-from omni_vllm.errors import SpeechBusy, SpeechLoadError, SpeechUnavailable, UnknownVoice
+from omni_vllm.errors import (
+    SpeechBusy,
+    SpeechLoadError,
+    SpeechUnavailable,
+    UnknownVoice,
+)
 from omni_vllm.hidden_states import (
     HiddenStatesChunk,
     check_speech_config,
@@ -94,15 +100,30 @@ RUNAWAY_FLOOR_CODES = 100  # the runaway guard never cuts a reply's speech below
 class _Job:
     """Loop-side state of one audio request."""
 
-    def __init__(self, rid: str, voice: str, sampling: TalkerSampling, noise: Any, max_codes: int | None):
-        self.rid, self.voice, self.sampling, self.noise, self.max_codes = rid, voice, sampling, noise, max_codes
+    def __init__(
+        self,
+        rid: str,
+        voice: str,
+        sampling: TalkerSampling,
+        noise: Any,
+        max_codes: int | None,
+    ):
+        self.rid, self.voice, self.sampling, self.noise, self.max_codes = (
+            rid,
+            voice,
+            sampling,
+            noise,
+            max_codes,
+        )
         self.out = RequestCollector()
         self.t_arrival = time.monotonic()
         self.t_first_audio: float | None = None
         self.waiter: asyncio.Future | None = None  # while waiting for admission
         self.admitted = False  # holds a speaking slot
         self.t_admitted: float | None = None
-        self.pending_rows: list[torch.Tensor] = []  # rows before the prompt ids are known
+        self.pending_rows: list[
+            torch.Tensor
+        ] = []  # rows before the prompt ids are known
         self.positions: torch.Tensor | None = None
         self.rows_seen = 0
         self.submitted = False  # the worker has the request
@@ -118,8 +139,15 @@ class _Aborted(Exception):
 class SpeechEngine:
     """Text and streamed speech for AsyncLLM requests (see the module docstring)."""
 
-    def __init__(self, engine, model_dir: str | Path, *, config: SpeechConfig | None = None,
-                 text_only_reason: str | None = None, **kwargs):
+    def __init__(
+        self,
+        engine,
+        model_dir: str | Path,
+        *,
+        config: SpeechConfig | None = None,
+        text_only_reason: str | None = None,
+        **kwargs,
+    ):
         """`engine`: a vLLM AsyncLLM serving the checkpoint's thinker; `model_dir`: the
         checkpoint directory, from which the talker, Token2Wav and voices are loaded. `config`:
         the speech settings (omni_vllm.speech.SpeechConfig); keyword arguments override its fields.
@@ -133,7 +161,9 @@ class SpeechEngine:
         model_config = getattr(engine, "model_config", None)
         if config.max_speaking is None:
             config.max_speaking = DEFAULT_MAX_SPEAKING
-        if config.talker_max_len is None and model_config is not None:  # a longer request never reaches the talker
+        if (
+            config.talker_max_len is None and model_config is not None
+        ):  # a longer request never reaches the talker
             config.talker_max_len = model_config.max_model_len + config.max_codes
         self.config = config
         self.engine = engine
@@ -155,9 +185,14 @@ class SpeechEngine:
                 except ValueError as e:
                     raise SpeechUnavailable(str(e)) from None
             self.talker, self.token2wav = load_speech_modules(
-                self.model_dir, device=self.device, dtypes=speech_dtypes(config.speech_dtype, thinker_dtype),
-                max_slots=config.max_speaking, max_len=config.talker_max_len,
-                kv_cache_tokens=config.kv_cache_tokens, max_codes=config.max_codes)
+                self.model_dir,
+                device=self.device,
+                dtypes=speech_dtypes(config.speech_dtype, thinker_dtype),
+                max_slots=config.max_speaking,
+                max_len=config.talker_max_len,
+                kv_cache_tokens=config.kv_cache_tokens,
+                max_codes=config.max_codes,
+            )
         except SpeechUnavailable as e:
             self.unavailable_reason = str(e)
         except SpeechLoadError as e:
@@ -176,9 +211,16 @@ class SpeechEngine:
                 config.default_voice = self.resolve_voice(config.default_voice)
             except UnknownVoice as e:
                 raise UnknownVoice(f"default voice: {e}") from None
-            streamer = StreamingToken2Wav(self.token2wav, config.stream_config)  # validates the config
-            self._worker = SpeechWorker(self.talker, streamer, self._post, config,
-                                        thinker_busy=lambda: engine.get_num_unfinished_requests() > 0)
+            streamer = StreamingToken2Wav(
+                self.token2wav, config.stream_config
+            )  # validates the config
+            self._worker = SpeechWorker(
+                self.talker,
+                streamer,
+                self._post,
+                config,
+                thinker_busy=lambda: engine.get_num_unfinished_requests() > 0,
+            )
             self._snapshot = self._worker.stats()
             self._worker.start()
             cfg, tcfg = config.stream_config, self.talker.model.config
@@ -188,23 +230,54 @@ class SpeechEngine:
                 "max_codes=%d, talker_max_len=%d; stream: first chunk %d codes, chunk %d, DiT context "
                 "%d back / %d ahead, vocoder %d/%d frames, %d ODE points; first audio after %d codes "
                 "(%.2f s of speech)",
-                tcfg.num_hidden_layers, tcfg.hidden_size, self.talker.dtype, len(self.token2wav.dit.transformer_blocks),
+                tcfg.num_hidden_layers,
+                tcfg.hidden_size,
+                self.talker.dtype,
+                len(self.token2wav.dit.transformer_blocks),
                 next(self.token2wav.dit.parameters()).dtype,
-                self.model_dir, self.device, time.perf_counter() - t0, ", ".join(self.voices), config.default_voice,
-                config.max_speaking, config.max_queued_windows, config.max_codes, self.talker.max_len, cfg.first,
-                cfg.chunk, cfg.left_context, cfg.look_ahead, cfg.vocoder_left, cfg.vocoder_right, cfg.num_steps,
-                cfg.first_audio_codes(), cfg.first_audio_codes() / 50,
+                self.model_dir,
+                self.device,
+                time.perf_counter() - t0,
+                ", ".join(self.voices),
+                config.default_voice,
+                config.max_speaking,
+                config.max_queued_windows,
+                config.max_codes,
+                self.talker.max_len,
+                cfg.first,
+                cfg.chunk,
+                cfg.left_context,
+                cfg.look_ahead,
+                cfg.vocoder_left,
+                cfg.vocoder_right,
+                cfg.num_steps,
+                cfg.first_audio_codes(),
+                cfg.first_audio_codes() / 50,
             )
         else:
-            logger.warning("speech engine: %s cannot speak (%s); serving text only",
-                           self.model_dir, self.unavailable_reason)
+            logger.warning(
+                "speech engine: %s cannot speak (%s); serving text only",
+                self.model_dir,
+                self.unavailable_reason,
+            )
 
         self._jobs: dict[str, _Job] = {}
         self._speaking = 0  # admitted audio requests not yet released (slots reserved)
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()  # FIFO; result: admission time
-        self._hold_seconds: collections.deque[float] = collections.deque(maxlen=64)  # slot held, recent requests
-        self._counters = dict(audio_requests=0, text_requests=0, refused=0, aborted=0, failed=0,
-                              audio_samples_total=0, runaway_capped=0)
+        self._waiters: collections.deque[asyncio.Future] = (
+            collections.deque()
+        )  # FIFO; result: admission time
+        self._hold_seconds: collections.deque[float] = collections.deque(
+            maxlen=64
+        )  # slot held, recent requests
+        self._counters = dict(
+            audio_requests=0,
+            text_requests=0,
+            refused=0,
+            aborted=0,
+            failed=0,
+            audio_samples_total=0,
+            runaway_capped=0,
+        )
         self._ttfa: collections.deque[float] = collections.deque(maxlen=1024)
         self._aborts: set[asyncio.Task] = set()
         self._closed = False
@@ -299,23 +372,34 @@ class SpeechEngine:
             return
 
         if not self.has_speech:
-            raise SpeechUnavailable(f"this checkpoint cannot speak: {self.unavailable_reason}")
+            raise SpeechUnavailable(
+                f"this checkpoint cannot speak: {self.unavailable_reason}"
+            )
         voice = self.resolve_voice(voice)
         if request_id in self._jobs:
             raise ValueError(f"request id {request_id!r} is already speaking")
         self._bind_loop()
-        job = _Job(request_id, voice, talker_sampling, noise, max_codes or self.max_codes)
+        job = _Job(
+            request_id, voice, talker_sampling, noise, max_codes or self.max_codes
+        )
         self._jobs[request_id] = job
         try:
             try:
                 await self._admit(job, on_queued)
             except _Aborted:
-                yield SpeechChunk("", [], None, finished=True, finish_reason="abort",
-                                  queue_seconds=time.monotonic() - job.t_arrival)
+                yield SpeechChunk(
+                    "",
+                    [],
+                    None,
+                    finished=True,
+                    finish_reason="abort",
+                    queue_seconds=time.monotonic() - job.t_arrival,
+                )
                 return
             self._counters["audio_requests"] += 1
             job.producer = asyncio.get_running_loop().create_task(
-                self._produce(job, prompt, request_hidden_states(params)), name=f"omni-speech-{request_id}"
+                self._produce(job, prompt, request_hidden_states(params)),
+                name=f"omni-speech-{request_id}",
             )
             async for chunk in self._consume(job):
                 chunk.queue_seconds = job.t_admitted - job.t_arrival
@@ -339,10 +423,14 @@ class SpeechEngine:
         """Stop a request now; its stream then ends with a chunk with finish_reason "abort"."""
         job = self._jobs.get(request_id)
         if job is None:
-            await self.engine.abort(request_id)  # a text request (its stream ends with "abort")
+            await self.engine.abort(
+                request_id
+            )  # a text request (its stream ends with "abort")
             return
         self._counters["aborted"] += 1
-        if job.waiter is not None and not job.waiter.done():  # still waiting: leaves the queue now
+        if (
+            job.waiter is not None and not job.waiter.done()
+        ):  # still waiting: leaves the queue now
             self._waiters.remove(job.waiter)
             job.waiter.set_exception(_Aborted())
             return
@@ -382,7 +470,9 @@ class SpeechEngine:
         self._closed = True
         for job in list(self._jobs.values()):
             if job.waiter is not None and not job.waiter.done():
-                job.waiter.set_exception(SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN))
+                job.waiter.set_exception(
+                    SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)
+                )
                 continue
             await self._release(job)
             job.out.fail(RuntimeError("speech engine shut down"))
@@ -392,14 +482,18 @@ class SpeechEngine:
             self._worker.stop()
             await asyncio.to_thread(self._worker.join)
         if set_hidden_states_sink(self._previous_sink) != self._on_hidden_states:
-            logger.warning("speech engine: another hidden-states sink was registered after this one")
+            logger.warning(
+                "speech engine: another hidden-states sink was registered after this one"
+            )
         if self._owns_engine:
             self.engine.shutdown()
         logger.info("speech engine shut down")
 
     # ------------------------------------------------------------------------------ text
 
-    async def _generate_text(self, prompt, params, request_id) -> AsyncIterator[SpeechChunk]:
+    async def _generate_text(
+        self, prompt, params, request_id
+    ) -> AsyncIterator[SpeechChunk]:
         completion = 0
         gen = self.engine.generate(prompt, params, request_id)
         try:
@@ -409,7 +503,10 @@ class SpeechEngine:
                 chunk = SpeechChunk(c.text, list(c.token_ids), None)
                 if out.finished:
                     chunk.finished, chunk.finish_reason = True, c.finish_reason
-                    chunk.prompt_tokens, chunk.completion_tokens = len(out.prompt_token_ids or ()), completion
+                    chunk.prompt_tokens, chunk.completion_tokens = (
+                        len(out.prompt_token_ids or ()),
+                        completion,
+                    )
                 yield chunk
         finally:
             await gen.aclose()  # consumer gone: AsyncLLM aborts the request now
@@ -417,9 +514,14 @@ class SpeechEngine:
     # ---------------------------------------------------------------------------- admission
 
     def _can_admit(self) -> bool:
-        return self._speaking < self.max_speaking and self._snapshot.queued_windows < self.max_queued_windows
+        return (
+            self._speaking < self.max_speaking
+            and self._snapshot.queued_windows < self.max_queued_windows
+        )
 
-    async def _admit(self, job: _Job, on_queued: Callable[[], Any] | None = None) -> None:
+    async def _admit(
+        self, job: _Job, on_queued: Callable[[], Any] | None = None
+    ) -> None:
         """Reserve a speaking slot: at once when one is free and nobody waits, else after waiting in
         FIFO order for as long as the caller waits (or `queue_timeout`). SpeechBusy at once when
         `max_waiting` requests wait already. Cancelling the caller leaves the queue."""
@@ -427,15 +529,22 @@ class SpeechEngine:
             self._speaking += 1
             job.admitted, job.t_admitted = True, time.monotonic()
             return
-        if len(self._waiters) >= self.max_waiting or (self.queue_timeout is not None and self.queue_timeout <= 0):
-            raise self._refuse(SpeechBusy.QUEUE_FULL, f"speech engine busy: {self._speaking} speaking, "
-                               f"{len(self._waiters)} waiting (at most {self.max_waiting})")
+        if len(self._waiters) >= self.max_waiting or (
+            self.queue_timeout is not None and self.queue_timeout <= 0
+        ):
+            raise self._refuse(
+                SpeechBusy.QUEUE_FULL,
+                f"speech engine busy: {self._speaking} speaking, "
+                f"{len(self._waiters)} waiting (at most {self.max_waiting})",
+            )
         job.waiter = fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if on_queued is not None:
             on_queued()
         try:
-            job.t_admitted = await asyncio.wait_for(fut, self.queue_timeout)  # the waker reserves our slot
+            job.t_admitted = await asyncio.wait_for(
+                fut, self.queue_timeout
+            )  # the waker reserves our slot
             job.admitted = True
         except BaseException as e:
             if fut in self._waiters:
@@ -444,8 +553,10 @@ class SpeechEngine:
                 self._speaking -= 1  # a slot was reserved for us, but we are leaving
                 self._wake()
             if isinstance(e, TimeoutError):
-                raise self._refuse(SpeechBusy.WAIT_TIMEOUT,
-                                   f"speech engine busy: no speaking slot within {self.queue_timeout:g} s") from None
+                raise self._refuse(
+                    SpeechBusy.WAIT_TIMEOUT,
+                    f"speech engine busy: no speaking slot within {self.queue_timeout:g} s",
+                ) from None
             raise
         finally:
             job.waiter = None
@@ -470,8 +581,14 @@ class SpeechEngine:
             hold = sum(self._hold_seconds) / len(self._hold_seconds)
         else:
             now = time.monotonic()
-            hold = max((now - j.t_admitted for j in self._jobs.values() if j.admitted and not j.released),
-                       default=1.0)
+            hold = max(
+                (
+                    now - j.t_admitted
+                    for j in self._jobs.values()
+                    if j.admitted and not j.released
+                ),
+                default=1.0,
+            )
         return max(1.0, (len(self._waiters) + 1) * hold / self.max_speaking)
 
     # ---------------------------------------------------------------------------- one request
@@ -481,7 +598,9 @@ class SpeechEngine:
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError("SpeechEngine is bound to another event loop (the AsyncLLM's)")
+            raise RuntimeError(
+                "SpeechEngine is bound to another event loop (the AsyncLLM's)"
+            )
 
     async def _produce(self, job: _Job, prompt, params) -> None:
         """Iterate the thinker; text deltas to the consumer, prompt ids / end to the worker."""
@@ -499,8 +618,12 @@ class SpeechEngine:
                 if out.finished:
                     job.thinker_done = True
                     if job.submitted:
-                        self._worker.submit(ThinkerFinished(job.rid, self.runaway_cap(completion)))
-                    job.out.end_text(c.finish_reason, len(out.prompt_token_ids), completion)
+                        self._worker.submit(
+                            ThinkerFinished(job.rid, self.runaway_cap(completion))
+                        )
+                    job.out.end_text(
+                        c.finish_reason, len(out.prompt_token_ids), completion
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -516,10 +639,19 @@ class SpeechEngine:
                 f"request {job.rid}: the thinker sent {0 if rows is None else len(rows)} of {n} prompt "
                 "hidden-state rows; is the omni_vllm plugin (patches/) active in the engine?"
             )
-        self._worker.submit(AddRequest(
-            job.rid, prompt_ids=torch.tensor(prompt_ids), prompt_rows=rows[:n],
-            rows=rows[n:] if len(rows) > n else None, positions=job.positions, voice=job.voice,
-            sampling=job.sampling, noise=job.noise, max_codes=job.max_codes))
+        self._worker.submit(
+            AddRequest(
+                job.rid,
+                prompt_ids=torch.tensor(prompt_ids),
+                prompt_rows=rows[:n],
+                rows=rows[n:] if len(rows) > n else None,
+                positions=job.positions,
+                voice=job.voice,
+                sampling=job.sampling,
+                noise=job.noise,
+                max_codes=job.max_codes,
+            )
+        )
         job.submitted = True
 
     def _on_hidden_states(self, chunk: HiddenStatesChunk) -> None:
@@ -532,7 +664,12 @@ class SpeechEngine:
         if job.released:
             return
         if chunk.start != job.rows_seen:
-            logger.error("request %s: hidden-state rows start at %d, expected %d", job.rid, chunk.start, job.rows_seen)
+            logger.error(
+                "request %s: hidden-state rows start at %d, expected %d",
+                job.rid,
+                chunk.start,
+                job.rows_seen,
+            )
         job.rows_seen = chunk.start + len(chunk.rows)
         if chunk.prompt_positions is not None:
             job.positions = chunk.prompt_positions
@@ -552,30 +689,48 @@ class SpeechEngine:
                 raise
             codes_total += len(chunk.audio_codes)
             if out.aborted or (out.text_end is not None and out.audio_done):
-                reason, prompt, completion = out.text_end if out.text_end is not None else ("abort", 0, 0)
+                reason, prompt, completion = (
+                    out.text_end if out.text_end is not None else ("abort", 0, 0)
+                )
                 if out.talker_reason in ("length", "runaway") and reason == "stop":
                     reason = "length"  # the text is whole but its speech was cut (a cap on codes)
-                chunk.finished, chunk.finish_reason = True, "abort" if out.aborted else reason
-                chunk.prompt_tokens, chunk.completion_tokens, chunk.audio_tokens = prompt, completion, codes_total
+                chunk.finished, chunk.finish_reason = (
+                    True,
+                    "abort" if out.aborted else reason,
+                )
+                chunk.prompt_tokens, chunk.completion_tokens, chunk.audio_tokens = (
+                    prompt,
+                    completion,
+                    codes_total,
+                )
                 if not out.aborted:  # a full service time, for retry_after()
                     self._hold_seconds.append(time.monotonic() - job.t_admitted)
-                self._release_now(job)  # before the last yield: a consumer may stop iterating there
+                self._release_now(
+                    job
+                )  # before the last yield: a consumer may stop iterating there
                 yield chunk
                 return
-            if chunk.text or chunk.token_ids or chunk.audio is not None or chunk.audio_codes:
+            if (
+                chunk.text
+                or chunk.token_ids
+                or chunk.audio is not None
+                or chunk.audio_codes
+            ):
                 yield chunk
 
-    def _post(self, results: dict[str, WorkerOutput], snapshot: WorkerStats, syncs: list) -> None:
+    def _post(
+        self, results: dict[str, WorkerOutput], snapshot: WorkerStats, syncs: list
+    ) -> None:
         """Worker -> event loop, once per worker iteration."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(self._on_results, results, snapshot, syncs)
-        except RuntimeError:  # loop closed meanwhile
-            pass
 
-    def _on_results(self, results: dict[str, WorkerOutput], snapshot: WorkerStats, syncs: list) -> None:
+    def _on_results(
+        self, results: dict[str, WorkerOutput], snapshot: WorkerStats, syncs: list
+    ) -> None:
         self._snapshot = snapshot
         for fut in syncs:
             if not fut.done():
@@ -590,7 +745,9 @@ class SpeechEngine:
                 continue
             audio = None
             if res.audio:
-                audio = np.concatenate(res.audio) if len(res.audio) > 1 else res.audio[0]
+                audio = (
+                    np.concatenate(res.audio) if len(res.audio) > 1 else res.audio[0]
+                )
                 self._counters["audio_samples_total"] += len(audio)
                 if job.t_first_audio is None:
                     job.t_first_audio = now
@@ -611,10 +768,16 @@ class SpeechEngine:
         if job.admitted:
             self._speaking -= 1
         if job.submitted:
-            self._worker.submit(Cancel(job.rid))  # harmless if the worker already closed it
+            self._worker.submit(
+                Cancel(job.rid)
+            )  # harmless if the worker already closed it
         job.pending_rows = []
         producer = job.producer
-        if producer is not None and producer is not asyncio.current_task() and not producer.done():
+        if (
+            producer is not None
+            and producer is not asyncio.current_task()
+            and not producer.done()
+        ):
             producer.cancel()
         self._wake()
 
@@ -627,7 +790,6 @@ class SpeechEngine:
         task = asyncio.get_running_loop().create_task(self.engine.abort(job.rid))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
-        try:
+        # We may be cancelled too; the abort itself goes on.
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass  # we are being cancelled too; the abort itself goes on

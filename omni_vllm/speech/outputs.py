@@ -15,7 +15,9 @@ class SpeechChunk:
 
     text: str  # new text since the previous chunk (delta)
     token_ids: list[int]  # new thinker token ids
-    audio: np.ndarray | None  # new float32 mono samples at SAMPLE_RATE (24 kHz), or None
+    audio: (
+        np.ndarray | None
+    )  # new float32 mono samples at SAMPLE_RATE (24 kHz), or None
     finished: bool = False
     finish_reason: str | None = None  # the thinker's ("stop", "length", "abort", ...)
     # Filled on the final chunk.
@@ -40,7 +42,9 @@ class RequestCollector:
         self._audio: list[np.ndarray] = []
         self._codes: list[int] = []
         self._error: BaseException | None = None
-        self.text_end: tuple[str | None, int, int] | None = None  # (finish reason, prompt, completion tokens)
+        self.text_end: tuple[str | None, int, int] | None = (
+            None  # (finish reason, prompt, completion tokens)
+        )
         self.audio_done = False
         self.talker_reason: str | None = None  # the worker's, once audio_done
         self.aborted = False
@@ -50,11 +54,19 @@ class RequestCollector:
         self._token_ids += token_ids
         self._ready.set()
 
-    def end_text(self, reason: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+    def end_text(
+        self, reason: str | None, prompt_tokens: int, completion_tokens: int
+    ) -> None:
         self.text_end = (reason, prompt_tokens, completion_tokens)
         self._ready.set()
 
-    def add_audio(self, audio: np.ndarray | None, codes: list[int], done: bool, talker_reason: str | None) -> None:
+    def add_audio(
+        self,
+        audio: np.ndarray | None,
+        codes: list[int],
+        done: bool,
+        talker_reason: str | None,
+    ) -> None:
         if audio is not None:
             self._audio.append(audio)
         self._codes += codes
@@ -76,7 +88,11 @@ class RequestCollector:
         self._ready.clear()
         if self._error is not None:
             raise self._error
-        chunk = SpeechChunk("".join(self._text), self._token_ids,
-                            np.concatenate(self._audio) if self._audio else None, audio_codes=self._codes)
+        chunk = SpeechChunk(
+            "".join(self._text),
+            self._token_ids,
+            np.concatenate(self._audio) if self._audio else None,
+            audio_codes=self._codes,
+        )
         self._text, self._token_ids, self._audio, self._codes = [], [], [], []
         return chunk

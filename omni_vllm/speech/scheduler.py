@@ -23,7 +23,9 @@ class Stream(Protocol):
     """What the policy reads of a stream (omni_vllm.streaming.StreamState)."""
 
     @property
-    def ready(self) -> bool: ...  # a window (or a finished stream's tail) can be decoded now
+    def ready(
+        self,
+    ) -> bool: ...  # a window (or a finished stream's tail) can be decoded now
 
     @property
     def done(self) -> bool: ...  # finished and every sample emitted
@@ -35,12 +37,16 @@ class Stream(Protocol):
 class Speaker:
     """Worker-side state of one speaking request."""
 
-    new_codes: list[int] = field(default_factory=list)  # not yet sent back (they ride with audio)
+    new_codes: list[int] = field(
+        default_factory=list
+    )  # not yet sent back (they ride with audio)
     talker_done: bool = False
     talker_reason: str | None = None  # "stop" | "length" once talker_done
     guarded: bool = False  # the runaway guard lowered its cap on codes
     thinker_done: bool = False
-    first_audio: float | None = None  # when its first samples were decoded (worker clock)
+    first_audio: float | None = (
+        None  # when its first samples were decoded (worker clock)
+    )
     audio_seconds: float = 0.0  # decoded so far
 
     def slack(self, now: float) -> float:
@@ -62,7 +68,9 @@ class SpeechScheduler:
 
     def __init__(self, *, max_queued_windows: int, window_delay: float):
         self.max_queued_windows, self.window_delay = max_queued_windows, window_delay
-        self.ready_since: dict[str, float] = {}  # stream -> when its oldest undecoded window became ready
+        self.ready_since: dict[
+            str, float
+        ] = {}  # stream -> when its oldest undecoded window became ready
         self.queued = 0  # decodable windows not decoded yet, all streams
         self.call_seconds = 0.0  # moving average of one Token2Wav call
         self.calls = 0
@@ -84,8 +92,13 @@ class SpeechScheduler:
 
     # -- Token2Wav ---------------------------------------------------------------------------------
 
-    def plan(self, now: float, streams: Mapping[str, Stream], speakers: Mapping[str, Speaker],
-             talker_idle: bool) -> tuple[list[str], float | None]:
+    def plan(
+        self,
+        now: float,
+        streams: Mapping[str, Stream],
+        speakers: Mapping[str, Speaker],
+        talker_idle: bool,
+    ) -> tuple[list[str], float | None]:
         """(streams to decode now, seconds until a decode is due otherwise / None: nothing ready).
 
         `talker_idle`: the talker has no step to run (or is paused)."""
@@ -104,8 +117,13 @@ class SpeechScheduler:
         due = min(self.ready_since.get(rid, now) for rid in ready) + self.window_delay
         return (ready, 0.0) if due <= now else ([], due - now)
 
-    def idle_wait(self, now: float, streams: Mapping[str, Stream], speakers: Mapping[str, Speaker],
-                  talker_idle: bool) -> float | None:
+    def idle_wait(
+        self,
+        now: float,
+        streams: Mapping[str, Stream],
+        speakers: Mapping[str, Speaker],
+        talker_idle: bool,
+    ) -> float | None:
         """0: work now; seconds: a decode falls due then; None: nothing to do until a command."""
         if not talker_idle or any(s.done for s in streams.values()):
             return 0.0
@@ -128,7 +146,9 @@ class SpeechScheduler:
 
     def record_call(self, seconds: float) -> None:
         """One Token2Wav call took `seconds` (moving average, the first call as it is)."""
-        self.call_seconds = seconds if not self.calls else 0.8 * self.call_seconds + 0.2 * seconds
+        self.call_seconds = (
+            seconds if not self.calls else 0.8 * self.call_seconds + 0.2 * seconds
+        )
         self.calls += 1
 
     def forget(self, rid: str) -> None:

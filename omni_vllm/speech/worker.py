@@ -44,9 +44,15 @@ class AddRequest:
 
     request_id: str
     prompt_ids: torch.Tensor  # (L,)
-    prompt_rows: torch.Tensor  # (L, 2, E): input embedding and last hidden state per prompt token
-    rows: torch.Tensor | None  # reply rows that arrived before the prompt ids were known
-    positions: torch.Tensor | None  # the thinker's TMRoPE positions of the prompt (3, L)
+    prompt_rows: (
+        torch.Tensor
+    )  # (L, 2, E): input embedding and last hidden state per prompt token
+    rows: (
+        torch.Tensor | None
+    )  # reply rows that arrived before the prompt ids were known
+    positions: (
+        torch.Tensor | None
+    )  # the thinker's TMRoPE positions of the prompt (3, L)
     voice: str
     sampling: TalkerSampling
     noise: NoiseSource
@@ -94,7 +100,9 @@ class WorkerOutput:
     """One request's output of one worker iteration."""
 
     audio: list[np.ndarray] = field(default_factory=list)
-    talker_reason: str | None = None  # with done: "stop", "length", or "runaway" (the guard cut it)
+    talker_reason: str | None = (
+        None  # with done: "stop", "length", or "runaway" (the guard cut it)
+    )
     codes: list[int] = field(default_factory=list)
     done: bool = False  # the last samples (stream closed)
     error: BaseException | None = None
@@ -127,20 +135,34 @@ class WorkerStats(WorkerTotals):
 class SpeechWorker(threading.Thread):
     """The speech path's one thread (see the module docstring)."""
 
-    def __init__(self, talker: Talker, streamer: StreamingToken2Wav,
-                 post: Callable[[dict[str, WorkerOutput], WorkerStats, list], None], config: SpeechConfig, *,
-                 thinker_busy: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        talker: Talker,
+        streamer: StreamingToken2Wav,
+        post: Callable[[dict[str, WorkerOutput], WorkerStats, list], None],
+        config: SpeechConfig,
+        *,
+        thinker_busy: Callable[[], bool] = lambda: False,
+    ):
         super().__init__(name="omni-speech", daemon=True)
         self.talker, self.streamer, self.post = talker, streamer, post
-        self.scheduler = SpeechScheduler(max_queued_windows=config.max_queued_windows, window_delay=config.window_delay)
-        self.thinker_busy = thinker_busy  # whether the thinker has any request (text-only ones too)
+        self.scheduler = SpeechScheduler(
+            max_queued_windows=config.max_queued_windows,
+            window_delay=config.window_delay,
+        )
+        self.thinker_busy = (
+            thinker_busy  # whether the thinker has any request (text-only ones too)
+        )
         self.log_interval = config.log_interval
         self.cond = threading.Condition()
         self.inbox: collections.deque[Command] = collections.deque()
         self.stopping = False
         self.speakers: dict[str, Speaker] = {}
         self.totals = WorkerTotals()
-        self._last_log, self._logged = time.monotonic(), dataclasses.replace(self.totals)
+        self._last_log, self._logged = (
+            time.monotonic(),
+            dataclasses.replace(self.totals),
+        )
         self._threads: tuple[int, int] | None = None
 
     @property
@@ -170,17 +192,36 @@ class SpeechWorker(threading.Thread):
         if self._threads is None:
             return
         base, cores = self._threads
-        busy = any(not sp.thinker_done for sp in self.speakers.values()) or self.thinker_busy()
+        busy = (
+            any(not sp.thinker_done for sp in self.speakers.values())
+            or self.thinker_busy()
+        )
         n = base if busy else cores
         if n != torch.get_num_threads():
-            logger.debug("speech worker: %d torch thread(s) (thinker %s)", n, "busy" if n == base else "idle")
-            torch.set_num_threads(n)  # process-wide; the other threads here do little torch work
+            logger.debug(
+                "speech worker: %d torch thread(s) (thinker %s)",
+                n,
+                "busy" if n == base else "idle",
+            )
+            torch.set_num_threads(
+                n
+            )  # process-wide; the other threads here do little torch work
 
     def run(self) -> None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
         on_cpu = getattr(self.talker, "device", torch.device("cpu")).type == "cpu"
-        own = torch.set_num_threads is torch._C.set_num_threads  # no in-process vLLM CPU worker
-        self._threads = (torch.get_num_threads(), cores) if on_cpu and own and cores > torch.get_num_threads() else None
+        own = (
+            torch.set_num_threads is torch._C.set_num_threads
+        )  # no in-process vLLM CPU worker
+        self._threads = (
+            (torch.get_num_threads(), cores)
+            if on_cpu and own and cores > torch.get_num_threads()
+            else None
+        )
         while True:
             with self.cond:
                 while not self.inbox and not self.stopping:
@@ -200,7 +241,10 @@ class SpeechWorker(threading.Thread):
                 self._cpu_threads()
                 self._iteration(outputs)
             except Exception as e:  # a bug or a device error: fail every speaking request, keep serving
-                logger.exception("speech worker iteration failed; failing %d speaking request(s)", len(self.speakers))
+                logger.exception(
+                    "speech worker iteration failed; failing %d speaking request(s)",
+                    len(self.speakers),
+                )
                 for rid in list(self.speakers):
                     self._drop(rid)
                     outputs[rid].error = e
@@ -232,7 +276,9 @@ class SpeechWorker(threading.Thread):
             self._add_rows(cmd.request_id, cmd.rows)
         elif isinstance(cmd, ThinkerFinished):
             rid = cmd.request_id
-            if rid in self.talker and self.talker.finish_thinker(rid, max_codes=cmd.max_codes):
+            if rid in self.talker and self.talker.finish_thinker(
+                rid, max_codes=cmd.max_codes
+            ):
                 self.speakers[rid].guarded = True
             if rid in self.speakers:
                 self.speakers[rid].thinker_done = True
@@ -242,7 +288,9 @@ class SpeechWorker(threading.Thread):
         # Sync needs nothing here: its future is resolved when this iteration's outputs are posted
 
     def _add_rows(self, rid: str, rows: torch.Tensor | None) -> None:
-        if rows is None or rid not in self.talker:  # the talker may already have stopped
+        if (
+            rows is None or rid not in self.talker
+        ):  # the talker may already have stopped
             return
         for row in rows:
             self.talker.add_thinker_token(rid, row[0], row[1])
@@ -259,8 +307,12 @@ class SpeechWorker(threading.Thread):
         return [] if self.scheduler.talker_paused else self.talker.ready()
 
     def _idle_wait(self) -> float | None:
-        return self.scheduler.idle_wait(time.monotonic(), self.streamer.streams, self.speakers,
-                                        talker_idle=not self._talker_ready())
+        return self.scheduler.idle_wait(
+            time.monotonic(),
+            self.streamer.streams,
+            self.speakers,
+            talker_idle=not self._talker_ready(),
+        )
 
     def _iteration(self, outputs: dict[str, WorkerOutput]) -> None:
         self.totals.iterations += 1
@@ -278,17 +330,28 @@ class SpeechWorker(threading.Thread):
         self.totals.talker_seconds += time.perf_counter() - t_start
 
         # 2. One batched Token2Wav call over the chosen streams' next windows.
-        for rid in [rid for rid, st in streams.items() if st.done]:  # finished, nothing left to decode
+        for rid in [
+            rid for rid, st in streams.items() if st.done
+        ]:  # finished, nothing left to decode
             self._close(rid, outputs[rid])
         now = time.monotonic()
-        chosen, _ = sched.plan(now, streams, self.speakers, talker_idle=not self._talker_ready())
+        chosen, _ = sched.plan(
+            now, streams, self.speakers, talker_idle=not self._talker_ready()
+        )
         steps = self.totals.talker_steps - steps0
         if chosen:
             self._decode(chosen, outputs, now)
         sched.count_queued(streams)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("iteration: %d results, %d talker steps (%d ready now), decoded %s in %.3f s, %d queued",
-                         len(outputs), steps, len(self.talker.ready()), chosen, time.monotonic() - now, sched.queued)
+            logger.debug(
+                "iteration: %d results, %d talker steps (%d ready now), decoded %s in %.3f s, %d queued",
+                len(outputs),
+                steps,
+                len(self.talker.ready()),
+                chosen,
+                time.monotonic() - now,
+                sched.queued,
+            )
 
     def _talker_step(self, ready: list) -> bool:
         """One talker step; returns whether a request's first window became decodable."""
@@ -307,9 +370,13 @@ class SpeechWorker(threading.Thread):
                 first_window = first_window or sp.first_audio is None
         return first_window
 
-    def _decode(self, rids: list[str], outputs: dict[str, WorkerOutput], now: float) -> None:
+    def _decode(
+        self, rids: list[str], outputs: dict[str, WorkerOutput], now: float
+    ) -> None:
         t0 = time.perf_counter()
-        decoded = self.streamer.step(request_ids=rids)  # closes the streams that emitted their last samples
+        decoded = self.streamer.step(
+            request_ids=rids
+        )  # closes the streams that emitted their last samples
         seconds = time.perf_counter() - t0
         self.scheduler.record_call(seconds)
         self.totals.token2wav_calls += 1
@@ -322,7 +389,10 @@ class SpeechWorker(threading.Thread):
                 res.audio.append(out.audio.detach().float().cpu().numpy())
                 self.totals.audio_samples += n
                 sp.decoded(n / SAMPLE_RATE, done_at)
-            res.codes, sp.new_codes = res.codes + sp.new_codes, []  # codes travel with their audio
+            res.codes, sp.new_codes = (
+                res.codes + sp.new_codes,
+                [],
+            )  # codes travel with their audio
             if out.done:
                 self._close(rid, res)
             else:
@@ -334,7 +404,11 @@ class SpeechWorker(threading.Thread):
         if sp is not None and sp.new_codes:
             res.codes = res.codes + sp.new_codes
         if sp is not None:
-            res.talker_reason = "runaway" if sp.guarded and sp.talker_reason == "length" else sp.talker_reason
+            res.talker_reason = (
+                "runaway"
+                if sp.guarded and sp.talker_reason == "length"
+                else sp.talker_reason
+            )
         res.done = True
         self.streamer.cancel(rid)
         self.scheduler.forget(rid)
@@ -360,9 +434,16 @@ class SpeechWorker(threading.Thread):
         logger.info(
             "speech: %d speaking, %d queued windows; last %.1f s: %d talker steps (%d codes, %.1f s), "
             "%d token2wav calls (%d windows, %.1f s), %.1f s of audio (%.2fx real time)",
-            len(self.speakers), self.scheduler.queued, span, t.talker_steps - last.talker_steps,
-            t.talker_codes - last.talker_codes, t.talker_seconds - last.talker_seconds,
-            t.token2wav_calls - last.token2wav_calls, t.token2wav_windows - last.token2wav_windows,
-            t.token2wav_seconds - last.token2wav_seconds, audio_s, audio_s / span,
+            len(self.speakers),
+            self.scheduler.queued,
+            span,
+            t.talker_steps - last.talker_steps,
+            t.talker_codes - last.talker_codes,
+            t.talker_seconds - last.talker_seconds,
+            t.token2wav_calls - last.token2wav_calls,
+            t.token2wav_windows - last.token2wav_windows,
+            t.token2wav_seconds - last.token2wav_seconds,
+            audio_s,
+            audio_s / span,
         )
         self._last_log, self._logged = now, dataclasses.replace(self.totals)

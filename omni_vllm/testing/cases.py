@@ -18,7 +18,9 @@ from omni_vllm.testing import media
 class Case:
     name: str
     content: list[dict]
-    audio: list[np.ndarray] = field(default_factory=list)  # (samples,) or (channels, samples)
+    audio: list[np.ndarray] = field(
+        default_factory=list
+    )  # (samples,) or (channels, samples)
     audio_sr: int = media.AUDIO_SR
     images: list = field(default_factory=list)
     videos: list[np.ndarray] = field(default_factory=list)
@@ -53,16 +55,31 @@ def resampled_audio_cases() -> dict[str, Case]:
     (channels first, as vLLM's resamplers take a 2-D array)."""
     q = {"type": "text", "text": "What is this?"}
     found = [
-        Case("audio_tone_48k", [{"type": "audio"}, q], audio=[media.tone(2.0, sr=48000)], audio_sr=48000),
-        Case("audio_stereo_44k", [{"type": "audio"}, q], audio_sr=44100,
-             audio=[np.stack([media.tone(2.0, 440.0, sr=44100), media.tone(2.0, 660.0, sr=44100)])]),
+        Case(
+            "audio_tone_48k",
+            [{"type": "audio"}, q],
+            audio=[media.tone(2.0, sr=48000)],
+            audio_sr=48000,
+        ),
+        Case(
+            "audio_stereo_44k",
+            [{"type": "audio"}, q],
+            audio_sr=44100,
+            audio=[
+                np.stack(
+                    [media.tone(2.0, 440.0, sr=44100), media.tone(2.0, 660.0, sr=44100)]
+                )
+            ],
+        ),
     ]
     return {c.name: c for c in found}
 
 
 def prompt_text(processor, case: Case) -> str:
     messages = [{"role": "user", "content": case.content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
 
 
 def vllm_prompt(processor, case: Case) -> dict:

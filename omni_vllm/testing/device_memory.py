@@ -46,7 +46,8 @@ class SimulatedDeviceMemory(TorchDispatchMode):
             if self.capacity is not None and self.live + nbytes > self.capacity:
                 raise torch.OutOfMemoryError(
                     f"simulated device out of memory: tried to allocate {nbytes} bytes with {self.live} of "
-                    f"{self.capacity} in use")
+                    f"{self.capacity} in use"
+                )
             entry = self._storages[key] = [nbytes, 0]
             self.live += nbytes
             self.peak = max(self.peak, self.live)

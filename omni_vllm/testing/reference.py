@@ -27,10 +27,16 @@ def corrected_reference(model):
     @functools.wraps(forward)
     def forward_with_mask(*args, **kwargs):
         if kwargs.get("attention_mask") is None:
-            x = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+            x = (
+                kwargs["inputs_embeds"]
+                if kwargs.get("inputs_embeds") is not None
+                else kwargs["input_ids"]
+            )
             past = kwargs.get("past_key_values")
             n_past = past.get_seq_length() if past is not None else 0
-            kwargs["attention_mask"] = torch.ones(x.shape[0], n_past + x.shape[1], dtype=torch.long, device=x.device)
+            kwargs["attention_mask"] = torch.ones(
+                x.shape[0], n_past + x.shape[1], dtype=torch.long, device=x.device
+            )
         return forward(*args, **kwargs)
 
     @functools.wraps(generate)

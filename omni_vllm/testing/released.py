@@ -9,13 +9,36 @@ MLP, 1.35 B parameters). The talker numbers below are those of the released conf
 
 from __future__ import annotations
 
-_TALKER_7B = dict(embedding_size=3584, hidden_size=896, intermediate_size=18944, num_hidden_layers=24,
-                  num_attention_heads=12, num_key_value_heads=4, head_dim=128, max_position_embeddings=32768)
-_TALKER_3B = dict(embedding_size=2048, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, head_dim=64, max_position_embeddings=32768)
+_TALKER_7B = dict(
+    embedding_size=3584,
+    hidden_size=896,
+    intermediate_size=18944,
+    num_hidden_layers=24,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=32768,
+)
+_TALKER_3B = dict(
+    embedding_size=2048,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=32768,
+)
 _THINKER_3B = dict(
-    text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                     num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768),
+    text_config=dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+    ),
     audio_config=dict(output_dim=2048),
     vision_config=dict(out_hidden_size=2048),
 )
@@ -32,10 +55,14 @@ def released_config(size: str = "7B"):
         raise ValueError(f"size must be one of {SIZES}")
     quiet = logging.getLogger("transformers.configuration_utils")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the defaults' special ids are the thinker's, outside the codec vocabulary
+    quiet.setLevel(
+        logging.ERROR
+    )  # the defaults' special ids are the thinker's, outside the codec vocabulary
     try:
-        config = Qwen2_5OmniConfig(thinker_config=_THINKER_3B if size == "3B" else None,
-                                   talker_config=_TALKER_3B if size == "3B" else _TALKER_7B)
+        config = Qwen2_5OmniConfig(
+            thinker_config=_THINKER_3B if size == "3B" else None,
+            talker_config=_TALKER_3B if size == "3B" else _TALKER_7B,
+        )
     finally:
         quiet.setLevel(level)
     config.dtype = "bfloat16"

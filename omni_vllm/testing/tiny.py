@@ -90,7 +90,9 @@ class TinySizes:
     """
 
     vocab_train: int = 512
-    vocab_size: int | None = None  # the thinker's text vocabulary (None: the tokenizer's size)
+    vocab_size: int | None = (
+        None  # the thinker's text vocabulary (None: the tokenizer's size)
+    )
     hidden: int = 128
     heads: int = 4
     kv_heads: int = 2
@@ -115,7 +117,9 @@ class TinySizes:
     dit_heads: int = 2
     dit_layers: int = 4
     dit_look_ahead_layers: tuple[int, ...] | None = None  # None: the middle layer
-    dit_look_backward_layers: tuple[int, ...] | None = None  # None: the first and the last layer
+    dit_look_backward_layers: tuple[int, ...] | None = (
+        None  # None: the first and the last layer
+    )
     dit_emb_dim: int = 32
     dit_enc_emb_dim: int = 32  # speaker `cond` width
     dit_enc_dim: int = 32
@@ -138,7 +142,8 @@ class TinySizes:
 #   audio    20 x 64  -> 5 x 32;  vision 16 x 80 -> 2 x 80;  DiT 16 x 64 -> 2 x 64
 # The talker's codec vocabulary (8448) and the mel / codec rates are not widths and stay.
 BENCH_SIZES = TinySizes(
-    vocab_size=152064 // 8,  # 19008; the tokenizer stays the small trained one (see build_config)
+    vocab_size=152064
+    // 8,  # 19008; the tokenizer stays the small trained one (see build_config)
     hidden=3584 // 8,
     heads=7,
     kv_heads=1,
@@ -177,7 +182,11 @@ BENCH_SIZES = TinySizes(
 def _mrope_section(head_dim: int) -> list[int]:
     # Real model: head_dim 128 -> [16, 24, 24]; keep the proportions, sum must be head_dim / 2.
     quarter = head_dim // 8
-    return [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
+    return [
+        quarter,
+        (head_dim // 2 - quarter) // 2,
+        head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2,
+    ]
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int) -> int:
@@ -219,7 +228,9 @@ def train_tokenizer(out_dir: Path, vocab_size: int) -> int:
     return len(hf_tok)
 
 
-def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_output: bool = True):
+def build_config(
+    vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_output: bool = True
+):
     """The full Qwen2.5-Omni config, with every special id taken from our tokenizer.
 
     `vocab_size` is the tokenizer's; `sizes.vocab_size` may make the model's text vocabulary
@@ -229,7 +240,9 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
     s = sizes
     text_vocab = s.vocab_size or vocab_size
     if text_vocab < vocab_size:
-        raise ValueError(f"text vocab {text_vocab} is smaller than the tokenizer's {vocab_size}")
+        raise ValueError(
+            f"text vocab {text_vocab} is smaller than the tokenizer's {vocab_size}"
+        )
     head_dim = s.hidden // s.heads
     talker_head_dim = s.talker_head_dim or s.talker_hidden // s.talker_heads
     media_ids = dict(
@@ -258,7 +271,9 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
             num_key_value_heads=s.kv_heads,
             max_position_embeddings=32768,
             rope_parameters=dict(
-                rope_type="default", rope_theta=1000000.0, mrope_section=_mrope_section(head_dim)
+                rope_type="default",
+                rope_theta=1000000.0,
+                mrope_section=_mrope_section(head_dim),
             ),
             max_window_layers=s.layers,
             tie_word_embeddings=False,
@@ -311,7 +326,9 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
         head_dim=talker_head_dim,
         max_position_embeddings=32768,
         rope_parameters=dict(
-            rope_type="default", rope_theta=1000000.0, mrope_section=_mrope_section(talker_head_dim)
+            rope_type="default",
+            rope_theta=1000000.0,
+            mrope_section=_mrope_section(talker_head_dim),
         ),
         max_window_layers=s.talker_layers,
         spatial_merge_size=2,
@@ -326,7 +343,9 @@ def build_config(vocab_size: int, sizes: TinySizes = TinySizes(), enable_audio_o
             emb_dim=s.dit_emb_dim,
             block_size=24,
             look_ahead_layers=list(s.dit_look_ahead_layers or [s.dit_layers // 2]),
-            look_backward_layers=list(s.dit_look_backward_layers or [0, s.dit_layers - 1]),
+            look_backward_layers=list(
+                s.dit_look_backward_layers or [0, s.dit_layers - 1]
+            ),
             repeats=2,
             num_embeds=8448,  # must cover the talker's codec vocabulary
             mel_dim=80,
@@ -386,7 +405,11 @@ def _write_processors(out_dir: Path) -> None:
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
         feature_extractor=WhisperFeatureExtractor(
-            feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400
+            feature_size=128,
+            sampling_rate=16000,
+            hop_length=160,
+            chunk_length=300,
+            n_fft=400,
         ),
         tokenizer=Qwen2TokenizerFast.from_pretrained(out_dir),
         chat_template=CHAT_TEMPLATE,
@@ -445,7 +468,9 @@ def build_tiny_checkpoint(
     return out
 
 
-def cached_checkpoint(path: str | Path, sizes: TinySizes = TinySizes(), on_build=None) -> Path:
+def cached_checkpoint(
+    path: str | Path, sizes: TinySizes = TinySizes(), on_build=None
+) -> Path:
     """The checkpoint of `sizes` at `path`, built there unless a complete one from this builder (this
     file's code, these sizes) is there already; `on_build(path)` is called before a build. The
     build goes to a temporary folder that replaces `path` at once, so a half-built checkpoint is
@@ -454,7 +479,9 @@ def cached_checkpoint(path: str | Path, sizes: TinySizes = TinySizes(), on_build
     import os
 
     path = Path(path)
-    stamp = hashlib.sha256(Path(__file__).read_bytes() + repr(sizes).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(
+        Path(__file__).read_bytes() + repr(sizes).encode()
+    ).hexdigest()[:16]
     marker = path / ".omni-vllm-complete"
     if marker.exists() and marker.read_text() == stamp:
         return path
@@ -472,11 +499,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-speech", action="store_true", help="thinker only, no talker/token2wav")
-    parser.add_argument("--bench", action="store_true", help="the benchmark checkpoint (BENCH_SIZES)")
+    parser.add_argument(
+        "--no-speech", action="store_true", help="thinker only, no talker/token2wav"
+    )
+    parser.add_argument(
+        "--bench", action="store_true", help="the benchmark checkpoint (BENCH_SIZES)"
+    )
     args = parser.parse_args(argv)
     sizes = BENCH_SIZES if args.bench else TinySizes()
-    path = build_tiny_checkpoint(args.out_dir, seed=args.seed, sizes=sizes, speech=not args.no_speech)
+    path = build_tiny_checkpoint(
+        args.out_dir, seed=args.seed, sizes=sizes, speech=not args.no_speech
+    )
     size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     print(json.dumps({"path": str(path), "size_mib": round(size, 2)}))
 
