@@ -39,6 +39,13 @@ def tail(log: Path, n: int = 80) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
 
 
+def assert_no_traceback(log: Path) -> None:
+    """A server log read while the server still runs (its shutdown's races are not ours) holds no
+    traceback: every error was answered, none escaped."""
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[text.index("Traceback") :][:3000]
+
+
 @contextlib.contextmanager
 def running_server(
     checkpoint: Path | None,

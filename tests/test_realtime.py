@@ -676,15 +676,12 @@ NO_VAD = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dir, tmp_path_factory):
-    from api_server import running_server
+    from api_server import assert_no_traceback, running_server
 
     log = tmp_path_factory.mktemp("realtime") / "server.log"
     with running_server(tiny_checkpoint_dir, log, *SERVER_ARGS) as s:
         yield s
-        text = log.read_text(
-            errors="replace"
-        )  # read before the shutdown, whose races are not ours
-        assert "Traceback" not in text, text[text.index("Traceback") :][:3000]
+        assert_no_traceback(log)
 
 
 def connect(server):
