@@ -74,6 +74,7 @@ from omni_vllm.hidden_states import (
     set_hidden_states_sink,
 )
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING, speech_dtypes
+from omni_vllm.speech.admission import Admission, Ticket
 from omni_vllm.speech.config import SpeechConfig
 from omni_vllm.speech.loading import default_device, load_speech_modules
 from omni_vllm.speech.outputs import RequestCollector, SpeechChunk
@@ -97,8 +98,8 @@ logger = logging.getLogger("omni_vllm.speech")
 RUNAWAY_FLOOR_CODES = 100  # the runaway guard never cuts a reply's speech below 2 s
 
 
-class _Job:
-    """Loop-side state of one audio request."""
+class _Job(Ticket):
+    """Loop-side state of one audio request (its admission state: the Ticket)."""
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class _Job:
         noise: Any,
         max_codes: int | None,
     ):
+        super().__init__()
         self.rid, self.voice, self.sampling, self.noise, self.max_codes = (
             rid,
             voice,
@@ -118,9 +120,6 @@ class _Job:
         self.out = RequestCollector()
         self.t_arrival = time.monotonic()
         self.t_first_audio: float | None = None
-        self.waiter: asyncio.Future | None = None  # while waiting for admission
-        self.admitted = False  # holds a speaking slot
-        self.t_admitted: float | None = None
         self.pending_rows: list[
             torch.Tensor
         ] = []  # rows before the prompt ids are known
@@ -262,17 +261,10 @@ class SpeechEngine:
             )
 
         self._jobs: dict[str, _Job] = {}
-        self._speaking = 0  # admitted audio requests not yet released (slots reserved)
-        self._waiters: collections.deque[asyncio.Future] = (
-            collections.deque()
-        )  # FIFO; result: admission time
-        self._hold_seconds: collections.deque[float] = collections.deque(
-            maxlen=64
-        )  # slot held, recent requests
+        self._admission = Admission(config, lambda: self._snapshot.queued_windows)
         self._counters = dict(
             audio_requests=0,
             text_requests=0,
-            refused=0,
             aborted=0,
             failed=0,
             audio_samples_total=0,
@@ -385,7 +377,7 @@ class SpeechEngine:
         self._jobs[request_id] = job
         try:
             try:
-                await self._admit(job, on_queued)
+                await self._admission.admit(job, on_queued)
             except _Aborted:
                 yield SpeechChunk(
                     "",
@@ -428,11 +420,7 @@ class SpeechEngine:
             )  # a text request (its stream ends with "abort")
             return
         self._counters["aborted"] += 1
-        if (
-            job.waiter is not None and not job.waiter.done()
-        ):  # still waiting: leaves the queue now
-            self._waiters.remove(job.waiter)
-            job.waiter.set_exception(_Aborted())
+        if self._admission.drop_waiter(job, _Aborted()):  # it leaves the queue now
             return
         await self._release(job)
         job.out.abort()
@@ -441,12 +429,16 @@ class SpeechEngine:
         """Counters and gauges of the speech path (worker gauges as of its last iteration; await
         `sync()` first for an exact picture)."""
         ttfa = sorted(self._ttfa)
+        c = self._counters  # with admission's refusals, in their old place
+        counters = (
+            dict(audio_requests=0, text_requests=0, refused=self._admission.refused) | c
+        )
         return dict(
-            active_speaking=self._speaking,
-            waiting=len(self._waiters),
+            active_speaking=self._admission.speaking,
+            waiting=self._admission.waiting,
             thinker_unfinished=self.engine.get_num_unfinished_requests(),
             **dataclasses.asdict(self._snapshot),
-            **self._counters,
+            **counters,
             audio_seconds_total=self._counters["audio_samples_total"] / SAMPLE_RATE,
             ttfa_samples=list(self._ttfa),
             ttfa_p50=ttfa[len(ttfa) // 2] if ttfa else None,
@@ -469,10 +461,9 @@ class SpeechEngine:
             return
         self._closed = True
         for job in list(self._jobs.values()):
-            if job.waiter is not None and not job.waiter.done():
-                job.waiter.set_exception(
-                    SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)
-                )
+            if self._admission.drop_waiter(
+                job, SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)
+            ):
                 continue
             await self._release(job)
             job.out.fail(RuntimeError("speech engine shut down"))
@@ -513,83 +504,10 @@ class SpeechEngine:
 
     # ---------------------------------------------------------------------------- admission
 
-    def _can_admit(self) -> bool:
-        return (
-            self._speaking < self.max_speaking
-            and self._snapshot.queued_windows < self.max_queued_windows
-        )
-
-    async def _admit(
-        self, job: _Job, on_queued: Callable[[], Any] | None = None
-    ) -> None:
-        """Reserve a speaking slot: at once when one is free and nobody waits, else after waiting in
-        FIFO order for as long as the caller waits (or `queue_timeout`). SpeechBusy at once when
-        `max_waiting` requests wait already. Cancelling the caller leaves the queue."""
-        if not self._waiters and self._can_admit():
-            self._speaking += 1
-            job.admitted, job.t_admitted = True, time.monotonic()
-            return
-        if len(self._waiters) >= self.max_waiting or (
-            self.queue_timeout is not None and self.queue_timeout <= 0
-        ):
-            raise self._refuse(
-                SpeechBusy.QUEUE_FULL,
-                f"speech engine busy: {self._speaking} speaking, "
-                f"{len(self._waiters)} waiting (at most {self.max_waiting})",
-            )
-        job.waiter = fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if on_queued is not None:
-            on_queued()
-        try:
-            job.t_admitted = await asyncio.wait_for(
-                fut, self.queue_timeout
-            )  # the waker reserves our slot
-            job.admitted = True
-        except BaseException as e:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._speaking -= 1  # a slot was reserved for us, but we are leaving
-                self._wake()
-            if isinstance(e, TimeoutError):
-                raise self._refuse(
-                    SpeechBusy.WAIT_TIMEOUT,
-                    f"speech engine busy: no speaking slot within {self.queue_timeout:g} s",
-                ) from None
-            raise
-        finally:
-            job.waiter = None
-
-    def _wake(self) -> None:
-        """Hand free slots to the waiters, oldest first."""
-        while self._waiters and self._can_admit():
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._speaking += 1
-                fut.set_result(time.monotonic())
-
-    def _refuse(self, code: str, message: str) -> SpeechBusy:
-        self._counters["refused"] += 1
-        return SpeechBusy(message, code=code, retry_after=self.retry_after())
-
     def retry_after(self) -> float:
-        """Seconds until a request refused now would likely be taken (at least 1): until the
-        requests waiting now have got a slot, `max_speaking` at a time, each holding it for the
-        mean time recent requests held theirs (before any finished: the oldest speaker's age)."""
-        if self._hold_seconds:
-            hold = sum(self._hold_seconds) / len(self._hold_seconds)
-        else:
-            now = time.monotonic()
-            hold = max(
-                (
-                    now - j.t_admitted
-                    for j in self._jobs.values()
-                    if j.admitted and not j.released
-                ),
-                default=1.0,
-            )
-        return max(1.0, (len(self._waiters) + 1) * hold / self.max_speaking)
+        """Seconds until a request refused now would likely be taken (at least 1); see
+        omni_vllm.speech.admission.Admission.retry_after."""
+        return self._admission.retry_after()
 
     # ---------------------------------------------------------------------------- one request
 
@@ -704,7 +622,7 @@ class SpeechEngine:
                     codes_total,
                 )
                 if not out.aborted:  # a full service time, for retry_after()
-                    self._hold_seconds.append(time.monotonic() - job.t_admitted)
+                    self._admission.record_hold(job)
                 self._release_now(
                     job
                 )  # before the last yield: a consumer may stop iterating there
@@ -756,7 +674,7 @@ class SpeechEngine:
                 self._counters["runaway_capped"] += 1
             if audio is not None or res.codes or res.done:
                 job.out.add_audio(audio, res.codes, res.done, res.talker_reason)
-        self._wake()
+        self._admission.wake()
 
     def _release_now(self, job: _Job) -> None:
         """Free the request's slot, worker state and producer (all but the thinker abort)."""
@@ -765,8 +683,7 @@ class SpeechEngine:
         job.released = True
         if self._jobs.get(job.rid) is job:
             del self._jobs[job.rid]
-        if job.admitted:
-            self._speaking -= 1
+        self._admission.leave(job)
         if job.submitted:
             self._worker.submit(
                 Cancel(job.rid)
@@ -779,7 +696,7 @@ class SpeechEngine:
             and not producer.done()
         ):
             producer.cancel()
-        self._wake()
+        self._admission.wake()
 
     async def _release(self, job: _Job) -> None:
         """Free everything the request holds; abort its thinker request now if still running."""
