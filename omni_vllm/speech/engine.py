@@ -21,18 +21,20 @@ speaking requests:
 Requests join and leave between iterations. Text-only requests go straight to AsyncLLM.
 
 Scheduling: omni_vllm.speech.scheduler (how long the talker runs per iteration, which windows
-Token2Wav decodes together). Each request's outputs gather in its `RequestCollector` until its
-consumer asks, so a slow consumer gets fewer, larger chunks.
+Token2Wav decodes together). Each request's state is a `SpeechJob` (omni_vllm.speech.job); its
+outputs gather in its `RequestCollector` until its consumer asks, so a slow consumer gets
+fewer, larger chunks.
 
-Limits and waiting: at most `max_speaking` requests speak at once (the talker has that many
-KV-cache slots) and, while `max_queued_windows` or more decodable windows wait for Token2Wav, the
-talker pauses and no new speaker is admitted. A new audio request then waits for a slot, in arrival
-order (FIFO: nobody overtakes a waiter), for as long as its caller waits, as vLLM's scheduler keeps
-text requests waiting: a caller that goes away (closes the generator, cancels its task, `abort`)
-leaves the queue at once, before its thinker request was ever started. Only two things refuse a
-request for load, with SpeechBusy (its `code` says which, its `retry_after` when to come back):
-`max_waiting` requests waiting already (the bound on what waiters hold), and the optional
-server-side wait limit `queue_timeout`. Text requests are never held back.
+Limits and waiting (omni_vllm.speech.admission): at most `max_speaking` requests speak at once
+(the talker has that many KV-cache slots) and, while `max_queued_windows` or more decodable
+windows wait for Token2Wav, the talker pauses and no new speaker is admitted. A new audio
+request then waits for a slot, in arrival order (FIFO: nobody overtakes a waiter), for as long
+as its caller waits, as vLLM's scheduler keeps text requests waiting: a caller that goes away
+(closes the generator, cancels its task, `abort`) leaves the queue at once, before its thinker
+request was ever started. Only two things refuse a request for load, with SpeechBusy (its `code`
+says which, its `retry_after` when to come back): `max_waiting` requests waiting already (the
+bound on what waiters hold), and the optional server-side wait limit `queue_timeout`. Text
+requests are never held back.
 
 Cancellation: closing the generator, cancelling its task, or `abort(request_id)` frees the
 request's talker slot, stream state and queued windows (worker command) and aborts its thinker
@@ -57,7 +59,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from omni_vllm.checkpoint import engine_checkpoint
@@ -74,12 +75,12 @@ from omni_vllm.hidden_states import (
     set_hidden_states_sink,
 )
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING, speech_dtypes
-from omni_vllm.speech.admission import Admission, Ticket
+from omni_vllm.speech.admission import Admission
 from omni_vllm.speech.config import SpeechConfig
+from omni_vllm.speech.job import SpeechJob
 from omni_vllm.speech.loading import default_device, load_speech_modules
-from omni_vllm.speech.outputs import RequestCollector, SpeechChunk
+from omni_vllm.speech.outputs import SpeechChunk
 from omni_vllm.speech.worker import (
-    AddRequest,
     Cancel,
     SpeechWorker,
     Sync,
@@ -96,39 +97,6 @@ from omni_vllm.voices import resolve_voice
 logger = logging.getLogger("omni_vllm.speech")
 
 RUNAWAY_FLOOR_CODES = 100  # the runaway guard never cuts a reply's speech below 2 s
-
-
-class _Job(Ticket):
-    """Loop-side state of one audio request (its admission state: the Ticket)."""
-
-    def __init__(
-        self,
-        rid: str,
-        voice: str,
-        sampling: TalkerSampling,
-        noise: Any,
-        max_codes: int | None,
-    ):
-        super().__init__()
-        self.rid, self.voice, self.sampling, self.noise, self.max_codes = (
-            rid,
-            voice,
-            sampling,
-            noise,
-            max_codes,
-        )
-        self.out = RequestCollector()
-        self.t_arrival = time.monotonic()
-        self.t_first_audio: float | None = None
-        self.pending_rows: list[
-            torch.Tensor
-        ] = []  # rows before the prompt ids are known
-        self.positions: torch.Tensor | None = None
-        self.rows_seen = 0
-        self.submitted = False  # the worker has the request
-        self.thinker_done = False
-        self.released = False
-        self.producer: asyncio.Task | None = None
 
 
 class _Aborted(Exception):
@@ -260,7 +228,7 @@ class SpeechEngine:
                 self.unavailable_reason,
             )
 
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, SpeechJob] = {}
         self._admission = Admission(config, lambda: self._snapshot.queued_windows)
         self._counters = dict(
             audio_requests=0,
@@ -371,7 +339,7 @@ class SpeechEngine:
         if request_id in self._jobs:
             raise ValueError(f"request id {request_id!r} is already speaking")
         self._bind_loop()
-        job = _Job(
+        job = SpeechJob(
             request_id, voice, talker_sampling, noise, max_codes or self.max_codes
         )
         self._jobs[request_id] = job
@@ -520,7 +488,7 @@ class SpeechEngine:
                 "SpeechEngine is bound to another event loop (the AsyncLLM's)"
             )
 
-    async def _produce(self, job: _Job, prompt, params) -> None:
+    async def _produce(self, job: SpeechJob, prompt, params) -> None:
         """Iterate the thinker; text deltas to the consumer, prompt ids / end to the worker."""
         completion = 0
         try:
@@ -547,29 +515,9 @@ class SpeechEngine:
         except Exception as e:
             job.out.fail(e)
 
-    def _submit(self, job: _Job, prompt_ids) -> None:
+    def _submit(self, job: SpeechJob, prompt_ids) -> None:
         """Hand the request to the worker once its prompt ids are known (first output)."""
-        n = len(prompt_ids)
-        rows = torch.cat(job.pending_rows) if job.pending_rows else None
-        job.pending_rows = []
-        if rows is None or len(rows) < n:
-            raise RuntimeError(
-                f"request {job.rid}: the thinker sent {0 if rows is None else len(rows)} of {n} prompt "
-                "hidden-state rows; is the omni_vllm plugin (patches/) active in the engine?"
-            )
-        self._worker.submit(
-            AddRequest(
-                job.rid,
-                prompt_ids=torch.tensor(prompt_ids),
-                prompt_rows=rows[:n],
-                rows=rows[n:] if len(rows) > n else None,
-                positions=job.positions,
-                voice=job.voice,
-                sampling=job.sampling,
-                noise=job.noise,
-                max_codes=job.max_codes,
-            )
-        )
+        self._worker.submit(job.add_request(prompt_ids))
         job.submitted = True
 
     def _on_hidden_states(self, chunk: HiddenStatesChunk) -> None:
@@ -581,22 +529,10 @@ class SpeechEngine:
             return
         if job.released:
             return
-        if chunk.start != job.rows_seen:
-            logger.error(
-                "request %s: hidden-state rows start at %d, expected %d",
-                job.rid,
-                chunk.start,
-                job.rows_seen,
-            )
-        job.rows_seen = chunk.start + len(chunk.rows)
-        if chunk.prompt_positions is not None:
-            job.positions = chunk.prompt_positions
-        if job.submitted:
-            self._worker.submit(ThinkerRows(job.rid, chunk.rows))
-        else:
-            job.pending_rows.append(chunk.rows)
+        if (rows := job.take_rows(chunk)) is not None:
+            self._worker.submit(ThinkerRows(job.rid, rows))
 
-    async def _consume(self, job: _Job) -> AsyncIterator[SpeechChunk]:
+    async def _consume(self, job: SpeechJob) -> AsyncIterator[SpeechChunk]:
         """One chunk per wake-up with whatever arrived; the last after text and audio."""
         out, codes_total = job.out, 0
         while True:
@@ -607,20 +543,7 @@ class SpeechEngine:
                 raise
             codes_total += len(chunk.audio_codes)
             if out.aborted or (out.text_end is not None and out.audio_done):
-                reason, prompt, completion = (
-                    out.text_end if out.text_end is not None else ("abort", 0, 0)
-                )
-                if out.talker_reason in ("length", "runaway") and reason == "stop":
-                    reason = "length"  # the text is whole but its speech was cut (a cap on codes)
-                chunk.finished, chunk.finish_reason = (
-                    True,
-                    "abort" if out.aborted else reason,
-                )
-                chunk.prompt_tokens, chunk.completion_tokens, chunk.audio_tokens = (
-                    prompt,
-                    completion,
-                    codes_total,
-                )
+                job.finish(chunk, codes_total)
                 if not out.aborted:  # a full service time, for retry_after()
                     self._admission.record_hold(job)
                 self._release_now(
@@ -661,22 +584,16 @@ class SpeechEngine:
             if res.error is not None:
                 job.out.fail(res.error)
                 continue
-            audio = None
-            if res.audio:
-                audio = (
-                    np.concatenate(res.audio) if len(res.audio) > 1 else res.audio[0]
-                )
+            if (audio := job.add_output(res)) is not None:
                 self._counters["audio_samples_total"] += len(audio)
                 if job.t_first_audio is None:
                     job.t_first_audio = now
                     self._ttfa.append(now - job.t_arrival)
             if res.talker_reason == "runaway":
                 self._counters["runaway_capped"] += 1
-            if audio is not None or res.codes or res.done:
-                job.out.add_audio(audio, res.codes, res.done, res.talker_reason)
         self._admission.wake()
 
-    def _release_now(self, job: _Job) -> None:
+    def _release_now(self, job: SpeechJob) -> None:
         """Free the request's slot, worker state and producer (all but the thinker abort)."""
         if job.released:
             return
@@ -698,7 +615,7 @@ class SpeechEngine:
             producer.cancel()
         self._admission.wake()
 
-    async def _release(self, job: _Job) -> None:
+    async def _release(self, job: SpeechJob) -> None:
         """Free everything the request holds; abort its thinker request now if still running."""
         was_released = job.released
         self._release_now(job)
