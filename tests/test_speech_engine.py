@@ -631,8 +631,9 @@ def test_waiting_requests_are_served_in_arrival_order(
     assert s["audio_requests"] == 10 and s["refused"] == 0, (
         s
     )  # the cancelled waiter never started
-    mean_hold = sum(speech._hold_seconds) / len(speech._hold_seconds)
-    assert len(speech._hold_seconds) == 10 and speech.retry_after() == pytest.approx(
+    hold_seconds = speech._admission.hold_seconds
+    mean_hold = sum(hold_seconds) / len(hold_seconds)
+    assert len(hold_seconds) == 10 and speech.retry_after() == pytest.approx(
         max(1.0, mean_hold / 2)
     )
     print(f"waits {[round(w, 2) for w in waits]}, mean slot hold {mean_hold:.2f} s")

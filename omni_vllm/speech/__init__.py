@@ -2,9 +2,11 @@
 
 Laid out along vLLM's own seam: `scheduler` (the policy, as vllm/v1/core/sched/), `worker` (the
 thread that runs the talker and Token2Wav, as vllm/v1/engine/core.py's busy loop), `engine`
-(`SpeechEngine`, the async front, as vllm/v1/engine/async_llm.py) with `outputs` (`SpeechChunk`,
-one `RequestCollector` per request), `config` (`SpeechConfig`, every setting and its flag) and
-`loading` (the modules of a checkpoint).
+(`SpeechEngine`, the async front, as vllm/v1/engine/async_llm.py) with `admission` (the FIFO
+wait for a speaking slot and refusals for load), `job` (one request's loop-side state and the
+routing of its rows and outputs), `outputs` (`SpeechChunk`, one `RequestCollector` per
+request), `config` (`SpeechConfig`, every setting and its flag) and `loading` (the modules of a
+checkpoint).
 """
 
 from omni_vllm.errors import (

@@ -21,18 +21,20 @@ speaking requests:
 Requests join and leave between iterations. Text-only requests go straight to AsyncLLM.
 
 Scheduling: omni_vllm.speech.scheduler (how long the talker runs per iteration, which windows
-Token2Wav decodes together). Each request's outputs gather in its `RequestCollector` until its
-consumer asks, so a slow consumer gets fewer, larger chunks.
+Token2Wav decodes together). Each request's state is a `SpeechJob` (omni_vllm.speech.job); its
+outputs gather in its `RequestCollector` until its consumer asks, so a slow consumer gets
+fewer, larger chunks.
 
-Limits and waiting: at most `max_speaking` requests speak at once (the talker has that many
-KV-cache slots) and, while `max_queued_windows` or more decodable windows wait for Token2Wav, the
-talker pauses and no new speaker is admitted. A new audio request then waits for a slot, in arrival
-order (FIFO: nobody overtakes a waiter), for as long as its caller waits, as vLLM's scheduler keeps
-text requests waiting: a caller that goes away (closes the generator, cancels its task, `abort`)
-leaves the queue at once, before its thinker request was ever started. Only two things refuse a
-request for load, with SpeechBusy (its `code` says which, its `retry_after` when to come back):
-`max_waiting` requests waiting already (the bound on what waiters hold), and the optional
-server-side wait limit `queue_timeout`. Text requests are never held back.
+Limits and waiting (omni_vllm.speech.admission): at most `max_speaking` requests speak at once
+(the talker has that many KV-cache slots) and, while `max_queued_windows` or more decodable
+windows wait for Token2Wav, the talker pauses and no new speaker is admitted. A new audio
+request then waits for a slot, in arrival order (FIFO: nobody overtakes a waiter), for as long
+as its caller waits, as vLLM's scheduler keeps text requests waiting: a caller that goes away
+(closes the generator, cancels its task, `abort`) leaves the queue at once, before its thinker
+request was ever started. Only two things refuse a request for load, with SpeechBusy (its `code`
+says which, its `retry_after` when to come back): `max_waiting` requests waiting already (the
+bound on what waiters hold), and the optional server-side wait limit `queue_timeout`. Text
+requests are never held back.
 
 Cancellation: closing the generator, cancelling its task, or `abort(request_id)` frees the
 request's talker slot, stream state and queued windows (worker command) and aborts its thinker
@@ -57,7 +59,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from omni_vllm.checkpoint import engine_checkpoint
@@ -74,11 +75,12 @@ from omni_vllm.hidden_states import (
     set_hidden_states_sink,
 )
 from omni_vllm.memory import DEFAULT_MAX_SPEAKING, speech_dtypes
+from omni_vllm.speech.admission import Admission
 from omni_vllm.speech.config import SpeechConfig
+from omni_vllm.speech.job import SpeechJob
 from omni_vllm.speech.loading import default_device, load_speech_modules
-from omni_vllm.speech.outputs import RequestCollector, SpeechChunk
+from omni_vllm.speech.outputs import SpeechChunk
 from omni_vllm.speech.worker import (
-    AddRequest,
     Cancel,
     SpeechWorker,
     Sync,
@@ -95,41 +97,6 @@ from omni_vllm.voices import resolve_voice
 logger = logging.getLogger("omni_vllm.speech")
 
 RUNAWAY_FLOOR_CODES = 100  # the runaway guard never cuts a reply's speech below 2 s
-
-
-class _Job:
-    """Loop-side state of one audio request."""
-
-    def __init__(
-        self,
-        rid: str,
-        voice: str,
-        sampling: TalkerSampling,
-        noise: Any,
-        max_codes: int | None,
-    ):
-        self.rid, self.voice, self.sampling, self.noise, self.max_codes = (
-            rid,
-            voice,
-            sampling,
-            noise,
-            max_codes,
-        )
-        self.out = RequestCollector()
-        self.t_arrival = time.monotonic()
-        self.t_first_audio: float | None = None
-        self.waiter: asyncio.Future | None = None  # while waiting for admission
-        self.admitted = False  # holds a speaking slot
-        self.t_admitted: float | None = None
-        self.pending_rows: list[
-            torch.Tensor
-        ] = []  # rows before the prompt ids are known
-        self.positions: torch.Tensor | None = None
-        self.rows_seen = 0
-        self.submitted = False  # the worker has the request
-        self.thinker_done = False
-        self.released = False
-        self.producer: asyncio.Task | None = None
 
 
 class _Aborted(Exception):
@@ -261,18 +228,11 @@ class SpeechEngine:
                 self.unavailable_reason,
             )
 
-        self._jobs: dict[str, _Job] = {}
-        self._speaking = 0  # admitted audio requests not yet released (slots reserved)
-        self._waiters: collections.deque[asyncio.Future] = (
-            collections.deque()
-        )  # FIFO; result: admission time
-        self._hold_seconds: collections.deque[float] = collections.deque(
-            maxlen=64
-        )  # slot held, recent requests
+        self._jobs: dict[str, SpeechJob] = {}
+        self._admission = Admission(config, lambda: self._snapshot.queued_windows)
         self._counters = dict(
             audio_requests=0,
             text_requests=0,
-            refused=0,
             aborted=0,
             failed=0,
             audio_samples_total=0,
@@ -379,13 +339,13 @@ class SpeechEngine:
         if request_id in self._jobs:
             raise ValueError(f"request id {request_id!r} is already speaking")
         self._bind_loop()
-        job = _Job(
+        job = SpeechJob(
             request_id, voice, talker_sampling, noise, max_codes or self.max_codes
         )
         self._jobs[request_id] = job
         try:
             try:
-                await self._admit(job, on_queued)
+                await self._admission.admit(job, on_queued)
             except _Aborted:
                 yield SpeechChunk(
                     "",
@@ -428,11 +388,7 @@ class SpeechEngine:
             )  # a text request (its stream ends with "abort")
             return
         self._counters["aborted"] += 1
-        if (
-            job.waiter is not None and not job.waiter.done()
-        ):  # still waiting: leaves the queue now
-            self._waiters.remove(job.waiter)
-            job.waiter.set_exception(_Aborted())
+        if self._admission.drop_waiter(job, _Aborted()):  # it leaves the queue now
             return
         await self._release(job)
         job.out.abort()
@@ -441,12 +397,16 @@ class SpeechEngine:
         """Counters and gauges of the speech path (worker gauges as of its last iteration; await
         `sync()` first for an exact picture)."""
         ttfa = sorted(self._ttfa)
+        c = self._counters  # with admission's refusals, in their old place
+        counters = (
+            dict(audio_requests=0, text_requests=0, refused=self._admission.refused) | c
+        )
         return dict(
-            active_speaking=self._speaking,
-            waiting=len(self._waiters),
+            active_speaking=self._admission.speaking,
+            waiting=self._admission.waiting,
             thinker_unfinished=self.engine.get_num_unfinished_requests(),
             **dataclasses.asdict(self._snapshot),
-            **self._counters,
+            **counters,
             audio_seconds_total=self._counters["audio_samples_total"] / SAMPLE_RATE,
             ttfa_samples=list(self._ttfa),
             ttfa_p50=ttfa[len(ttfa) // 2] if ttfa else None,
@@ -469,10 +429,9 @@ class SpeechEngine:
             return
         self._closed = True
         for job in list(self._jobs.values()):
-            if job.waiter is not None and not job.waiter.done():
-                job.waiter.set_exception(
-                    SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)
-                )
+            if self._admission.drop_waiter(
+                job, SpeechBusy("speech engine shut down", code=SpeechBusy.SHUTDOWN)
+            ):
                 continue
             await self._release(job)
             job.out.fail(RuntimeError("speech engine shut down"))
@@ -513,83 +472,10 @@ class SpeechEngine:
 
     # ---------------------------------------------------------------------------- admission
 
-    def _can_admit(self) -> bool:
-        return (
-            self._speaking < self.max_speaking
-            and self._snapshot.queued_windows < self.max_queued_windows
-        )
-
-    async def _admit(
-        self, job: _Job, on_queued: Callable[[], Any] | None = None
-    ) -> None:
-        """Reserve a speaking slot: at once when one is free and nobody waits, else after waiting in
-        FIFO order for as long as the caller waits (or `queue_timeout`). SpeechBusy at once when
-        `max_waiting` requests wait already. Cancelling the caller leaves the queue."""
-        if not self._waiters and self._can_admit():
-            self._speaking += 1
-            job.admitted, job.t_admitted = True, time.monotonic()
-            return
-        if len(self._waiters) >= self.max_waiting or (
-            self.queue_timeout is not None and self.queue_timeout <= 0
-        ):
-            raise self._refuse(
-                SpeechBusy.QUEUE_FULL,
-                f"speech engine busy: {self._speaking} speaking, "
-                f"{len(self._waiters)} waiting (at most {self.max_waiting})",
-            )
-        job.waiter = fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if on_queued is not None:
-            on_queued()
-        try:
-            job.t_admitted = await asyncio.wait_for(
-                fut, self.queue_timeout
-            )  # the waker reserves our slot
-            job.admitted = True
-        except BaseException as e:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self._speaking -= 1  # a slot was reserved for us, but we are leaving
-                self._wake()
-            if isinstance(e, TimeoutError):
-                raise self._refuse(
-                    SpeechBusy.WAIT_TIMEOUT,
-                    f"speech engine busy: no speaking slot within {self.queue_timeout:g} s",
-                ) from None
-            raise
-        finally:
-            job.waiter = None
-
-    def _wake(self) -> None:
-        """Hand free slots to the waiters, oldest first."""
-        while self._waiters and self._can_admit():
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._speaking += 1
-                fut.set_result(time.monotonic())
-
-    def _refuse(self, code: str, message: str) -> SpeechBusy:
-        self._counters["refused"] += 1
-        return SpeechBusy(message, code=code, retry_after=self.retry_after())
-
     def retry_after(self) -> float:
-        """Seconds until a request refused now would likely be taken (at least 1): until the
-        requests waiting now have got a slot, `max_speaking` at a time, each holding it for the
-        mean time recent requests held theirs (before any finished: the oldest speaker's age)."""
-        if self._hold_seconds:
-            hold = sum(self._hold_seconds) / len(self._hold_seconds)
-        else:
-            now = time.monotonic()
-            hold = max(
-                (
-                    now - j.t_admitted
-                    for j in self._jobs.values()
-                    if j.admitted and not j.released
-                ),
-                default=1.0,
-            )
-        return max(1.0, (len(self._waiters) + 1) * hold / self.max_speaking)
+        """Seconds until a request refused now would likely be taken (at least 1); see
+        omni_vllm.speech.admission.Admission.retry_after."""
+        return self._admission.retry_after()
 
     # ---------------------------------------------------------------------------- one request
 
@@ -602,7 +488,7 @@ class SpeechEngine:
                 "SpeechEngine is bound to another event loop (the AsyncLLM's)"
             )
 
-    async def _produce(self, job: _Job, prompt, params) -> None:
+    async def _produce(self, job: SpeechJob, prompt, params) -> None:
         """Iterate the thinker; text deltas to the consumer, prompt ids / end to the worker."""
         completion = 0
         try:
@@ -629,29 +515,9 @@ class SpeechEngine:
         except Exception as e:
             job.out.fail(e)
 
-    def _submit(self, job: _Job, prompt_ids) -> None:
+    def _submit(self, job: SpeechJob, prompt_ids) -> None:
         """Hand the request to the worker once its prompt ids are known (first output)."""
-        n = len(prompt_ids)
-        rows = torch.cat(job.pending_rows) if job.pending_rows else None
-        job.pending_rows = []
-        if rows is None or len(rows) < n:
-            raise RuntimeError(
-                f"request {job.rid}: the thinker sent {0 if rows is None else len(rows)} of {n} prompt "
-                "hidden-state rows; is the omni_vllm plugin (patches/) active in the engine?"
-            )
-        self._worker.submit(
-            AddRequest(
-                job.rid,
-                prompt_ids=torch.tensor(prompt_ids),
-                prompt_rows=rows[:n],
-                rows=rows[n:] if len(rows) > n else None,
-                positions=job.positions,
-                voice=job.voice,
-                sampling=job.sampling,
-                noise=job.noise,
-                max_codes=job.max_codes,
-            )
-        )
+        self._worker.submit(job.add_request(prompt_ids))
         job.submitted = True
 
     def _on_hidden_states(self, chunk: HiddenStatesChunk) -> None:
@@ -663,22 +529,10 @@ class SpeechEngine:
             return
         if job.released:
             return
-        if chunk.start != job.rows_seen:
-            logger.error(
-                "request %s: hidden-state rows start at %d, expected %d",
-                job.rid,
-                chunk.start,
-                job.rows_seen,
-            )
-        job.rows_seen = chunk.start + len(chunk.rows)
-        if chunk.prompt_positions is not None:
-            job.positions = chunk.prompt_positions
-        if job.submitted:
-            self._worker.submit(ThinkerRows(job.rid, chunk.rows))
-        else:
-            job.pending_rows.append(chunk.rows)
+        if (rows := job.take_rows(chunk)) is not None:
+            self._worker.submit(ThinkerRows(job.rid, rows))
 
-    async def _consume(self, job: _Job) -> AsyncIterator[SpeechChunk]:
+    async def _consume(self, job: SpeechJob) -> AsyncIterator[SpeechChunk]:
         """One chunk per wake-up with whatever arrived; the last after text and audio."""
         out, codes_total = job.out, 0
         while True:
@@ -689,22 +543,9 @@ class SpeechEngine:
                 raise
             codes_total += len(chunk.audio_codes)
             if out.aborted or (out.text_end is not None and out.audio_done):
-                reason, prompt, completion = (
-                    out.text_end if out.text_end is not None else ("abort", 0, 0)
-                )
-                if out.talker_reason in ("length", "runaway") and reason == "stop":
-                    reason = "length"  # the text is whole but its speech was cut (a cap on codes)
-                chunk.finished, chunk.finish_reason = (
-                    True,
-                    "abort" if out.aborted else reason,
-                )
-                chunk.prompt_tokens, chunk.completion_tokens, chunk.audio_tokens = (
-                    prompt,
-                    completion,
-                    codes_total,
-                )
+                job.finish(chunk, codes_total)
                 if not out.aborted:  # a full service time, for retry_after()
-                    self._hold_seconds.append(time.monotonic() - job.t_admitted)
+                    self._admission.record_hold(job)
                 self._release_now(
                     job
                 )  # before the last yield: a consumer may stop iterating there
@@ -743,30 +584,23 @@ class SpeechEngine:
             if res.error is not None:
                 job.out.fail(res.error)
                 continue
-            audio = None
-            if res.audio:
-                audio = (
-                    np.concatenate(res.audio) if len(res.audio) > 1 else res.audio[0]
-                )
+            if (audio := job.add_output(res)) is not None:
                 self._counters["audio_samples_total"] += len(audio)
                 if job.t_first_audio is None:
                     job.t_first_audio = now
                     self._ttfa.append(now - job.t_arrival)
             if res.talker_reason == "runaway":
                 self._counters["runaway_capped"] += 1
-            if audio is not None or res.codes or res.done:
-                job.out.add_audio(audio, res.codes, res.done, res.talker_reason)
-        self._wake()
+        self._admission.wake()
 
-    def _release_now(self, job: _Job) -> None:
+    def _release_now(self, job: SpeechJob) -> None:
         """Free the request's slot, worker state and producer (all but the thinker abort)."""
         if job.released:
             return
         job.released = True
         if self._jobs.get(job.rid) is job:
             del self._jobs[job.rid]
-        if job.admitted:
-            self._speaking -= 1
+        self._admission.leave(job)
         if job.submitted:
             self._worker.submit(
                 Cancel(job.rid)
@@ -779,9 +613,9 @@ class SpeechEngine:
             and not producer.done()
         ):
             producer.cancel()
-        self._wake()
+        self._admission.wake()
 
-    async def _release(self, job: _Job) -> None:
+    async def _release(self, job: SpeechJob) -> None:
         """Free everything the request holds; abort its thinker request now if still running."""
         was_released = job.released
         self._release_now(job)
