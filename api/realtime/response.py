@@ -48,12 +48,10 @@ class RealtimeResponse:
         max_output_tokens: int | str,
         to_conversation: bool,
     ):
-        self.conn, self.id = conn, id
-        self.item, self.modalities, self.voice = item, modalities, voice
-        self.max_output_tokens, self.to_conversation = (
-            max_output_tokens,
-            to_conversation,
-        )
+        self.conn, self.id, self.item = conn, id, item
+        self.modalities, self.voice = modalities, voice
+        self.max_output_tokens = max_output_tokens
+        self.to_conversation = to_conversation
         self.task: asyncio.Task | None = None
         self.cancel_reason: str | None = None
 
