@@ -44,8 +44,9 @@ def silence(seconds: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def phrase() -> np.ndarray:
     audio = media.spoken_phrase("Hello, what can you hear?", sr=RATE)
-    if audio is None:
-        pytest.skip("espeak-ng is not installed")
+    assert audio is not None, (
+        "espeak-ng is needed (apt-get install espeak-ng; .ci/run installs it)"
+    )
     return audio
 
 
@@ -1048,6 +1049,20 @@ def test_example_realtime_client(server, phrase, tmp_path):
             proc.stdout
         )
         assert ("[server VAD] speech ended" in proc.stdout) == bool(extra), proc.stdout
+
+
+def test_readme_realtime_snippet(server, phrase):
+    """The README's Realtime snippet, run as written against this server."""
+    from api_server import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("# Speech to speech: OpenAI's Realtime API")
+    code = readme[start : readme.index("```", start)]
+    code = code.replace("http://127.0.0.1:8000/v1", server["base_url"])
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    reply = asyncio.run(namespace["talk"](pcm16(phrase)))
+    assert len(reply) > 0 and len(reply) % 2 == 0
 
 
 def test_fake_core_refusal_and_memory_bound():
