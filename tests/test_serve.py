@@ -169,10 +169,15 @@ def test_args_defaults_and_overrides(tmp_path):
         (["--distributed-executor-backend", "ray"], "ray has never run with speech"),
     ],
 )
-def test_unsupported_scale_out_refused(flags, words, capsys):
+def test_unsupported_scale_out_refused(flags, words, capsys, monkeypatch):
     """vLLM scale-out flags that speech does not support are refused at start-up, saying why and what to
     do instead; with --allow-text-only the server starts and serves text only, saying why."""
+    import huggingface_hub.constants
+
     from omni_vllm.api.server import parse_args
+
+    # The model's config cannot be fetched here: fail at once rather than after the hub's retries.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
     with pytest.raises(SystemExit):
         parse_args(["--model", "Qwen/Qwen2.5-Omni-7B", *flags])
