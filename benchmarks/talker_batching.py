@@ -24,22 +24,14 @@ import time
 import torch
 
 from omni_vllm.talker import Talker, TalkerSampling
+from omni_vllm.testing.released import TALKER_SIZES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-# Qwen2.5-Omni-7B's talker_config (released config.json); `scale` divides the widths (not the
-# depth, the head dim or the vocabularies) for quick runs.
-REAL_TALKER = dict(
-    hidden_size=896,
-    intermediate_size=18944,
-    num_hidden_layers=24,
-    num_attention_heads=12,
-    num_key_value_heads=4,
-    head_dim=128,
-    embedding_size=3584,
-    vocab_size=8448,
-    max_position_embeddings=32768,
-)
+# Qwen2.5-Omni-7B's talker_config (released config.json; the codec vocabulary, 8448, is the
+# config's default); `scale` divides the widths (not the depth, the head dim or the vocabularies)
+# for quick runs.
+REAL_TALKER = TALKER_SIZES["7B"]
 
 
 def talker_config(scale: int = 1):

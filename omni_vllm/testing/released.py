@@ -43,6 +43,10 @@ _THINKER_3B = dict(
     vision_config=dict(out_hidden_size=2048),
 )
 SIZES = ("7B", "3B")
+TALKER_SIZES = {
+    "7B": _TALKER_7B,
+    "3B": _TALKER_3B,
+}  # the talker_config fields that differ
 
 
 def released_config(size: str = "7B"):
