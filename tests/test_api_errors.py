@@ -174,7 +174,10 @@ FAILURES = {
 @pytest.mark.parametrize("name", list(FAILURES))
 def test_chat_stream_failure_mid_stream(name):
     """A failure after the SSE response started: the audio so far, vLLM's error event, [DONE];
-    the request is aborted in the engine."""
+    the request is aborted in the engine.
+
+    Fake because a real engine cannot be made to fail mid-stream on cue (injected failure).
+    """
     fail, _, err_type, code, words = FAILURES[name]
     client, speech = _client(fail)
     r = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "mid"})
@@ -196,6 +199,10 @@ def test_chat_stream_failure_mid_stream(name):
 
 @pytest.mark.parametrize("name", list(FAILURES))
 def test_speech_sse_failure_mid_stream(name):
+    """/v1/audio/speech SSE: the same injected mid-stream failures, the same ending.
+
+    Fake because a real engine cannot be made to fail mid-stream on cue (injected failure).
+    """
     fail, _, err_type, code, words = FAILURES[name]
     client, speech = _client(fail)
     r = client.post("/v1/audio/speech", json=SPEECH, headers={"X-Request-Id": "tts"})
@@ -213,7 +220,11 @@ def test_speech_sse_failure_mid_stream(name):
 
 
 def test_streams_without_failure():
-    """The same fakes, no failure: the streams end as before (no error event)."""
+    """The same fakes, no failure: the streams end as before (no error event).
+
+    The control for the two tests above (their error event comes from the injected failure, not
+    the fakes); clean streams on the real server are test_api.py's.
+    """
     client, speech = _client(None)
     events = _events(client.post("/v1/chat/completions", json=CHAT).text)
     assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
@@ -257,6 +268,9 @@ def test_streams_without_failure():
     ],
 )
 def test_refusals_before_the_response(body, status, param, words):
+    """Each body is also refused by the real server (test_api.py: test_chat_errors,
+    test_multi_turn_audio_id); kept for the check they lack: our message as raised, without
+    VLLMValidationError's "(parameter=...)"."""
     client, speech = _client(None)
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == status, r.text
@@ -271,7 +285,10 @@ def test_refusals_before_the_response(body, status, param, words):
 
 def test_start_text_only():
     """`audio=False` (the Realtime API's text mode): no speech system prompt, the SpeechEngine asked
-    for text only, the chunks and usage as for audio."""
+    for text only, the chunks and usage as for audio.
+
+    Fake to see what the core asks the SpeechEngine; test_sdk_text_only shows the socket's side.
+    """
     import asyncio
 
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
