@@ -397,8 +397,9 @@ class Talker:
 
         `forced_codes` (teacher forcing, tests) feeds the given code instead of the sampled one.
         """
-        req_ids = self.ready() if req_ids is None else list(req_ids)
-        not_ready = set(req_ids) - set(self.ready())
+        ready = self.ready()
+        req_ids = ready if req_ids is None else list(req_ids)
+        not_ready = set(req_ids) - set(ready)
         if not_ready:
             raise ValueError(
                 f"requests not ready for a talker step: {sorted(map(str, not_ready))}"
