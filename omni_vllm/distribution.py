@@ -104,8 +104,7 @@ def _is_alias(dist: md.Distribution) -> bool:
 
 
 def _is_alias_folder(folder: Path) -> bool:
-    installer = folder / "INSTALLER"
-    return installer.is_file() and installer.read_text().strip() == INSTALLER
+    return _is_alias(md.PathDistribution(folder))
 
 
 def main() -> None:

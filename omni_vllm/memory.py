@@ -73,7 +73,7 @@ class SpeechMemoryError(ValueError):
 
 
 def _itemsize(dtype: torch.dtype | None) -> int:
-    return torch.empty((), dtype=dtype or torch.float32).element_size()
+    return (dtype or torch.float32).itemsize
 
 
 def speech_dtypes(

@@ -65,7 +65,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 )
 
 from omni_vllm.checkpoint import load_embedding_rows, load_prefixed
-from omni_vllm.talker_kv_cache import TalkerKVCache
+from omni_vllm.talker_kv_cache import TalkerKVCache, round_up
 from omni_vllm.talker_sampler import CodecSampler, TalkerSampling
 from omni_vllm.voices import load_speakers, resolve_voice
 
@@ -78,7 +78,7 @@ KV_BLOCK_SIZE = (
 
 def kv_tokens_for(num_requests: int, max_len: int) -> int:
     """KV positions that hold `num_requests` requests of `max_len` each, in whole blocks."""
-    return num_requests * -(-max_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+    return num_requests * round_up(max_len, KV_BLOCK_SIZE)
 
 
 logger = logging.getLogger(__name__)
@@ -397,8 +397,9 @@ class Talker:
 
         `forced_codes` (teacher forcing, tests) feeds the given code instead of the sampled one.
         """
-        req_ids = self.ready() if req_ids is None else list(req_ids)
-        not_ready = set(req_ids) - set(self.ready())
+        ready = self.ready()
+        req_ids = ready if req_ids is None else list(req_ids)
+        not_ready = set(req_ids) - set(ready)
         if not_ready:
             raise ValueError(
                 f"requests not ready for a talker step: {sorted(map(str, not_ready))}"

@@ -23,7 +23,8 @@ import torch
 __all__ = ["TalkerKVCache"]
 
 
-def _round_up(n: int, block: int) -> int:
+def round_up(n: int, block: int) -> int:
+    """`n` rounded up to whole blocks (KV buffers are allocated in blocks)."""
     return -(-n // block) * block
 
 
@@ -63,8 +64,13 @@ class TalkerKVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+        return (
+            self.num_layers
+            * 2
+            * self.num_kv_heads
+            * self.head_dim
+            * self.dtype.itemsize
+        )
 
     def bytes(self) -> int:
         """Bytes of KV memory allocated now."""
@@ -86,10 +92,10 @@ class TalkerKVCache:
             return True
         block = self.block_size
         want = min(
-            _round_up(max(num_tokens, have + max(block, have // 4)), block),
-            _round_up(most, block),
+            round_up(max(num_tokens, have + max(block, have // 4)), block),
+            round_up(most, block),
         )
-        need = _round_up(num_tokens, block)
+        need = round_up(num_tokens, block)
         target = max(want, need)
         if target - have > self.free_tokens:
             target = need  # no headroom: exactly the blocks this step needs

@@ -145,6 +145,8 @@ class Token2Wav:
         self._frames: torch.Tensor | None = (
             None  # mel frames per row of the padded batch
         )
+        # (keep mask, per-row length) per layer time resolution, built once per padded call
+        self._tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._exact_padding = True
         zero = (nn.Conv1d, nn.ConvTranspose1d)
         replicate = (ref.Qwen2_5OmniUpSample1d, ref.Qwen2_5OmniDownSample1d)
@@ -355,14 +357,18 @@ class Token2Wav:
         """(keep mask, per-row length) at this layer's time resolution, or None if not padded."""
         if self._frames is None:
             return None
-        scale, rest = divmod(x.shape[-1], self._max_frames)
-        assert rest == 0, "BigVGAN layer length is not a multiple of the mel length"
-        lengths = self._frames * scale
-        keep = (
-            torch.arange(x.shape[-1], device=x.device)[None, None, :]
-            < lengths[:, None, None]
-        )
-        return keep, lengths
+        size = x.shape[-1]
+        tail = self._tails.get(size)  # the layers at one resolution share it
+        if tail is None:
+            scale, rest = divmod(size, self._max_frames)
+            assert rest == 0, "BigVGAN layer length is not a multiple of the mel length"
+            lengths = self._frames * scale
+            keep = (
+                torch.arange(size, device=x.device)[None, None, :]
+                < lengths[:, None, None]
+            )
+            tail = self._tails[size] = (keep, lengths)
+        return tail
 
     def _zero_tail(self, module, args):
         tail = self._tail(args[0])
@@ -413,6 +419,7 @@ class Token2Wav:
             wav = self.bigvgan(batch).reshape(len(mels), -1)
         finally:
             self._frames = None
+            self._tails.clear()
         return [wav[i, : frames[i] * self.hop].float() for i in range(len(mels))]
 
     @torch.no_grad()

@@ -106,11 +106,11 @@ def apply() -> None:
     if getattr(VllmConfig, _APPLIED, None) is not None:
         return
     logger = init_logger(__name__)
-    vllm_decides = VllmConfig.use_v2_model_runner.fget
+    vllm_own = VllmConfig.use_v2_model_runner.fget  # what `vllm_decides` answers later
 
     def use_v2_model_runner(self) -> bool:
         if not serves_omni_thinker(self):
-            return vllm_decides(self)
+            return vllm_own(self)
         required = v2_required_by(self)
         if not required:
             return False
@@ -119,8 +119,8 @@ def apply() -> None:
             "hidden states to the speech path: text works, speech cannot.",
             ", ".join(required),
         )
-        return vllm_decides(self)
+        return vllm_own(self)
 
-    use_v2_model_runner.__doc__ = vllm_decides.__doc__
+    use_v2_model_runner.__doc__ = vllm_own.__doc__
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
-    setattr(VllmConfig, _APPLIED, staticmethod(vllm_decides))  # vLLM's own answer, kept
+    setattr(VllmConfig, _APPLIED, staticmethod(vllm_own))  # vLLM's own answer, kept
