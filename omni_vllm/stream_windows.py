@@ -128,7 +128,6 @@ class StreamState:
         )
         self._mel_base = 0
         self.frames_emitted = 0  # mel frames whose waveform has left
-        self.samples_emitted = 0
         if isinstance(noise, torch.Tensor):
             self._noise_full = noise.detach().reshape(-1, noise.shape[-1]).float()
             self._generator = None
@@ -165,9 +164,6 @@ class StreamState:
         self._codes.extend(new)
         self.num_codes += len(new)
         self.finished = self.finished or finished
-
-    def finish(self) -> None:
-        self.finished = True
 
     # ---------------------------------------------------------------------------- schedule
 

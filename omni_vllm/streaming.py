@@ -250,12 +250,7 @@ def decode_windows(
         # Never needed again: codes and noise before the next window, mel before the next segment's context.
         nxt = max(0, s.bounds(s.next_chunk)[0] - s.config.left_context)
         s._release(nxt, repeats * nxt, max(0, s.frames_emitted - s.config.vocoder_left))
-    result = []
-    for s, parts in zip(streams, out):
-        audio = torch.cat(parts) if parts else torch.zeros(0)
-        s.samples_emitted += len(audio)
-        result.append(audio)
-    return result
+    return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
 
 
 def _segment(
