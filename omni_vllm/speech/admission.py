@@ -95,7 +95,7 @@ class Admission:
             on_queued()
         try:
             ticket.t_admitted = await asyncio.wait_for(
-                fut, self.limits.queue_timeout
+                fut, queue_timeout
             )  # the waker reserves our slot
             ticket.admitted = True
             self._holders.add(ticket)
@@ -108,8 +108,7 @@ class Admission:
             if isinstance(e, TimeoutError):
                 raise self._refuse(
                     SpeechBusy.WAIT_TIMEOUT,
-                    "speech engine busy: no speaking slot within "
-                    f"{self.limits.queue_timeout:g} s",
+                    f"speech engine busy: no speaking slot within {queue_timeout:g} s",
                 ) from None
             raise
         finally:

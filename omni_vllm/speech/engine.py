@@ -64,21 +64,19 @@ import torch
 from omni_vllm.checkpoint import engine_checkpoint
 from omni_vllm.errors import (
     SpeechBusy,
-    SpeechLoadError,
     SpeechUnavailable,
     UnknownVoice,
 )
 from omni_vllm.hidden_states import (
     HiddenStatesChunk,
-    check_speech_config,
     request_hidden_states,
     set_hidden_states_sink,
 )
-from omni_vllm.memory import DEFAULT_MAX_SPEAKING, speech_dtypes
+from omni_vllm.memory import DEFAULT_MAX_SPEAKING
 from omni_vllm.speech.admission import Admission
 from omni_vllm.speech.config import SpeechConfig
 from omni_vllm.speech.job import SpeechJob
-from omni_vllm.speech.loading import default_device, load_speech_modules
+from omni_vllm.speech.loading import default_device, load_speech_path, log_speech_path
 from omni_vllm.speech.outputs import SpeechChunk
 from omni_vllm.speech.worker import (
     Cancel,
@@ -90,8 +88,8 @@ from omni_vllm.speech.worker import (
     WorkerStats,
 )
 from omni_vllm.streaming import StreamingToken2Wav
-from omni_vllm.talker import Talker, TalkerSampling
-from omni_vllm.token2wav import SAMPLE_RATE, Token2Wav
+from omni_vllm.talker import TalkerSampling
+from omni_vllm.token2wav import SAMPLE_RATE
 from omni_vllm.voices import resolve_voice
 
 logger = logging.getLogger("omni_vllm.speech")
@@ -138,35 +136,15 @@ class SpeechEngine:
         self.device = torch.device(config.device or default_device())
         self._owns_engine = False
 
-        self.talker: Talker | None = None
-        self.token2wav: Token2Wav | None = None
-        self.unavailable_reason: str | None = None
         t0 = time.perf_counter()
-        thinker_dtype = getattr(model_config, "dtype", torch.float32)
-        try:
-            if text_only_reason is not None:
-                raise SpeechUnavailable(text_only_reason)
-            if (vllm_config := getattr(engine, "vllm_config", None)) is not None:
-                try:
-                    check_speech_config(vllm_config)
-                except ValueError as e:
-                    raise SpeechUnavailable(str(e)) from None
-            self.talker, self.token2wav = load_speech_modules(
-                self.model_dir,
-                device=self.device,
-                dtypes=speech_dtypes(config.speech_dtype, thinker_dtype),
-                max_slots=config.max_speaking,
-                max_len=config.talker_max_len,
-                kv_cache_tokens=config.kv_cache_tokens,
-                max_codes=config.max_codes,
-            )
-        except SpeechUnavailable as e:
-            self.unavailable_reason = str(e)
-        except SpeechLoadError as e:
-            if not config.allow_text_only:
-                raise
-            logger.error("speech engine: %s; serving text only (--allow-text-only)", e)
-            self.unavailable_reason = str(e)
+        self.talker, self.token2wav, self.unavailable_reason = load_speech_path(
+            self.model_dir,
+            config,
+            device=self.device,
+            thinker_dtype=getattr(model_config, "dtype", torch.float32),
+            vllm_config=getattr(engine, "vllm_config", None),
+            text_only_reason=text_only_reason,
+        )
         self.has_speech = self.talker is not None
         self.voices: list[str] = list(self.token2wav.voices) if self.has_speech else []
 
@@ -190,36 +168,13 @@ class SpeechEngine:
             )
             self._snapshot = self._worker.stats()
             self._worker.start()
-            cfg, tcfg = config.stream_config, self.talker.model.config
-            logger.info(
-                "speech engine: talker (%d layers, hidden %d, %s) and token2wav (DiT %d layers, %s) loaded from "
-                "%s on %s in %.1f s; voices %s (default %s); max_speaking=%d, max_queued_windows=%d, "
-                "max_codes=%d, talker_max_len=%d; stream: first chunk %d codes, chunk %d, DiT context "
-                "%d back / %d ahead, vocoder %d/%d frames, %d ODE points; first audio after %d codes "
-                "(%.2f s of speech)",
-                tcfg.num_hidden_layers,
-                tcfg.hidden_size,
-                self.talker.dtype,
-                len(self.token2wav.dit.transformer_blocks),
-                next(self.token2wav.dit.parameters()).dtype,
+            log_speech_path(
                 self.model_dir,
                 self.device,
+                config,
+                self.talker,
+                self.token2wav,
                 time.perf_counter() - t0,
-                ", ".join(self.voices),
-                config.default_voice,
-                config.max_speaking,
-                config.max_queued_windows,
-                config.max_codes,
-                self.talker.max_len,
-                cfg.first,
-                cfg.chunk,
-                cfg.left_context,
-                cfg.look_ahead,
-                cfg.vocoder_left,
-                cfg.vocoder_right,
-                cfg.num_steps,
-                cfg.first_audio_codes(),
-                cfg.first_audio_codes() / 50,
             )
         else:
             logger.warning(

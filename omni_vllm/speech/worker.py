@@ -401,9 +401,8 @@ class SpeechWorker(threading.Thread):
     def _close(self, rid: str, res: WorkerOutput) -> None:
         """The stream emitted its last samples: free it and send what is left."""
         sp = self.speakers.pop(rid, None)
-        if sp is not None and sp.new_codes:
-            res.codes = res.codes + sp.new_codes
         if sp is not None:
+            res.codes = res.codes + sp.new_codes
             res.talker_reason = (
                 "runaway"
                 if sp.guarded and sp.talker_reason == "length"
@@ -417,7 +416,7 @@ class SpeechWorker(threading.Thread):
 
     def stats(self) -> WorkerStats:
         return WorkerStats(
-            **dataclasses.asdict(self.totals),
+            **vars(self.totals),  # flat counters (asdict's deep copy, every iteration)
             talker_slots_used=self.talker.max_slots - self.talker.num_free_slots,
             stream_states=len(self.streamer.streams),
             queued_windows=self.scheduler.queued,
