@@ -76,26 +76,29 @@ from real_size_stages import (  # noqa: E402, F401  (its names, importable from 
     thinker_row,
 )
 
+from omni_vllm.testing.released import TALKER_SIZES  # noqa: E402
 from omni_vllm.testing.tiny import TinySizes, build_config  # noqa: E402
 
-# Qwen2.5-Omni-7B's thinker width (what the talker reads), talker and Token2Wav, as in its released
-# config.json (the talker's) and transformers' Qwen2_5OmniDiTConfig / BigVGANConfig defaults, which
-# are the 7B's; tests/test_benchmarks.py checks these against BENCH_SIZES * 8. Audio / vision
-# encoders are never built here. The one departure: the DiT's codec table has 8448 rows (the
-# talker's vocabulary) instead of 8193, so random talker codes stay in range (no compute changes).
+# Qwen2.5-Omni-7B's thinker width (what the talker reads), talker and Token2Wav: the talker as in
+# its released config.json (omni_vllm.testing.released), Token2Wav as transformers'
+# Qwen2_5OmniDiTConfig / BigVGANConfig defaults, which are the 7B's; tests/test_benchmarks.py
+# checks these against BENCH_SIZES * 8. Audio / vision encoders are never built here. The one
+# departure: the DiT's codec table has 8448 rows (the talker's vocabulary) instead of 8193, so
+# random talker codes stay in range (no compute changes).
+_TALKER = TALKER_SIZES["7B"]
 REAL_SIZES = TinySizes(
     vocab_size=152064,
-    hidden=3584,
+    hidden=_TALKER["embedding_size"],
     heads=28,
     kv_heads=4,
     layers=28,
     intermediate=18944,
-    talker_hidden=896,
-    talker_heads=12,
-    talker_kv_heads=4,
-    talker_head_dim=128,
-    talker_layers=24,
-    talker_intermediate=18944,
+    talker_hidden=_TALKER["hidden_size"],
+    talker_heads=_TALKER["num_attention_heads"],
+    talker_kv_heads=_TALKER["num_key_value_heads"],
+    talker_head_dim=_TALKER["head_dim"],
+    talker_layers=_TALKER["num_hidden_layers"],
+    talker_intermediate=_TALKER["intermediate_size"],
     dit_hidden=1024,
     dit_heads=16,
     dit_layers=22,
