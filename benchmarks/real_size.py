@@ -34,6 +34,9 @@ convolutions allowed: torch.backends.{cuda.matmul,cudnn}.allow_tf32). `fp32` mea
 
 On the device machine (Python 3.12, torch, transformers, numpy; no vLLM, no network):
     PYTHONUNBUFFERED=1 python benchmarks/real_size.py --device cuda --out $OUT
+
+This file: the sizes, the command line and the report; each measurement is in
+benchmarks/real_size_stages.py, the timing and memory tools in benchmarks/meters.py.
 """
 
 from __future__ import annotations
