@@ -45,18 +45,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's packages (patches/ too)
+
+from meters import Meter, cores, gpu_peak_mib, sync  # noqa: E402
 
 SYSTEMS = ("reference", "streaming", "non-streaming")
 SAMPLE_RATE = 24000
@@ -115,52 +115,6 @@ def requests(n: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-class Meter:
-    """Peak resident memory (sampled) and CPU seconds of this process and its children (vLLM's
-    EngineCore runs in one), per phase."""
-
-    def __init__(self, interval: float = 0.05):
-        import psutil
-
-        self._proc, self._interval = psutil.Process(), interval
-        self._peak = self._rss()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="bench-meter", daemon=True).start()
-
-    def _tree(self):
-        return [self._proc, *self._proc.children(recursive=True)]
-
-    def _rss(self) -> int:
-        total = 0
-        for p in self._tree():
-            with contextlib.suppress(Exception):  # a child that just exited
-                total += p.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while True:
-            rss = self._rss()
-            with self._lock:
-                self._peak = max(self._peak, rss)
-            time.sleep(self._interval)
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self._tree():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except Exception:
-                pass
-        return total
-
-    def phase(self) -> tuple[float, float]:
-        """(peak RSS MiB since the previous call, CPU seconds now); starts the next phase."""
-        with self._lock:
-            peak, self._peak = self._peak, self._rss()
-        return peak / 2**20, self.cpu_seconds()
-
-
 def _row(
     concurrency, run_wall, ttfa, completion, audio_s, tokens, cpu_s, peak_mib, **busy
 ) -> dict:
@@ -179,14 +133,6 @@ def _row(
         audio_per_cpu=audio_s / cpu_s if cpu_s else None,
         peak_rss_mib=peak_mib,
         **busy,
-    )
-
-
-def _gpu_peak_mib() -> float | None:
-    import torch
-
-    return (
-        torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     )
 
 
@@ -217,7 +163,7 @@ def reference_worker(args) -> dict:
             try:
                 return fn(*a, **kw)
             finally:
-                _sync(args.device)
+                sync(args.device)
                 busy[name] += time.perf_counter() - t
 
         return call
@@ -269,7 +215,7 @@ def reference_worker(args) -> dict:
         token2wav_s=busy["token2wav"],
         talker_s=total - busy["thinker"] - busy["token2wav"],
     )
-    return dict(rows=[row], gpu_peak_mib=_gpu_peak_mib())
+    return dict(rows=[row], gpu_peak_mib=gpu_peak_mib())
 
 
 async def omni_worker(args, path: str) -> dict:
@@ -324,23 +270,7 @@ async def omni_worker(args, path: str) -> dict:
             print(f"{path} c={c}: " + json.dumps(_rounded(rows[-1])), flush=True)
     finally:
         await engines.shutdown()
-    return dict(rows=rows, gpu_peak_mib=_gpu_peak_mib())
-
-
-def _cores() -> int:
-    """The cores this process may run on (all of them, for the equal-cores comparison)."""
-    return (
-        len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count() or 1
-    )
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    return dict(rows=rows, gpu_peak_mib=gpu_peak_mib())
 
 
 def worker(args) -> None:
@@ -467,7 +397,7 @@ COLUMNS = [
 
 def table(results: dict, r: dict, args) -> str:
     lines = [
-        f"model {args.model}; device {args.device}; equal cores ({_cores()}): reference one process of "
+        f"model {args.model}; device {args.device}; equal cores ({cores()}): reference one process of "
         f"{args.reference_threads} torch thread(s) in {args.reference_dtype}, omni-vllm two processes of "
         f"{args.threads} in {args.dtype}; "
         f"{args.requests} requests (text / audio / image in turn), {args.tokens} thinker tokens and at most "
@@ -591,13 +521,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=max(1, _cores() // 2),
+        default=max(1, cores() // 2),
         help="torch threads of each omni-vllm process (see the docstring)",
     )
     parser.add_argument(
         "--reference-threads",
         type=int,
-        default=_cores(),
+        default=cores(),
         help="torch threads of the reference",
     )
     parser.add_argument(

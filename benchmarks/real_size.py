@@ -34,18 +34,18 @@ convolutions allowed: torch.backends.{cuda.matmul,cudnn}.allow_tf32). `fp32` mea
 
 On the device machine (Python 3.12, torch, transformers, numpy; no vLLM, no network):
     PYTHONUNBUFFERED=1 python benchmarks/real_size.py --device cuda --out $OUT
+
+This file: the sizes, the command line and the report; each measurement is in
+benchmarks/real_size_stages.py, the timing and memory tools in benchmarks/meters.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,29 +53,55 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# This checkout's packages, and benchmarks/ itself (for a run through runpy, as the tests do).
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from omni_vllm.streaming import StreamConfig  # noqa: E402
-from omni_vllm.testing.tiny import TOKEN_ID, VOICES, TinySizes, build_config  # noqa: E402
+import real_size_stages as stages  # noqa: E402
+from meters import Device  # noqa: E402
+from real_size_stages import (  # noqa: E402, F401  (its names, importable from here as before)
+    CODES_PER_SECOND,
+    DTYPES,
+    PROMPT_TOKENS,
+    SAMPLE_RATE,
+    add_request,
+    bench_pipeline,
+    bench_reference,
+    bench_talker,
+    bench_token2wav,
+    build_talker,
+    build_token2wav,
+    pipeline,
+    quality,
+    random_state,
+    snr_db,
+    speakers,
+    synthetic_prompt,
+    thinker_row,
+)
 
-# Qwen2.5-Omni-7B's thinker width (what the talker reads), talker and Token2Wav, as in its released
-# config.json (the talker's) and transformers' Qwen2_5OmniDiTConfig / BigVGANConfig defaults, which
-# are the 7B's; tests/test_benchmarks.py checks these against BENCH_SIZES * 8. Audio / vision
-# encoders are never built here. The one departure: the DiT's codec table has 8448 rows (the
-# talker's vocabulary) instead of 8193, so random talker codes stay in range (no compute changes).
+from omni_vllm.testing.released import TALKER_SIZES  # noqa: E402
+from omni_vllm.testing.tiny import TinySizes, build_config  # noqa: E402
+
+# Qwen2.5-Omni-7B's thinker width (what the talker reads), talker and Token2Wav: the talker as in
+# its released config.json (omni_vllm.testing.released), Token2Wav as transformers'
+# Qwen2_5OmniDiTConfig / BigVGANConfig defaults, which are the 7B's; tests/test_benchmarks.py
+# checks these against BENCH_SIZES * 8. Audio / vision encoders are never built here. The one
+# departure: the DiT's codec table has 8448 rows (the talker's vocabulary) instead of 8193, so
+# random talker codes stay in range (no compute changes).
+_TALKER = TALKER_SIZES["7B"]
 REAL_SIZES = TinySizes(
     vocab_size=152064,
-    hidden=3584,
+    hidden=_TALKER["embedding_size"],
     heads=28,
     kv_heads=4,
     layers=28,
     intermediate=18944,
-    talker_hidden=896,
-    talker_heads=12,
-    talker_kv_heads=4,
-    talker_head_dim=128,
-    talker_layers=24,
-    talker_intermediate=18944,
+    talker_hidden=_TALKER["hidden_size"],
+    talker_heads=_TALKER["num_attention_heads"],
+    talker_kv_heads=_TALKER["num_key_value_heads"],
+    talker_head_dim=_TALKER["head_dim"],
+    talker_layers=_TALKER["num_hidden_layers"],
+    talker_intermediate=_TALKER["intermediate_size"],
     dit_hidden=1024,
     dit_heads=16,
     dit_layers=22,
@@ -101,530 +127,11 @@ SMOKE_SIZES = dataclasses.replace(
     dit_look_backward_layers=(0, 2),
     bigvgan_channels=1536 // 8,
 )
-DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
-SAMPLE_RATE, CODES_PER_SECOND = 24000, 50
-PROMPT_TOKENS = 64  # thinker prompt rows per request (--prompt-tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-# Random real-size models
-# ---------------------------------------------------------------------------------------------
-
-
-def random_state(module_cls, config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict for `module_cls(config)` without building it: shapes from a meta-device copy,
-    values U(-1, 1) / sqrt(fan_in) (PyTorch's default scale), norms 1, Snake parameters 0 (log
-    scale). Tensors of one fan-in are views of one shared pool, so the dict costs a few hundred MB
-    however large the model (the consumer copies them into its own parameters)."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in module_cls(config).state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    need: dict[int, int] = {}
-    for shape in shapes.values():
-        if len(shape) > 1:
-            fan_in = math.prod(shape[1:])
-            need[fan_in] = max(need.get(fan_in, 0), math.prod(shape))
-    pools = {
-        f: (torch.rand(n, generator=g) * 2 - 1) / math.sqrt(f) for f, n in need.items()
-    }
-    small = (
-        torch.rand(max(s[0] for s in shapes.values() if len(s) == 1), generator=g) * 2
-        - 1
-    ) * 0.02
-    state = {}
-    for name, shape in shapes.items():
-        if len(shape) > 1:
-            state[name] = pools[math.prod(shape[1:])][: math.prod(shape)].view(shape)
-        elif "norm" in name and name.endswith("weight"):
-            state[name] = torch.ones(shape)
-        elif name.endswith(("alpha", "beta")):
-            state[name] = torch.zeros(shape)
-        else:
-            state[name] = small[: shape[0]]
-    return state
-
-
-def speakers(config, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    dit = config.token2wav_config.dit_config
-    return {
-        name: {
-            "cond": torch.randn(1, dit.enc_emb_dim, generator=g),
-            "ref_mel": torch.randn(1, 300, dit.mel_dim, generator=g),
-            "bos_token": TOKEN_ID[token],
-        }
-        for name, token in VOICES.items()
-    }
-
-
-def build_talker(config, dtype, device, max_slots: int, max_len: int):
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
-        Qwen2_5OmniTalkerForConditionalGeneration,
-    )
-
-    from omni_vllm.talker import Talker
-
-    tc = config.talker_config
-    voices = {name: TOKEN_ID[token] for name, token in VOICES.items()}
-    g = torch.Generator().manual_seed(1)
-    rows = {
-        t: torch.randn(tc.embedding_size, generator=g) * 0.02
-        for t in {*voices.values(), tc.tts_text_end_token_id, tc.tts_text_pad_token_id}
-    }
-    state = random_state(Qwen2_5OmniTalkerForConditionalGeneration, tc)
-    return Talker(
-        config,
-        state,
-        rows,
-        voices,
-        device=device,
-        dtype=dtype,
-        max_slots=max_slots,
-        max_len=max_len,
-        max_codes=max_len,
-    )
-
-
-def build_token2wav(config, dtype, vocoder_dtype, device):
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
-        Qwen2_5OmniToken2WavModel,
-    )
-
-    from omni_vllm.token2wav import Token2Wav
-
-    state = random_state(Qwen2_5OmniToken2WavModel, config.token2wav_config)
-    return Token2Wav(
-        config.token2wav_config,
-        state,
-        speakers(config),
-        device=device,
-        dtype=dtype,
-        vocoder_dtype=vocoder_dtype,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------------
-
-
-class Device:
-    """Timing and peak memory on one device; TF32 per dtype label."""
-
-    def __init__(self, name: str):
-        self.name, self.cuda = name, name.startswith("cuda")
-
-    def use(self, label: str) -> torch.dtype:
-        if self.cuda:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
-                label == "tf32"
-            )
-        return DTYPES[label]
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def now(self) -> float:
-        self.sync()
-        return time.perf_counter()
-
-    def reset_peak(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            with contextlib.suppress(OSError):  # resets VmHWM to the current RSS
-                Path("/proc/self/clear_refs").write_text("5")
-
-    def peak_mib(self) -> float:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() / 2**20
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-
-def synthetic_prompt(talker, g: torch.Generator):
-    """A thinker prompt of PROMPT_TOKENS text rows: (ids, input embeddings, last hidden states)."""
-    e = talker.thinker_config.text_config.hidden_size
-    ids = torch.full((PROMPT_TOKENS,), 100, dtype=torch.long)
-    return (
-        ids,
-        torch.randn(PROMPT_TOKENS, e, generator=g) * 0.02,
-        torch.randn(PROMPT_TOKENS, e, generator=g),
-    )
-
-
-def add_request(talker, rid, g, max_codes, seed):
-    from omni_vllm.talker import TalkerSampling
-
-    ids, embeds, hidden = synthetic_prompt(talker, g)
-    talker.add_request(
-        rid,
-        prompt_ids=ids,
-        prompt_embeds=embeds,
-        prompt_hidden=hidden,
-        prompt_positions=torch.arange(PROMPT_TOKENS).expand(3, -1),
-        voice="Chelsie" if seed % 2 else "Ethan",
-        sampling=TalkerSampling(seed=seed),
-        max_codes=max_codes,
-    )
-
-
-def thinker_row(talker, g):
-    e = talker.thinker_config.text_config.hidden_size
-    return torch.randn(e, generator=g) * 0.02, torch.randn(e, generator=g)
-
-
-def bench_talker(talker, dev: Device, concurrency: list[int], steps: int) -> list[dict]:
-    """Decode throughput: c requests whose whole reply is there (the thinker is done), so that every
-    step is one full batch; the prefill step is timed apart."""
-    rows = []
-    g = torch.Generator().manual_seed(0)
-    for c in concurrency:
-        rids = [f"t{c}-{i}" for i in range(c)]
-        for i, rid in enumerate(rids):
-            add_request(talker, rid, g, steps + 1, seed=i)
-            for _ in range(4):
-                talker.add_thinker_token(rid, *thinker_row(talker, g))
-            talker.finish_thinker(rid)
-        t = dev.now()
-        talker.step(rids)  # prefill
-        prefill = dev.now() - t
-        codes, times = 0, []
-        while live := [r for r in rids if r in talker]:
-            t = dev.now()
-            out = talker.step(live)
-            times.append(dev.now() - t)
-            codes += sum(o.code is not None for o in out.values())
-        for rid in rids:
-            talker.remove(rid)
-        ms = 1000 * statistics.median(times)
-        rows.append(
-            dict(
-                concurrency=c,
-                steps=len(times),
-                prefill_s=prefill,
-                ms_per_step=ms,
-                codes_per_s=codes / sum(times),
-                audio_x_realtime=codes / sum(times) / CODES_PER_SECOND,
-            )
-        )
-        print(
-            f"  talker c={c}: {ms:.1f} ms/step, {rows[-1]['codes_per_s']:.0f} codes/s",
-            flush=True,
-        )
-    return rows
-
-
-def bench_token2wav(
-    t2w,
-    dev: Device,
-    batches: list[int],
-    window_codes: int,
-    kept_codes: int,
-    ode_steps: int,
-    evaluations: int,
-) -> list[dict]:
-    """One streaming window per request: `window_codes` codes through the DiT, `kept_codes` of them
-    (plus 34 frames of vocoder context) through BigVGAN. Seconds of compute per second of kept
-    audio. With `ode_steps` < 10 the DiT's time is scaled to the real 36 evaluations."""
-    g = torch.Generator().manual_seed(0)
-    scale = evaluations / (4 * (ode_steps - 1))
-    vocoder_frames = 2 * kept_codes + 34
-    rows = []
-    for b in batches:
-        codes = [torch.randint(0, 8192, (window_codes,), generator=g) for _ in range(b)]
-        voices = [("Chelsie", "Ethan")[i % 2] for i in range(b)]
-        t = dev.now()
-        mels = t2w.code2mel(codes, voices, list(range(b)), num_steps=ode_steps)
-        dit = (dev.now() - t) * scale
-        t = dev.now()
-        t2w.mel2wav([m[:, :vocoder_frames] for m in mels])
-        voc = dev.now() - t
-        audio = b * kept_codes / CODES_PER_SECOND
-        rows.append(
-            dict(
-                batch=b,
-                dit_s=dit,
-                bigvgan_s=voc,
-                dit_s_per_audio_s=dit / audio,
-                bigvgan_s_per_audio_s=voc / audio,
-                s_per_audio_s=(dit + voc) / audio,
-            )
-        )
-        print(
-            f"  token2wav b={b}: DiT {dit / audio:.3f} + BigVGAN {voc / audio:.3f} s per audio s",
-            flush=True,
-        )
-    return rows
-
-
-def snr_db(reference: torch.Tensor, x: torch.Tensor) -> float:
-    return 10 * math.log10(
-        reference.pow(2).mean().item()
-        / max((reference - x).pow(2).mean().item(), 1e-30)
-    )
-
-
-def quality(t2ws: dict, dev: Device, window_codes: int, ode_steps: int) -> dict:
-    """Each dtype against float32 (TF32 off) on the same codes and noise: the DiT's mel SNR and
-    BigVGAN's waveform SNR on the float32 mel, in dB (random weights: rounding, not fidelity)."""
-    g = torch.Generator().manual_seed(7)
-    codes = [torch.randint(0, 8192, (window_codes,), generator=g)]
-    dev.use("fp32")
-    m32 = t2ws["fp32"].code2mel(codes, ["Chelsie"], [3], num_steps=ode_steps)[0]
-    w32 = t2ws["fp32"].mel2wav([m32])[0]
-    out = {}
-    for label, t2w in t2ws.items():
-        if label != "fp32":
-            dev.use(label)
-            mel = t2w.code2mel(codes, ["Chelsie"], [3], num_steps=ode_steps)[0]
-            out[label] = dict(
-                mel_snr_db=snr_db(m32, mel),
-                wav_snr_db=snr_db(w32, t2w.mel2wav([m32])[0]),
-            )
-    return out
-
-
-def bench_pipeline(
-    talker,
-    t2w,
-    dev: Device,
-    concurrency: list[int],
-    codes: int,
-    thinker_tokens: int,
-    thinker_tps: float,
-    stream,
-) -> list[dict]:
-    """c requests arriving together, thinker rows at `thinker_tps` each, through the talker and the
-    streaming Token2Wav (`stream`: a StreamConfig) in one loop (the speech worker's policy, simplified)."""
-    from omni_vllm.streaming import StreamingToken2Wav
-
-    rows = []
-    g = torch.Generator().manual_seed(1)
-    for c in concurrency:
-        streamer = StreamingToken2Wav(t2w, stream)
-        rids = [f"p{c}-{i}" for i in range(c)]
-        t0 = dev.now()
-        state = {}
-        for i, rid in enumerate(rids):
-            add_request(talker, rid, g, codes, seed=100 + i)
-            streamer.open(rid, "Chelsie", noise=i)
-            state[rid] = dict(fed=0, first=None, done=None, samples=0, stall=0.0)
-        call_s = 0.0
-        while any(s["done"] is None for s in state.values()):
-            now = time.perf_counter() - t0
-            for rid, s in state.items():  # thinker rows due by now
-                due = min(thinker_tokens, int(now * thinker_tps) + 1)
-                while rid in talker and s["fed"] < due:
-                    talker.add_thinker_token(rid, *thinker_row(talker, g))
-                    s["fed"] += 1
-                    if s["fed"] == thinker_tokens:
-                        talker.finish_thinker(rid)
-            t_talk = time.perf_counter()
-            while ready := talker.ready():  # talker steps for up to one Token2Wav call
-                for rid, out in talker.step(ready).items():
-                    streamer.push(
-                        rid,
-                        [] if out.code is None else [out.code],
-                        finished=out.finished,
-                    )
-                dev.sync()
-                firsts = [r for r in streamer.ready() if state[r]["first"] is None]
-                if firsts or time.perf_counter() - t_talk >= call_s:
-                    break
-            ready = streamer.ready()
-            firsts = [r for r in ready if state[r]["first"] is None]
-            chosen = firsts or ready
-            if not chosen:
-                if not talker.ready():
-                    time.sleep(0.001)
-                continue
-            t = time.perf_counter()
-            out = streamer.step(request_ids=chosen)
-            dev.sync()
-            call_s = time.perf_counter() - t
-            now = time.perf_counter() - t0
-            for rid, o in out.items():
-                s = state[rid]
-                if len(o.audio):
-                    if s["first"] is None:
-                        s["first"] = now
-                    s["stall"] += max(
-                        0.0, now - (s["first"] + s["samples"] / SAMPLE_RATE)
-                    )
-                    s["samples"] += len(o.audio)
-                if o.done:
-                    s["done"] = now
-        wall = time.perf_counter() - t0
-        audio = sum(s["samples"] for s in state.values()) / SAMPLE_RATE
-        rtf = [s["done"] / (s["samples"] / SAMPLE_RATE) for s in state.values()]
-        rows.append(
-            dict(
-                concurrency=c,
-                wall_s=wall,
-                audio_s=audio,
-                audio_per_wall=audio / wall,
-                ttfa_p50=statistics.median(s["first"] for s in state.values()),
-                ttfa_max=max(s["first"] for s in state.values()),
-                rtf_max=max(rtf),
-                stall_s_max=max(s["stall"] for s in state.values()),
-            )
-        )
-        print(
-            f"  pipeline c={c}: TTFA p50 {rows[-1]['ttfa_p50']:.2f} s, {rows[-1]['audio_per_wall']:.2f} "
-            f"audio s / s, worst RTF {rows[-1]['rtf_max']:.2f}",
-            flush=True,
-        )
-    return rows
-
-
-def bench_reference(
-    config,
-    talker_dtype,
-    t2w32,
-    dev: Device,
-    requests: int,
-    codes: int,
-    thinker_tokens: int,
-    ode_steps: int,
-) -> dict:
-    """transformers, one request at a time: the talker's `generate` on the whole reply, then
-    Token2Wav's forward (float32, as transformers runs it) on all codes."""
-    from transformers.initialization import no_init_weights
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
-        Qwen2_5OmniTalkerForConditionalGeneration,
-    )
-
-    from omni_vllm.testing.reference import corrected_reference
-
-    tc = config.talker_config
-    tc._attn_implementation = "sdpa"
-    with no_init_weights(), torch.device(dev.name):
-        model = Qwen2_5OmniTalkerForConditionalGeneration(tc)
-    model.load_state_dict(random_state(Qwen2_5OmniTalkerForConditionalGeneration, tc))
-    inv_freq = (
-        model.model.rotary_emb.inv_freq.clone()
-    )  # stays float32, as in omni_vllm.talker
-    model = model.to(dtype=talker_dtype).eval()
-    model.model.rotary_emb.inv_freq = inv_freq
-    e = tc.embedding_size
-    g = torch.Generator().manual_seed(2)
-    spk = speakers(config)["Chelsie"]
-    times, talker_s, audio = [], 0.0, 0.0
-    holder = type("Holder", (), {})()
-    holder.talker = model
-    for i in range(requests):
-        t = dev.now()
-        n = PROMPT_TOKENS + 2
-        embeds = (torch.randn(1, n, e, generator=g) * 0.02).to(dev.name, talker_dtype)
-        reply = (torch.randn(1, thinker_tokens + 1, e, generator=g) * 0.02).to(
-            dev.name, talker_dtype
-        )
-        with corrected_reference(holder), torch.no_grad():
-            seq = model.generate(
-                input_ids=torch.full(
-                    (1, n), tc.tts_codec_mask_token_id, device=dev.name
-                ),
-                input_text_ids=torch.full((1, n), 100, device=dev.name),
-                thinker_reply_part=reply,
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(1, n, dtype=torch.long, device=dev.name),
-                suppress_tokens=[tc.tts_codec_start_token_id],
-                do_sample=True,
-                top_k=40,
-                top_p=0.8,
-                temperature=0.9,
-                repetition_penalty=1.05,
-                eos_token_id=[tc.tts_codec_pad_token_id],
-                max_new_tokens=codes,
-                min_new_tokens=codes,
-            )
-        talker_s += dev.now() - t
-        code = seq[0, n:]
-        if (
-            dev.cuda
-        ):  # transformers' float32 Token2Wav at its fastest: TF32 tensor cores allowed
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
-                True
-            )
-        with torch.no_grad():
-            wav = t2w32.model(
-                code[None].to(dev.name),
-                conditioning=spk["cond"].to(dev.name),
-                reference_mel=spk["ref_mel"].to(dev.name),
-                num_steps=ode_steps,
-            )
-        times.append(dev.now() - t)
-        audio += wav.numel() / SAMPLE_RATE
-    del model
-    return dict(
-        requests=requests,
-        audio_s=audio,
-        wall_s=sum(times),
-        audio_per_wall=audio / sum(times),
-        ttfa_p50=statistics.median(times),
-        talker_s=talker_s,
-        token2wav_s=sum(times) - talker_s,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
-
-
-def pipeline(
-    config,
-    dev: Device,
-    args,
-    smoke: bool,
-    talker_label: str,
-    dit_label: str,
-    voc_label: str,
-    slots: int,
-    max_len: int,
-    concurrency: list[int],
-    codes: int,
-    ode_steps: int,
-) -> dict:
-    """The streaming pipeline in the fastest dtypes measured (TF32 is one global switch)."""
-    dev.use("tf32" if "tf32" in (talker_label, dit_label, voc_label) else "fp32")
-    t2w = build_token2wav(config, DTYPES[dit_label], DTYPES[voc_label], dev.name)
-    if not dev.cuda and not smoke:
-        t2w.vocoder_batch = 1  # at the real size one request per BigVGAN call is cheaper on a CPU (README)
-    dev.reset_peak()
-    talker = build_talker(config, DTYPES[talker_label], dev.name, slots, max_len)
-    # The server's stream windows (smoke: the smallest ones, first audio after 24 codes).
-    stream = (
-        StreamConfig(chunk=12, left_context=12, num_steps=ode_steps)
-        if smoke
-        else StreamConfig(num_steps=ode_steps)
-    )
-    bench_pipeline(
-        talker, t2w, dev, [1], 24, 4, 1e6, dataclasses.replace(stream, num_steps=2)
-    )  # warm-up
-    rows = bench_pipeline(
-        talker,
-        t2w,
-        dev,
-        concurrency,
-        codes,
-        args.thinker_tokens,
-        args.thinker_tps,
-        stream,
-    )
-    return dict(
-        rows=rows,
-        talker_dtype=talker_label,
-        dit_dtype=dit_label,
-        vocoder_dtype=voc_label,
-        peak_mib=dev.peak_mib(),
-    )
 
 
 def table(report: dict) -> str:
@@ -783,7 +290,6 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    global PROMPT_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu"
@@ -880,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref_requests = pick(args.reference_requests, 3, 1, 1)
     args.thinker_tokens = pick(args.thinker_tokens, 24, 24, 8)
     torch.set_num_threads(args.threads)
-    PROMPT_TOKENS = args.prompt_tokens
+    stages.PROMPT_TOKENS = args.prompt_tokens
     dev = Device(args.device)
     config = build_config(512, SMOKE_SIZES if smoke else REAL_SIZES)
     evaluations = 4 * (10 - 1)
@@ -918,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"real_size: {json.dumps(settings)}", flush=True)
     t_start = time.perf_counter()
-    max_len = PROMPT_TOKENS + max(codes, talker_steps) + args.thinker_tokens + 16
+    max_len = stages.PROMPT_TOKENS + max(codes, talker_steps) + args.thinker_tokens + 16
 
     # Talker, per dtype.
     for label in dtypes:
