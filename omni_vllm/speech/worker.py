@@ -292,8 +292,7 @@ class SpeechWorker(threading.Thread):
             rows is None or rid not in self.talker
         ):  # the talker may already have stopped
             return
-        for row in rows:
-            self.talker.add_thinker_token(rid, row[0], row[1])
+        self.talker.add_thinker_rows(rid, rows)
 
     def _drop(self, rid: str) -> None:
         self.talker.remove(rid)

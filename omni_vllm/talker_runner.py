@@ -1,0 +1,242 @@
+"""The talker's model runner: static buffers, batch buckets, one captured decode step per bucket.
+
+Modelled on vLLM's GPU model runner. The Talker (omni_vllm.talker) decides which requests run a
+step; this runner turns them into device work at a host cost that does not grow with the batch:
+
+* **Decode** (one new token per request, the steady state): the step's inputs go into static
+  buffers allocated once for the largest bucket: the reply-track rows (one `cat` of the requests'
+  rows), and one pinned int64 block with every row's last code, position, KV slot, length,
+  sampler slot, forced code and block table, uploaded with one non-blocking copy. The batch is
+  padded to a bucket of `batch_buckets(max_batch)` and the block tables to a width bucket; padded
+  rows write into the pool's null block and sample into the sampler's dummy slot. The forward
+  (projection, every layer with one KV scatter and one attention call, the head) and the sampling
+  run as one function of those buffers, captured per (batch bucket, width bucket) as a CUDA graph
+  on CUDA (omni_vllm.capture.GraphCache), eager elsewhere or with `enforce_eager`.
+* **Prefill** (a request's prompt, or its recompute after preemption): eager, all of a step's
+  prefills padded into one forward.
+
+A step's codes and stop flags come back to the host in one read (`Talker.step` does it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+    apply_rotary_pos_emb,
+)
+
+from omni_vllm.capture import GraphCache, batch_buckets, bucket_for
+from omni_vllm.talker_attention import (
+    DecodeMetadata,
+    PrefillMetadata,
+    TorchPagedAttention,
+)
+from omni_vllm.talker_kv_cache import NULL_BLOCK, TalkerKVPool, blocks_for
+from omni_vllm.talker_sampler import CodecSampler
+
+__all__ = ["DecodeRow", "PrefillRow", "TalkerModelRunner"]
+
+# columns of the per-row int block uploaded for a decode step (the block table follows)
+_LAST, _POS, _SLOT, _LEN, _SAMPLER, _FORCED, _TABLE = range(7)
+
+
+@dataclass
+class DecodeRow:
+    """One request's decode input: its reply-track row (1, E) on the device, the code it sampled
+    last, the position and KV length after this token, and its block table."""
+
+    reply: torch.Tensor
+    last_code: int
+    position: int
+    kv_len: int
+    blocks: list[int]
+    sampler_slot: int
+    forced: int = -1
+
+
+@dataclass
+class PrefillRow:
+    """One request's prefill: inputs (Q, E) and TMRoPE positions (3, Q), both on the device, the
+    pool slots of its Q tokens, its sampler slot."""
+
+    inputs: torch.Tensor
+    positions: torch.Tensor
+    slots: list[int]
+    sampler_slot: int
+    forced: int = -1
+
+
+class TalkerModelRunner:
+    """Runs talker forwards over the KV pool for `max_batch` decode rows at most (see the module
+    docstring). `model`: transformers' `Qwen2_5OmniTalkerForConditionalGeneration`."""
+
+    def __init__(
+        self,
+        model,
+        pool: TalkerKVPool,
+        sampler: CodecSampler,
+        *,
+        max_batch: int,
+        max_len: int,
+        enforce_eager: bool = False,
+        capture=None,
+    ):
+        self.model, self.pool, self.sampler = model, pool, sampler
+        self.device, self.dtype = pool.device, pool.dtype
+        cfg = model.config
+        self.head_dim = cfg.head_dim
+        self.attn = TorchPagedAttention(
+            scale=model.model.layers[0].self_attn.scaling,
+            gqa=cfg.num_attention_heads != cfg.num_key_value_heads,
+        )
+        self.batch_buckets = batch_buckets(max_batch)
+        self.max_batch = self.batch_buckets[-1]
+        self.max_blocks = blocks_for(max_len, pool.block_size)
+        self.width_buckets = batch_buckets(self.max_blocks)
+        embed = model.thinker_to_talker_proj.in_features
+        self.reply = torch.zeros(
+            self.max_batch, embed, device=self.device, dtype=self.dtype
+        )
+        columns = _TABLE + self.max_blocks
+        pin = self.device.type == "cuda"
+        self.ints_host = torch.zeros(
+            self.max_batch, columns, dtype=torch.long, pin_memory=pin
+        )
+        self.ints = torch.zeros(
+            self.max_batch, columns, dtype=torch.long, device=self.device
+        )
+        self.key_index = torch.arange(
+            self.max_blocks * pool.block_size, device=self.device
+        )
+        self._pad_row = np.zeros(columns, dtype=np.int64)
+        self._pad_row[[_LEN, _SAMPLER, _FORCED]] = (1, sampler.dummy, -1)
+        self.graphs = GraphCache(
+            "talker decode",
+            device=self.device,
+            enabled=not enforce_eager,
+            capture=capture,
+        )
+
+    @property
+    def captured(self) -> bool:
+        return self.graphs.enabled
+
+    def decode_key(self, batch: int, widest: int) -> tuple[int, int]:
+        """(batch bucket, block-table width bucket) of a decode step: its graph's key."""
+        return bucket_for(batch, self.batch_buckets), bucket_for(
+            widest, self.width_buckets
+        )
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, rows: list[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and stops (2, n) and fp32 logits (n, vocab) of one decode step, on the device.
+        The logits are the static buffer's: read them before the next step."""
+        n = len(rows)
+        batch, width = self.decode_key(n, max(len(r.blocks) for r in rows))
+        ints = np.tile(self._pad_row, (batch, 1))
+        for i, r in enumerate(rows):
+            ints[i, :_TABLE] = (
+                r.last_code,
+                r.position,
+                r.blocks[(r.kv_len - 1) // self.pool.block_size] * self.pool.block_size
+                + (r.kv_len - 1) % self.pool.block_size,
+                r.kv_len,
+                r.sampler_slot,
+                r.forced,
+            )
+            ints[i, _TABLE : _TABLE + len(r.blocks)] = r.blocks
+        self.ints_host[:batch].copy_(torch.from_numpy(ints))
+        self.ints[:batch].copy_(self.ints_host[:batch], non_blocking=True)
+        self.reply[:n].copy_(torch.cat([r.reply for r in rows]))
+        out, logits = self.graphs.run(
+            (batch, width), lambda: self._decode_step(batch, width)
+        )
+        return out[:, :n], logits[:n]
+
+    def _decode_step(self, batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured function: reads the first `batch` rows of the static buffers only."""
+        m, d = self.model, self.head_dim
+        ints = self.ints[:batch]
+        slot_mapping = ints[:, _SLOT]
+        embeds = self.reply[:batch] + m.get_input_embeddings()(ints[:, _LAST])
+        h = m.thinker_to_talker_proj(embeds)[:, None]
+        positions = ints[:, _POS].view(1, batch, 1).expand(3, batch, 1)
+        cos, sin = m.model.rotary_emb(h, positions)
+        span = width * self.pool.block_size
+        mask = self.key_index[:span][None] < ints[:, _LEN, None]
+        meta = DecodeMetadata(
+            slot_mapping=slot_mapping,
+            block_table=ints[:, _TABLE : _TABLE + width],
+            mask=mask.view(batch, 1, 1, span),
+        )
+        for i, layer in enumerate(m.model.layers):
+            attn, cache = layer.self_attn, self.pool.layer(i)
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(batch, 1, -1, d).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, 1, -1, d).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, 1, -1, d)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.attn.write(cache, slot_mapping, k[:, :, 0], v[:, 0])
+            out = self.attn.decode(q, cache, meta)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = m.codec_head(m.model.norm(h[:, 0])).float()
+        codes = self.sampler.sample(ints[:, _SAMPLER], logits, ints[:, _FORCED])
+        return codes, logits
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, rows: list[PrefillRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and stops (2, n) and fp32 logits (n, vocab) at each prefill's last input."""
+        m, d = self.model, self.head_dim
+        n = len(rows)
+        lengths = [r.inputs.shape[0] for r in rows]
+        width = max(lengths)
+        inputs = torch.nn.utils.rnn.pad_sequence(
+            [r.inputs for r in rows], batch_first=True
+        )
+        positions = torch.nn.utils.rnn.pad_sequence(
+            [r.positions.T for r in rows], batch_first=True
+        ).permute(2, 0, 1)
+        ints = np.zeros((n, width + 3), dtype=np.int64)
+        ints[:, 0] = lengths
+        for i, r in enumerate(rows):
+            ints[i, 1], ints[i, 2] = r.sampler_slot, r.forced
+            # padded tokens write into the null block (its position 0)
+            ints[i, 3 : 3 + lengths[i]] = r.slots
+        ints = torch.from_numpy(ints).to(self.device)
+        length, slot_mapping = ints[:, 0], ints[:, 3:].reshape(-1)
+        index = torch.arange(width, device=self.device)
+        mask = (index[None, None, :] <= index[None, :, None]) & (
+            index[None, None, :] < length[:, None, None]
+        )
+        meta = PrefillMetadata(slot_mapping=slot_mapping, mask=mask[:, None])
+        h = m.thinker_to_talker_proj(inputs.to(self.dtype))
+        cos, sin = m.model.rotary_emb(h, positions)
+        for i, layer in enumerate(m.model.layers):
+            attn, cache = layer.self_attn, self.pool.layer(i)
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n, width, -1, d).transpose(1, 2)
+            k = attn.k_proj(x).view(n, width, -1, d).transpose(1, 2)
+            v = attn.v_proj(x).view(n, width, -1, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.attn.write(
+                cache,
+                slot_mapping,
+                k.transpose(1, 2).reshape(n * width, -1, d),
+                v.transpose(1, 2).reshape(n * width, -1, d),
+            )
+            out = self.attn.prefill(q, k, v, meta)
+            h = h + attn.o_proj(out.transpose(1, 2).reshape(n, width, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        last = h[torch.arange(n, device=self.device), length - 1]
+        logits = m.codec_head(m.model.norm(last)).float()
+        codes = self.sampler.sample(ints[:, 1], logits, ints[:, 2])
+        return codes, logits
+
+
+assert NULL_BLOCK == 0, "padded rows and tables use block 0 (zeros in the int buffers)"
