@@ -11,7 +11,10 @@ step; this runner turns them into device work at a host cost that does not grow 
   rows write into the pool's null block and sample into the sampler's dummy slot. The forward
   (projection, every layer with one KV scatter and one attention call, the head) and the sampling
   run as one function of those buffers, captured per (batch bucket, width bucket) as a CUDA graph
-  on CUDA (omni_vllm.capture.GraphCache), eager elsewhere or with `enforce_eager`.
+  on CUDA (omni_vllm.capture.GraphCache), eager elsewhere or with `enforce_eager`. A bucket is
+  captured the first time a step needs it, on padding rows (null block, dummy sampler slot), so
+  the capture's runs change no request's state; its memory comes from one pool shared by all
+  graphs, sized for the largest (the memory plan counts it).
 * **Prefill** (a request's prompt, or its recompute after preemption): eager, all of a step's
   prefills padded into one forward.
 
@@ -137,7 +140,13 @@ class TalkerModelRunner:
         The logits are the static buffer's: read them before the next step."""
         n = len(rows)
         batch, width = self.decode_key(n, max(len(r.blocks) for r in rows))
-        ints = np.tile(self._pad_row, (batch, 1))
+        step = lambda: self._decode_step(batch, width)  # noqa: E731
+        if self.graphs.enabled and (batch, width) not in self.graphs:
+            # capture on padding rows only: they write the null block and sample into the
+            # dummy slot, so warm-up and capture change no request's state
+            self.ints[:batch].copy_(torch.from_numpy(self._pad_rows(batch)))
+            self.graphs.capture((batch, width), step)
+        ints = self._pad_rows(batch)
         for i, r in enumerate(rows):
             ints[i, :_TABLE] = (
                 r.last_code,
@@ -152,10 +161,11 @@ class TalkerModelRunner:
         self.ints_host[:batch].copy_(torch.from_numpy(ints))
         self.ints[:batch].copy_(self.ints_host[:batch], non_blocking=True)
         self.reply[:n].copy_(torch.cat([r.reply for r in rows]))
-        out, logits = self.graphs.run(
-            (batch, width), lambda: self._decode_step(batch, width)
-        )
+        out, logits = self.graphs.run((batch, width), step)
         return out[:, :n], logits[:n]
+
+    def _pad_rows(self, batch: int) -> np.ndarray:
+        return np.tile(self._pad_row, (batch, 1))
 
     def _decode_step(self, batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured function: reads the first `batch` rows of the static buffers only."""
