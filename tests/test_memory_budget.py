@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import urllib.request
-
-import numpy as np
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
