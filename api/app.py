@@ -31,7 +31,7 @@ from omni_vllm.api.settings import Settings, check_scale_out
 from omni_vllm.api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
 from omni_vllm.api.speech.serving import TTS_USER_PROMPT, OmniServingSpeech
 from omni_vllm.checkpoint import engine_checkpoint
-from omni_vllm.memory import DEFAULT_MAX_SPEAKING, current_plan
+from omni_vllm.memory import DEFAULT_MAX_SPEAKING, current_plan, disabled_reason
 from omni_vllm.speech import SpeechEngine, SpeechLoadError, UnknownVoice
 
 __all__ = [
@@ -142,7 +142,8 @@ class OmniEndpoints:
                     talker_max_len=max_len,
                     kv_cache_tokens=None if plan is None else plan.kv_cache_tokens,
                 ),
-                text_only_reason=getattr(args, "speech_disabled", None),
+                text_only_reason=getattr(args, "speech_disabled", None)
+                or disabled_reason(),
             )
         except UnknownVoice as e:
             raise ValueError(f"--default-voice: {e}") from None

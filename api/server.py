@@ -226,6 +226,7 @@ def plan_speech(
             "speech path disabled, serving text only (--allow-text-only): %s", e
         )
         args.speech_disabled = str(e)
+        set_current_plan(None, disabled=str(e))
         return None
     logger.info("%s", plan.report())
     set_current_plan(plan)

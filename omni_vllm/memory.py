@@ -517,17 +517,29 @@ def plan_speech_memory(
 
 
 _current_plan: SpeechPlan | None = None
+_planned = False
+_disabled: str | None = None
 
 
-def set_current_plan(plan: SpeechPlan | None) -> None:
+def set_current_plan(plan: SpeechPlan | None, *, disabled: str | None = None) -> None:
     """Record this process's plan (the API server's, made before vLLM builds its engine), for the
-    speech engine built later in the same process: its KV pool is the plan's."""
-    global _current_plan
-    _current_plan = plan
+    speech engine built later in the same process: its KV pool is the plan's. `disabled`: why
+    there is none (the plan did not fit and text only was allowed)."""
+    global _current_plan, _planned, _disabled
+    _current_plan, _planned, _disabled = plan, True, disabled
 
 
 def current_plan() -> SpeechPlan | None:
     return _current_plan
+
+
+def planned() -> bool:
+    """Whether this process made its plan (or decided it has none)."""
+    return _planned
+
+
+def disabled_reason() -> str | None:
+    return _disabled
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -599,3 +599,94 @@ def test_memory_budget_readme_tables_are_the_code_s(capsys):
         assert table in (root / doc).read_text(), (
             f"{doc}: regenerate the table with python -m omni_vllm.memory"
         )
+
+
+@pytest.fixture
+def fresh_plan(monkeypatch):
+    """No plan made in this process yet (each start-up makes one)."""
+    monkeypatch.setattr(M, "_current_plan", None)
+    monkeypatch.setattr(M, "_planned", False)
+    monkeypatch.setattr(M, "_disabled", None)
+
+
+def test_memory_budget_plan_under_vllm_serve_endpoint_plugin(
+    tiny_checkpoint_dir, monkeypatch, fresh_plan
+):
+    """Stock `vllm serve` with our endpoint plugin (VLLM_PLUGINS=omni_vllm): the plan runs in
+    EngineArgs.create_engine_config, before vLLM claims its share (a simulated 8 GiB GPU), lowers
+    that share, and the talker's pool allocates exactly the bytes the plan printed."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from omni_vllm.patches import speech_memory_plan
+    from omni_vllm.plugin import register
+    from omni_vllm.talker import Talker
+
+    register()
+    assert getattr(EngineArgs.create_engine_config, speech_memory_plan._APPLIED)
+    monkeypatch.setenv("VLLM_PLUGINS", "omni_vllm")
+    monkeypatch.setenv("OMNI_VLLM_SPEECH_DEVICE", "cuda:0")
+    monkeypatch.setenv("OMNI_VLLM_MAX_AUDIO_TOKENS", "512")
+    monkeypatch.setenv("OMNI_VLLM_SIMULATE_GPU_GB", "8")
+    engine_args = EngineArgs(
+        model=str(tiny_checkpoint_dir), max_model_len=2048, enforce_eager=True
+    )
+    # what create_engine_config does first: the plan (vLLM's config itself is not built here:
+    # a CPU machine has no CUDA device to build it for)
+    plan = speech_memory_plan.plan_for_engine_args(engine_args, 8 * GiB)
+    assert M.current_plan() is plan and M.planned()
+    assert plan.device == "cuda:0" and plan.shared and plan.budget == 2 * GiB
+    assert engine_args.gpu_memory_utilization == plan.gpu_memory_utilization
+    assert plan.gpu_memory_utilization == pytest.approx(
+        M._vllm_default_utilization() - 0.25, abs=1e-3
+    )
+    assert plan.talker_max_len == 2048 + 512
+    talker = Talker.from_pretrained(
+        tiny_checkpoint_dir,
+        max_slots=plan.max_speaking,
+        max_len=plan.talker_max_len,
+        kv_cache_tokens=plan.kv_cache_tokens,
+        dtype=torch.float32,
+    )
+    assert talker.kv_pool_bytes() == plan.memory.talker_kv
+    assert f"{plan.kv_cache_tokens} positions" in plan.report()
+
+
+def test_memory_budget_under_vllm_serve_refusal_names_the_variables(
+    tiny_checkpoint_dir, monkeypatch, fresh_plan
+):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from omni_vllm.patches import speech_memory_plan
+
+    monkeypatch.setenv("OMNI_VLLM_SPEECH_DEVICE", "cuda:0")
+    monkeypatch.setenv("OMNI_VLLM_SPEECH_GPU_MEMORY_GB", "0.001")
+    engine_args = EngineArgs(model=str(tiny_checkpoint_dir), max_model_len=2048)
+    with pytest.raises(SystemExit) as e:
+        speech_memory_plan.plan_for_engine_args(engine_args, 8 * GiB)
+    message = str(e.value)
+    assert "OMNI_VLLM_SPEECH_GPU_MEMORY_GB" in message
+    assert "OMNI_VLLM_ALLOW_TEXT_ONLY" in message and "--speech-gpu" not in message
+    assert "--max-model-len" in message  # vLLM's own flag keeps its name
+
+
+@pytest.mark.parametrize("size", ["7B", "3B"])
+def test_memory_budget_kv_pool_allocates_what_the_plan_prints(size):
+    """The released checkpoints (meta device, nothing allocated): the pool the plan sizes takes
+    exactly the plan's talker KV bytes."""
+    from omni_vllm.talker_kv_cache import TalkerKVPool
+
+    config = released_config(size)
+    t = config.talker_config
+    for shared in (True, False):
+        plan = _plan(config, device="cuda:0" if shared else "cuda:1", shared=shared)
+        pool = TalkerKVPool(
+            num_layers=t.num_hidden_layers,
+            num_kv_heads=t.num_key_value_heads,
+            head_dim=t.head_dim,
+            device=torch.device("meta"),
+            dtype=torch.bfloat16,
+            max_tokens=plan.kv_cache_tokens,
+            block_size=M.KV_BLOCK,
+        )
+        assert pool.pool_bytes() == plan.memory.talker_kv
+        assert pool.num_blocks * M.KV_BLOCK == plan.kv_cache_tokens
