@@ -3,6 +3,8 @@
 Modelled on vLLM's GPU model runner. The Talker (omni_vllm.talker) decides which requests run a
 step; this runner turns them into device work at a host cost that does not grow with the batch:
 
+* **Layers**: q/k/v are one matmul and gate/up one (`fuse_projections`, stacked once at load
+  from the checkpoint's tensors), as vLLM's merged linear layers.
 * **Decode** (one new token per request, the steady state): the step's inputs go into static
   buffers allocated once for the largest bucket: the reply-track rows (one `cat` of the requests'
   rows), and one pinned int64 block with every row's last code, position, KV slot, length,
@@ -10,8 +12,8 @@ step; this runner turns them into device work at a host cost that does not grow 
   padded to a bucket of `batch_buckets(max_batch)` and the block tables to a width bucket; padded
   rows write into the pool's null block and sample into the sampler's dummy slot. The forward
   (projection, every layer with one KV scatter and one attention call, the head) and the sampling
-  run as one function of those buffers, captured per (batch bucket, width bucket) as a CUDA graph
-  on CUDA (omni_vllm.capture.GraphCache), eager elsewhere or with `enforce_eager`. A bucket is
+  run as one function of those buffers, captured per (batch bucket, width bucket, sampling
+  candidate width: omni_vllm.talker_sampler) as a CUDA graph on CUDA (omni_vllm.capture.GraphCache), eager elsewhere or with `enforce_eager`. A bucket is
   captured the first time a step needs it, on padding rows (null block, dummy sampler slot), so
   the capture's runs change no request's state; its memory comes from one pool shared by all
   graphs, sized for the largest (the memory plan counts it).
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     apply_rotary_pos_emb,
 )
@@ -40,10 +43,54 @@ from omni_vllm.talker_attention import (
 from omni_vllm.talker_kv_cache import NULL_BLOCK, TalkerKVPool, blocks_for
 from omni_vllm.talker_sampler import CodecSampler
 
-__all__ = ["DecodeRow", "PrefillRow", "TalkerModelRunner"]
+__all__ = ["DecodeRow", "PrefillRow", "TalkerModelRunner", "fuse_projections"]
 
 # columns of the per-row int block uploaded for a decode step (the block table follows)
 _LAST, _POS, _SLOT, _LEN, _SAMPLER, _FORCED, _TABLE = range(7)
+
+
+class _Fused:
+    """One decoder layer's q/k/v projections as one matmul and its gate/up as one (vLLM's
+    QKVParallelLinear and MergedColumnParallelLinear idea: fewer launches per layer). The
+    layer's own modules keep working: their weights become views of the stacked tensors."""
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_sizes = [p.out_features for p in projections]
+        self.qkv_weight = _stack(projections, "weight")
+        self.qkv_bias = (
+            None if attn.q_proj.bias is None else _stack(projections, "bias")
+        )
+        self.gate_up = _stack((mlp.gate_proj, mlp.up_proj), "weight")
+        if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+            raise ValueError(
+                "a talker MLP with biases is not the Qwen2.5-Omni talker's"
+            )
+        self.act = mlp.act_fn
+
+    def qkv(self, x: torch.Tensor):
+        return F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, -1)
+
+    def mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, -1)
+        return layer.mlp.down_proj(self.act(gate) * up)
+
+
+def _stack(modules, name: str) -> torch.Tensor:
+    """`modules`' parameter `name` stacked along dim 0; each module's becomes a view of it."""
+    stacked = torch.cat([getattr(m, name).detach() for m in modules])
+    start = 0
+    for m in modules:
+        n = getattr(m, name).shape[0]
+        setattr(m, name, torch.nn.Parameter(stacked[start : start + n], False))
+        start += n
+    return stacked
+
+
+def fuse_projections(model) -> list[_Fused]:
+    """Stacked projections of every layer of a talker `model` (see `_Fused`)."""
+    return [_Fused(layer) for layer in model.model.layers]
 
 
 @dataclass
@@ -95,6 +142,7 @@ class TalkerModelRunner:
             scale=model.model.layers[0].self_attn.scaling,
             gqa=cfg.num_attention_heads != cfg.num_key_value_heads,
         )
+        self.fused = fuse_projections(model)
         self.batch_buckets = batch_buckets(max_batch)
         self.max_batch = self.batch_buckets[-1]
         self.max_blocks = blocks_for(max_len, pool.block_size)
@@ -128,7 +176,8 @@ class TalkerModelRunner:
         return self.graphs.enabled
 
     def decode_key(self, batch: int, widest: int) -> tuple[int, int]:
-        """(batch bucket, block-table width bucket) of a decode step: its graph's key."""
+        """(batch bucket, block-table width bucket) of a decode step; with the sampler's
+        candidate width, its graph's key."""
         return bucket_for(batch, self.batch_buckets), bucket_for(
             widest, self.width_buckets
         )
@@ -140,12 +189,14 @@ class TalkerModelRunner:
         The logits are the static buffer's: read them before the next step."""
         n = len(rows)
         batch, width = self.decode_key(n, max(len(r.blocks) for r in rows))
-        step = lambda: self._decode_step(batch, width)  # noqa: E731
-        if self.graphs.enabled and (batch, width) not in self.graphs:
+        top = self.sampler.width([r.sampler_slot for r in rows])
+        key = (batch, width, top)
+        step = lambda: self._decode_step(batch, width, top)  # noqa: E731
+        if self.graphs.enabled and key not in self.graphs:
             # capture on padding rows only: they write the null block and sample into the
             # dummy slot, so warm-up and capture change no request's state
             self.ints[:batch].copy_(torch.from_numpy(self._pad_rows(batch)))
-            self.graphs.capture((batch, width), step)
+            self.graphs.capture(key, step)
         ints = self._pad_rows(batch)
         for i, r in enumerate(rows):
             ints[i, :_TABLE] = (
@@ -161,13 +212,15 @@ class TalkerModelRunner:
         self.ints_host[:batch].copy_(torch.from_numpy(ints))
         self.ints[:batch].copy_(self.ints_host[:batch], non_blocking=True)
         self.reply[:n].copy_(torch.cat([r.reply for r in rows]))
-        out, logits = self.graphs.run((batch, width), step)
+        out, logits = self.graphs.run(key, step)
         return out[:, :n], logits[:n]
 
     def _pad_rows(self, batch: int) -> np.ndarray:
         return np.tile(self._pad_row, (batch, 1))
 
-    def _decode_step(self, batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_step(
+        self, batch: int, width: int, top: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured function: reads the first `batch` rows of the static buffers only."""
         m, d = self.model, self.head_dim
         ints = self.ints[:batch]
@@ -184,18 +237,17 @@ class TalkerModelRunner:
             mask=mask.view(batch, 1, 1, span),
         )
         for i, layer in enumerate(m.model.layers):
-            attn, cache = layer.self_attn, self.pool.layer(i)
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(batch, 1, -1, d).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, 1, -1, d).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, 1, -1, d)
+            fused, cache = self.fused[i], self.pool.layer(i)
+            q, k, v = fused.qkv(layer.input_layernorm(h))
+            q = q.view(batch, 1, -1, d).transpose(1, 2)
+            k = k.view(batch, 1, -1, d).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            self.attn.write(cache, slot_mapping, k[:, :, 0], v[:, 0])
+            self.attn.write(cache, slot_mapping, k[:, :, 0], v.view(batch, -1, d))
             out = self.attn.decode(q, cache, meta)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            h = h + fused.mlp(layer, layer.post_attention_layernorm(h))
         logits = m.codec_head(m.model.norm(h[:, 0])).float()
-        codes = self.sampler.sample(ints[:, _SAMPLER], logits, ints[:, _FORCED])
+        codes = self.sampler.sample(ints[:, _SAMPLER], logits, ints[:, _FORCED], top)
         return codes, logits
 
     # ------------------------------------------------------------------ prefill
@@ -229,10 +281,10 @@ class TalkerModelRunner:
         cos, sin = m.model.rotary_emb(h, positions)
         for i, layer in enumerate(m.model.layers):
             attn, cache = layer.self_attn, self.pool.layer(i)
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(n, width, -1, d).transpose(1, 2)
-            k = attn.k_proj(x).view(n, width, -1, d).transpose(1, 2)
-            v = attn.v_proj(x).view(n, width, -1, d).transpose(1, 2)
+            q, k, v = self.fused[i].qkv(layer.input_layernorm(h))
+            q = q.view(n, width, -1, d).transpose(1, 2)
+            k = k.view(n, width, -1, d).transpose(1, 2)
+            v = v.view(n, width, -1, d).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.attn.write(
                 cache,
@@ -242,10 +294,11 @@ class TalkerModelRunner:
             )
             out = self.attn.prefill(q, k, v, meta)
             h = h + attn.o_proj(out.transpose(1, 2).reshape(n, width, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self.fused[i].mlp(layer, layer.post_attention_layernorm(h))
         last = h[torch.arange(n, device=self.device), length - 1]
         logits = m.codec_head(m.model.norm(last)).float()
-        codes = self.sampler.sample(ints[:, 1], logits, ints[:, 2])
+        top = self.sampler.width([r.sampler_slot for r in rows])
+        codes = self.sampler.sample(ints[:, 1], logits, ints[:, 2], top)
         return codes, logits
 
 

@@ -109,8 +109,11 @@ class CodecSampler:
         self.seed = torch.zeros(rows, dtype=torch.long, **kw)
         self.counter = torch.zeros(rows, dtype=torch.long, **kw)
         self.vocab = torch.arange(vocab_size, **kw)
+        # host copies that choose a step's candidate width
+        self.top_k_host = [vocab_size] * rows
+        self.do_sample_host = [False] * rows
+        self.candidate_widths = [w for w in (64, 512) if w < vocab_size] + [vocab_size]
         self.suppressed = self.vocab == suppress
-        self.last_column = self.vocab == vocab_size - 1
 
     def open(self, slot: int, sampling: TalkerSampling, seen: list[int]) -> None:
         """Give `slot` a new request's settings and the codes its history starts with (at
@@ -121,7 +124,8 @@ class CodecSampler:
         self.penalty[slot] = sampling.repetition_penalty
         self.temperature[slot] = sampling.temperature if sample else 1.0
         top_k = max(sampling.top_k, 1) if sample and sampling.top_k else self.vocab_size
-        self.top_k[slot] = min(top_k, self.vocab_size)
+        self.top_k[slot] = self.top_k_host[slot] = min(top_k, self.vocab_size)
+        self.do_sample_host[slot] = sample
         # transformers compares with the Python float 1 - top_p (then cast to fp32): same here
         uses_top_p = sample and sampling.top_p < 1.0
         self.top_p_drop[slot] = 1 - sampling.top_p if uses_top_p else -1.0
@@ -132,12 +136,21 @@ class CodecSampler:
         self.seed[slot] = seed
         self.counter[slot] = 0
 
+    def width(self, slots: list[int]) -> int:
+        """How many top candidates a step over `slots` must keep (the graph-key part of sampling):
+        the smallest of `candidate_widths` that covers every sampling row's top-k."""
+        widest = max(
+            (self.top_k_host[s] for s in slots if self.do_sample_host[s]), default=1
+        )
+        return next(w for w in self.candidate_widths if w >= widest)
+
     def _processed(
-        self, slots: torch.Tensor, logits: torch.Tensor
+        self, slots: torch.Tensor, logits: torch.Tensor, width: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(greedy codes, the processed scores in ascending order, their vocabulary ids): the
-        repetition penalty and codec_bos suppression (greedy's argmax), then temperature, top-k
-        and top-p on one ascending sort (top-k's cut is the k-th largest)."""
+        """(greedy codes, the processed scores of the `width` best in ascending order, their
+        vocabulary ids): the repetition penalty and codec_bos suppression (greedy's argmax), then
+        temperature, top-k and top-p (top-k's cut is the k-th largest; top-p's cumulative sum
+        runs over what top-k kept, as in transformers, where the rest have probability 0)."""
         penalty = self.penalty[slots, None]
         scores = torch.where(
             self.seen[slots],
@@ -147,28 +160,42 @@ class CodecSampler:
         scores = scores.masked_fill(self.suppressed, -torch.inf)
         greedy = scores.argmax(dim=-1)
         scores = scores / self.temperature[slots, None]
-        ascending, order = scores.sort(dim=-1)
-        kth = ascending.gather(1, (self.vocab_size - self.top_k[slots])[:, None])
+        if width < self.vocab_size:
+            top, order = scores.topk(width, dim=-1)
+            ascending, order = top.flip(-1), order.flip(-1)
+        else:
+            ascending, order = scores.sort(dim=-1)
+        # greedy rows (top-k off) keep everything: they do not draw
+        cut = (width - self.top_k[slots]).clamp(min=0)
+        kth = ascending.gather(1, cut[:, None])
         ascending = ascending.masked_fill(ascending < kth, -torch.inf)
         drop = (
             ascending.softmax(dim=-1).cumsum(dim=-1) <= self.top_p_drop[slots, None]
-        ) & ~self.last_column
+        ) & (self.vocab[:width] != width - 1)
         return greedy, ascending.masked_fill(drop, -torch.inf), order
 
     def distribution(self, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The probabilities (B, vocab) a sampling row draws from (what transformers' processors
         give), in vocabulary order."""
-        _, ascending, order = self._processed(slots, logits)
-        return ascending.softmax(dim=-1).scatter(1, order, ascending.softmax(dim=-1))
+        width = self.width(slots.tolist())
+        _, ascending, order = self._processed(slots, logits, width)
+        probs = ascending.softmax(dim=-1)
+        return torch.zeros_like(logits).scatter(1, order, probs)
 
     def sample(
-        self, slots: torch.Tensor, logits: torch.Tensor, forced: torch.Tensor
+        self,
+        slots: torch.Tensor,
+        logits: torch.Tensor,
+        forced: torch.Tensor,
+        width: int | None = None,
     ) -> torch.Tensor:
         """(2, B) long: codes and stop flags for the rows of `logits` (B, vocab) fp32, row i from
         slot `slots[i]`; `forced[i] >= 0` (teacher forcing) replaces the draw. Device ops only (a
         captured step runs it). The codes join their slots' seen sets; the slots' step counts
-        advance."""
-        greedy, ascending, order = self._processed(slots, logits)
+        advance. `width`: `width(slots)`, computed by the caller (on the host, before a capture)."""
+        if width is None:
+            width = self.vocab_size
+        greedy, ascending, order = self._processed(slots, logits, width)
         probs = ascending.softmax(dim=-1)
         # the noise of each vocabulary id, in the sorted order
         noise = hashed_exponential(self.seed[slots], self.counter[slots], order)

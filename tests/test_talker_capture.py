@@ -5,7 +5,7 @@ can still be checked: `GraphCache`'s `capture=` hook stands in for `torch.cuda.g
 capture runs the step function once while recording (no device-to-host read may happen there:
 capture forbids it) and gives back a replay that recomputes into the *same* output tensors, the
 contract a CUDA graph has. With it the Talker must give the eager codes and logits, use one graph
-per (batch bucket, block-table width bucket), and never capture with `enforce_eager`.
+per (batch bucket, block-table width bucket, sampling width), and never capture with `enforce_eager`.
 """
 
 from __future__ import annotations
