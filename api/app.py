@@ -146,7 +146,8 @@ class OmniEndpoints:
                 or disabled_reason(),
             )
         except UnknownVoice as e:
-            raise ValueError(f"--default-voice: {e}") from None
+            # "default voice: ..." or "voice aliases: ...": the flag named by its setting
+            raise ValueError(f"--default-voice / --voice-aliases: {e}") from None
         except (
             SpeechLoadError
         ) as e:  # a start-up error that says what to change, not a traceback
