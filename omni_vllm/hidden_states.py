@@ -127,7 +127,7 @@ class _Req:
 
     def __init__(self, prompt_len: int) -> None:
         # First position not yet captured (dedups recompute after preemption; rewound when the
-        # request resumes, see RunnerCapture.on_schedule).
+        # request resumes: RunnerCapture._rewind_resumed).
         self.next_pos = 0
         # Rows waiting for the request's next sampled token, and the position of the first.
         self.pending: list[torch.Tensor] = []
