@@ -75,6 +75,12 @@ def register() -> None:
     # Under stock `vllm serve`, the speech memory plan before vLLM builds its engine.
     speech_memory_plan.apply()
 
+    # `vllm run-batch`: chat completion lines answered by our handler, audio included (a no-op
+    # in any process that does not run vLLM's batch runner).
+    from omni_vllm.patches import run_batch
+
+    run_batch.apply()
+
     # Media URLs in requests are fetched from public addresses only, on our routes and vLLM's alike
     # (api/media_fetch.py); VLLM_MEDIA_CONNECTOR set by the user (e.g. "http", vLLM's own) wins.
     from omni_vllm.api import media_fetch

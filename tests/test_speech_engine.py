@@ -721,3 +721,39 @@ def test_runaway_guard_caps_speech_after_the_text(
         assert len(out.codes) == out.final.audio_tokens == expected
         assert speech.stats()["runaway_capped"] == (1 if ratio else 0)
         loop.run_until_complete(speech.shutdown())
+
+
+def test_lost_hidden_state_rows_end_the_speech_with_an_error(
+    engine, loop, processor, speech_factory, monkeypatch
+):
+    """Rows that do not continue where the last ended (here one chunk lost on its way, as when
+    vLLM's scheduler drops a step's output and nothing re-sends it) end that request's speech
+    with an error: no audio from shifted rows; its slot, worker state and thinker request are
+    freed, and a request beside it is untouched."""
+    import omni_vllm.hidden_states as hs
+
+    speech = speech_factory()
+    sink, seen = hs._sink, []
+
+    def lose_one(chunk):
+        seen.append(chunk.request_id)
+        if chunk.request_id == "gap0" and seen.count("gap0") == 3:
+            return  # the third chunk of gap0 never arrives
+        sink(chunk)
+
+    monkeypatch.setattr(hs, "_sink", lose_one)
+    lost, kept = make_cases(processor, 2, "gap")
+
+    async def main():
+        failing = asyncio.ensure_future(
+            consume(run_speech(speech, lost, max_tokens=32), Outcome())
+        )
+        fine = await consume(run_speech(speech, kept, max_tokens=32), Outcome())
+        with pytest.raises(hs.HiddenStatesOutOfOrder, match="a gap"):
+            await failing
+        return fine
+
+    fine = loop.run_until_complete(main())
+    assert fine.final is not None and fine.final.finish_reason == "length"
+    assert fine.codes and fine.audio
+    assert_idle(speech, engine, loop)

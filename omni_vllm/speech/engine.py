@@ -69,6 +69,7 @@ from omni_vllm.errors import (
 )
 from omni_vllm.hidden_states import (
     HiddenStatesChunk,
+    HiddenStatesOutOfOrder,
     request_hidden_states,
     set_hidden_states_sink,
 )
@@ -494,9 +495,17 @@ class SpeechEngine:
             if self._previous_sink is not None:
                 self._previous_sink(chunk)
             return
-        if job.released:
+        if job.released or job.rows_failed:
             return
-        if (rows := job.take_rows(chunk)) is not None:
+        try:
+            rows = job.take_rows(chunk)
+        except HiddenStatesOutOfOrder as e:
+            # Its speech ends with this error (the consumer raises it, then releases the
+            # request: talker slot, windows, thinker request); later rows are ignored.
+            job.rows_failed = True
+            job.out.fail(e)
+            return
+        if rows is not None:
             self._worker.submit(ThinkerRows(job.rid, rows))
 
     async def _consume(self, job: SpeechJob) -> AsyncIterator[SpeechChunk]:
