@@ -101,9 +101,9 @@ def print_talker_table(rows: list[dict], scale: int = 16) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = next(
-            x for x in rows if x["mode"] == r["mode"] and x["batch"] == min(
-                y["batch"] for y in rows
-            )
+            x
+            for x in rows
+            if x["mode"] == r["mode"] and x["batch"] == min(y["batch"] for y in rows)
         )
         before = BEFORE.get(r["batch"], ("", ""))
         print(
