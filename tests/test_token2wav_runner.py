@@ -11,8 +11,8 @@ What CUDA alone would show (the capture itself, replay timing) is not run here.
 import pytest
 import torch
 
-from omni_vllm.streaming import StreamConfig, StreamingToken2Wav, plan_windows
 from omni_vllm.stream_windows import StreamState
+from omni_vllm.streaming import StreamConfig, StreamingToken2Wav, plan_windows
 from omni_vllm.token2wav import Token2Wav, ode_schedule, rk4_solve
 from omni_vllm.token2wav_runner import WindowRunner, window_shape
 
