@@ -149,3 +149,34 @@ def test_window_longer_than_the_shape_runs_eagerly(t2w):
     assert runner.key(call) is None
     result = runner.run(call)
     assert runner.eager_calls == 1 and len(result.wavs) == 1
+
+
+def test_tf32_is_switched_on_for_cuda_only():
+    """The CUDA default (TF32 matmuls and convolutions), simulated: the switches exist without a
+    GPU; the CPU path leaves them alone."""
+    from omni_vllm.token2wav import fast_cuda_defaults
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert not fast_cuda_defaults("cpu")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert fast_cuda_defaults(torch.device("cuda", 1))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_window_call_benchmark_runs(t2w):
+    """benchmarks/real_size.py's window-call rows (capture on / off; CUDA's run), on the CPU."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import real_size_stages
+    from meters import Device
+
+    rows = real_size_stages.bench_window_calls(t2w, Device("cpu"), [2], repeat=1)
+    assert [(r["capture"], r["concurrency"]) for r in rows] == [(False, 2), (False, 2)]
+    assert all(r["ms_per_call"] > 0 and r["audio_s_per_call"] == 1.44 for r in rows)
+    assert "| off | 2 |" in "\n".join(real_size_stages.window_call_table(rows, "fp32"))
