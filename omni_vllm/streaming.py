@@ -44,7 +44,11 @@ generator, so it is the same tensor however long the stream turns out to be.
 
 The window schedule and per-request buffers (`StreamConfig`, `StreamState`: which codes form the
 next window) are in omni_vllm.stream_windows and re-exported here; this module does the torch
-decoding.
+decoding. A window call is three steps: `plan_windows` (bookkeeping: which windows and vocoder
+segments, the streams advanced), the tensor work (omni_vllm.token2wav_runner.WindowRunner: eager,
+or on static buffers captured per bucket on CUDA) and `apply_windows` (the new final mel kept as
+vocoder context, the audio cut out), so that the tensor work can run on another thread while the
+caller goes on (`StreamingToken2Wav.begin` / `finish`; omni_vllm.speech.decoder).
 
 Scheduler use (one engine iteration)::
 

@@ -307,6 +307,18 @@ class Token2Wav:
         # (B, 1, T, T): the layers' masks broadcast over heads instead of materialising them.
         return diff.masked_fill(hide, beyond)[:, None]
 
+    def _code_embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """The DiT's `text_embed` (codec embedding, each code repeated for its mel frames), with
+        the repeat as a broadcast copy instead of `repeat_interleave`, which may read its
+        repeat count back from the device (not allowed in a captured call). The same values."""
+        embed = self.dit.text_embed.codec_embed(codes)
+        batch, length, dim = embed.shape
+        return (
+            embed[:, :, None]
+            .expand(batch, length, self.repeats, dim)
+            .reshape(batch, length * self.repeats, dim)
+        )
+
     def _time_embedding(self, time_step: torch.Tensor) -> torch.Tensor:
         """The DiT's `time_embed` for a float32 time step (in bf16, 1000 * t would be off by up to
         2): the reference feeds its sinusoids to `time_mlp` in the time step's dtype, we in the DiT's."""
@@ -402,12 +414,12 @@ class Token2Wav:
         # [conditional; unconditional] as in the reference's `DiTInputEmbedding` (apply_cfg=True).
         cfg = guidance_scale >= 1e-5
         cond, ref_enc = cond.to(self.dtype), ref_enc.to(self.dtype)
-        code_embed = self.dit.text_embed(code_pad)
+        code_embed = self._code_embed(code_pad)
         if cfg:
             cond = torch.cat([cond, torch.zeros_like(cond)])
             ref_enc = torch.cat([ref_enc, null_enc.to(self.dtype)])
             code_embed = torch.cat(
-                [code_embed, self.dit.text_embed(code_pad, drop_code=True)]
+                [code_embed, self._code_embed(torch.zeros_like(code_pad))]
             )
             frames = torch.cat([frames, frames])
         rows = len(frames)
