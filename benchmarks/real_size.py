@@ -68,6 +68,7 @@ from real_size_stages import (  # noqa: E402, F401  (its names, importable from 
     bench_reference,
     bench_talker,
     bench_token2wav,
+    bench_window_calls,
     build_talker,
     build_token2wav,
     pipeline,
@@ -186,6 +187,9 @@ def table(report: dict) -> str:
             f"{label} against fp32 (same codes and noise, random weights): DiT mel SNR "
             f"**{q['mel_snr_db']:.1f} dB**, BigVGAN waveform SNR **{q['wav_snr_db']:.1f} dB**",
         ]
+    if report.get("window_calls"):
+        w = report["window_calls"]
+        lines += stages.window_call_table(w["rows"], w["dtype"])
     p = report.get("pipeline")
     if p is None:
         return "\n".join(lines)
@@ -289,6 +293,22 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def window_calls(report: dict, args, dev: Device, t2ws: dict, cuda: bool, smoke: bool):
+    """Token2Wav window calls, capture on and off, in the speech path's default on the device
+    (tf32 on CUDA, else fp32): report["window_calls"]."""
+    given = args.window_calls
+    # not in --smoke (10 time points at the real DiT width: minutes on a CPU) unless given
+    conc = given or ([1, 8, 32, 64, 96] if cuda and not smoke else None)
+    if not conc or "window_calls" in args.skip:
+        return
+    label = "tf32" if cuda and "tf32" in t2ws else "fp32" if "fp32" in t2ws else None
+    if label is None:
+        return
+    dev.use(label)
+    rows = bench_window_calls(t2ws[label], dev, conc)
+    report["window_calls"] = dict(dtype=label, rows=rows)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -363,8 +383,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--skip",
         nargs="+",
         default=[],
-        choices=["pipeline", "reference"],
+        choices=["pipeline", "reference", "window_calls"],
         help="leave out sections (the talker and Token2Wav tables always run)",
+    )
+    parser.add_argument(
+        "--window-calls",
+        type=int,
+        nargs="+",
+        help="Token2Wav window-call concurrencies, capture on and off (default cuda "
+        "1 8 32 64 96; not run on cpu unless given)",
     )
     parser.add_argument("--out", default=str(ROOT / ".cache" / "bench"))
     args = parser.parse_args(argv)
@@ -450,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
         t2ws[label] = t2w
     if "fp32" in t2ws and len(t2ws) > 1:
         report["quality"] = quality(t2ws, dev, window, 10 if cuda else ode_steps)
+    window_calls(report, args, dev, t2ws, cuda, smoke)
 
     # Best dtypes for the pipeline: the fastest talker at the top concurrency; DiT and BigVGAN apart.
     top = lambda label, key: report["token2wav"][f"{label} / {label}"]["rows"][-1][key]  # noqa: E731

@@ -499,3 +499,103 @@ def pipeline(
         vocoder_dtype=voc_label,
         peak_mib=dev.peak_mib(),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Token2Wav window calls, captured vs eager (the Token2Wav runner)
+# ---------------------------------------------------------------------------------------------
+
+
+def window_call_streams(t2w, batch: int, codes: int = 84, **streamer_kwargs):
+    """A StreamingToken2Wav of `batch` streams whose first window is decoded and whose second
+    (72 codes: 24 left + 36 + 12 ahead, StreamConfig's defaults) is ready, and `call()`: that
+    second window call, repeatable (each call puts the streams back first)."""
+    from omni_vllm.streaming import StreamingToken2Wav
+
+    streamer = StreamingToken2Wav(t2w, StreamConfig(), **streamer_kwargs)
+    g = torch.Generator().manual_seed(0)
+    for i in range(batch):
+        streamer.open(i, ("Chelsie", "Ethan")[i % 2], noise=i)
+        streamer.push(i, torch.randint(0, 8192, (codes,), generator=g).tolist())
+    streamer.step()  # first windows
+    for s in streamer.streams.values():
+        # keep codes and noise so that the same call can run again
+        s._release = lambda *args: None
+    saved = {
+        rid: (s.next_chunk, s.frames_emitted, s._mel, s._mel_base)
+        for rid, s in streamer.streams.items()
+    }
+
+    def call():
+        for rid, (chunk, emitted, mel, base) in saved.items():
+            s = streamer.streams[rid]
+            s.next_chunk, s.frames_emitted, s._mel, s._mel_base = (
+                chunk,
+                emitted,
+                mel,
+                base,
+            )
+        return streamer.step()
+
+    return streamer, call
+
+
+def bench_window_calls(
+    t2w, dev: Device, concurrency: list[int], repeat: int = 3
+) -> list[dict]:
+    """One window call of c streams (c windows in one DiT solve + one BigVGAN call), with the
+    runner's capture on (one CUDA graph per bucket; off CUDA it runs eagerly anyway) and off
+    (`--speech-enforce-eager`): ms per call (best of `repeat`, after the first call, which
+    captures), the first call's seconds, and audio seconds per call (36 codes per stream)."""
+    rows = []
+    for captured in (True, False):
+        for c in concurrency:
+            streamer, call = window_call_streams(
+                t2w, c, enforce_eager=not captured, max_batch=max(concurrency)
+            )
+            with torch.no_grad():
+                t = dev.now()
+                call()
+                first = dev.now() - t
+                times = []
+                for _ in range(repeat):
+                    t = dev.now()
+                    call()
+                    times.append(dev.now() - t)
+            ms = 1000 * min(times)
+            audio = c * 36 / CODES_PER_SECOND
+            rows.append(
+                dict(
+                    capture=captured and streamer.runner.captured,
+                    concurrency=c,
+                    ms_per_call=ms,
+                    first_call_s=first,
+                    audio_s_per_call=audio,
+                    x_real_time=audio / (ms / 1000),
+                )
+            )
+            print(
+                f"  window call c={c} capture={rows[-1]['capture']}: {ms:.1f} ms "
+                f"(first {first:.2f} s), {rows[-1]['x_real_time']:.1f}x real time",
+                flush=True,
+            )
+            del streamer, call
+    return rows
+
+
+def window_call_table(rows: list[dict], dtype: str) -> list[str]:
+    """real_size.md lines for `bench_window_calls`."""
+    lines = [
+        "",
+        f"Token2Wav window calls ({dtype}; c streams' windows in one call: 72 codes through the DiT, "
+        "36 kept, 10 time points; capture: one CUDA graph per window-batch bucket)",
+        "",
+        "| capture | conc | ms / call | first call s | audio s / call | x real time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {'on' if r['capture'] else 'off'} | {r['concurrency']} | {r['ms_per_call']:.1f} | "
+            f"{r['first_call_s']:.2f} | {r['audio_s_per_call']:.2f} | {r['x_real_time']:.1f} |"
+        )
+    return lines

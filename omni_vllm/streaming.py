@@ -44,7 +44,11 @@ generator, so it is the same tensor however long the stream turns out to be.
 
 The window schedule and per-request buffers (`StreamConfig`, `StreamState`: which codes form the
 next window) are in omni_vllm.stream_windows and re-exported here; this module does the torch
-decoding.
+decoding. A window call is three steps: `plan_windows` (bookkeeping: which windows and vocoder
+segments, the streams advanced), the tensor work (omni_vllm.token2wav_runner.WindowRunner: eager,
+or on static buffers captured per bucket on CUDA) and `apply_windows` (the new final mel kept as
+vocoder context, the audio cut out), so that the tensor work can run on another thread while the
+caller goes on (`StreamingToken2Wav.begin` / `finish`; omni_vllm.speech.decoder).
 
 Scheduler use (one engine iteration)::
 
@@ -65,15 +69,20 @@ import torch
 
 from omni_vllm.stream_windows import StreamConfig, StreamState, next_windows
 from omni_vllm.token2wav import NoiseSource, Token2Wav
+from omni_vllm.token2wav_runner import DEFAULT_MAX_BATCH, WindowRunner
 
 __all__ = [  # StreamConfig / StreamState live in omni_vllm.stream_windows
     "StreamConfig",
     "StreamOutput",
     "StreamState",
     "StreamingToken2Wav",
+    "WindowCall",
+    "WindowResult",
+    "apply_windows",
     "bigvgan_receptive_field",
     "decode_windows",
     "dit_receptive_field",
+    "plan_windows",
     "stream_decode",
 ]
 
@@ -153,33 +162,65 @@ def bigvgan_receptive_field(t2w: Token2Wav) -> tuple[int, int]:
 
 
 @dataclass
-class _Segment:
-    """One BigVGAN input: mel frames [in_start, ...) of which [emit_start, emit_end) are emitted."""
+class Segment:
+    """One BigVGAN input of a window call: mel frames [in_start, ...) of which [emit_start,
+    emit_end) are emitted. `pieces` say where its frames come from, in order: a tensor (final mel
+    decoded by earlier calls, (mel_dim, n)) or `(window, start, end)`: frames [start, end) of this
+    call's DiT mel of that window."""
 
     index: int  # stream position in the call
-    mel: torch.Tensor
+    pieces: list
     in_start: int
     emit_start: int
     emit_end: int
 
+    @property
+    def frames(self) -> int:
+        return sum(
+            p.shape[1] if torch.is_tensor(p) else p[2] - p[1] for p in self.pieces
+        )
 
-@torch.no_grad()
-def decode_windows(
+
+@dataclass
+class WindowCall:
+    """The tensor work of one window call, planned by the bookkeeping (`plan_windows`) and run
+    by omni_vllm.token2wav_runner (in the worker's thread or a decode thread): one DiT solve over
+    `codes` / `noise` / `voices` (one entry per window), then one BigVGAN call over `segments`."""
+
+    streams: list[StreamState]
+    windows: list  # stream_windows.Window, flat over streams
+    codes: list[torch.Tensor]  # per window, CPU long
+    noise: list[torch.Tensor]  # per window, (frames, mel_dim) float32 CPU
+    voices: list[str]
+    sampling: dict
+    segments: list[Segment]
+    request_ids: list = field(
+        default_factory=list
+    )  # StreamingToken2Wav's ids of `streams`
+
+
+@dataclass
+class WindowResult:
+    """What a window call computed: the DiT mel per window (mel_dim, frames) on the device, the
+    waveform per segment (float32, CPU)."""
+
+    mels: list[torch.Tensor]
+    wavs: list[torch.Tensor]
+
+
+def plan_windows(
     t2w: Token2Wav, streams: Sequence[StreamState], max_windows: int = 1
-) -> list[torch.Tensor]:
-    """Decode the next ready window(s) of every stream in ONE batched DiT solve and ONE batched
-    BigVGAN call; return, per stream, the waveform samples that became final (float32, CPU; empty
-    when the stream had nothing ready). `max_windows` bounds the chunks taken from one stream per
-    call (a stream that fell behind catches up that many chunks at a time); a finished stream's held
-    tail rides along with its last chunk. Streams must share sampling settings."""
-    if not streams:
-        return []
-    sampling = streams[0].config.sampling()
+) -> WindowCall:
+    """The next window call of these streams: which windows (at most `max_windows` per stream)
+    and which vocoder segments, with the streams' schedule advanced as if it had run (next chunk,
+    frames emitted). Bookkeeping only: no tensor op beyond reading the streams' codes and noise,
+    so it runs while the previous call's tensors are still in flight. `apply_windows` completes it."""
+    sampling = streams[0].config.sampling() if streams else {}
     if any(s.config.sampling() != sampling for s in streams):
         raise ValueError(
             "streams decoded together must share num_steps / guidance / sway"
         )
-    repeats, hop = t2w.repeats, t2w.hop
+    repeats = t2w.repeats
     if len(set(map(id, streams))) != len(streams):
         raise ValueError("a stream appears twice in one call")
     if any(s.repeats != repeats for s in streams):
@@ -187,13 +228,12 @@ def decode_windows(
             "stream opened with another mel frames per code than this Token2Wav"
         )
     windows = [next_windows(s, max_windows) for s in streams]
-
-    # DiT: every window of every stream, one batched solve.
     flat = [w for ws in windows for w in ws]
-    mels = []
-    if flat:
-        codes = [w.stream._code_slice(w.code_start, w.code_end) for w in flat]
-        noise = [
+    call = WindowCall(
+        list(streams),
+        flat,
+        [w.stream._code_slice(w.code_start, w.code_end) for w in flat],
+        [
             w.stream.noise(
                 repeats * w.code_start,
                 repeats * w.code_end,
@@ -201,70 +241,118 @@ def decode_windows(
                 t2w.block_size,
             )
             for w in flat
-        ]
-        mels = t2w.code2mel(codes, [w.stream.voice for w in flat], noise, **sampling)
-    mel_of = {id(w): m for w, m in zip(flat, mels)}
+        ],
+        [w.stream.voice for w in flat],
+        sampling,
+        [],
+    )
 
     # BigVGAN: one segment per decoded chunk (plus a finished stream's held tail).
-    segments: list[_Segment] = []
+    j = 0
     for i, (s, ws) in enumerate(zip(streams, windows)):
         cfg = s.config
+        # this call's final mel of the stream: (absolute first frame, window, start, end)
+        pending = []
         for w in ws:
-            mel = mel_of[id(w)]
             a, b = (
                 repeats * (w.keep_start - w.code_start),
                 repeats * (w.keep_end - w.code_start),
             )
-            final = mel[:, a:b]
-            if s.mel_chunks is not None:
-                s.mel_chunks.append(final)
-            s._mel = final if s._mel is None else torch.cat([s._mel, final], dim=1)
+            pending.append((repeats * w.keep_start, j, a, b))
             decoded = repeats * w.keep_end  # final mel frames [0, decoded) exist now
             full = (
                 w.keep_end == s.bounds(w.chunk)[1]
             )  # a partial chunk is the stream's last
             if cfg.vocoder_right_from_dit:
                 emit_end = decoded
-                right = mel[
-                    :, b : b + cfg.vocoder_right
-                ]  # provisional frames of the look-ahead
+                # provisional frames of the look-ahead
+                end = min(b + cfg.vocoder_right, repeats * (w.code_end - w.code_start))
+                right = [(j, b, end)] if end > b else []
             else:
                 emit_end = decoded - cfg.vocoder_right if full else decoded
-                right = mel[:, :0]
-            segments.append(_segment(i, s, emit_end, decoded, right))
+                right = []
+            call.segments.append(_segment(i, s, emit_end, decoded, pending, right))
             s.next_chunk = w.chunk + 1
+            j += 1
         if s._tail_ready():
             decoded = repeats * s.num_codes
-            segments.append(_segment(i, s, decoded, decoded, s._mel[:, :0]))
-    wavs = t2w.mel2wav([seg.mel for seg in segments]) if segments else []
+            call.segments.append(_segment(i, s, decoded, decoded, pending, []))
+    return call
 
-    out: list[list[torch.Tensor]] = [[] for _ in streams]
-    for seg, wav in zip(segments, wavs):
+
+def _segment(
+    index: int, s: StreamState, emit_end: int, decoded: int, pending: list, right: list
+) -> Segment:
+    """Vocoder input for emitting final frames [frames_emitted, emit_end): final mel from
+    `vocoder_left` frames before, up to `decoded` (from the stream's mel so far, then this call's
+    `pending` windows), then `right` (provisional) frames."""
+    in_start = max(0, s.frames_emitted - s.config.vocoder_left)
+    pieces = []
+    have = s._mel_base + (0 if s._mel is None else s._mel.shape[1])
+    if in_start < min(have, decoded):
+        pieces.append(
+            s._mel[:, in_start - s._mel_base : min(have, decoded) - s._mel_base]
+        )
+    for first, window, a, b in pending:
+        lo, hi = max(in_start, first), min(decoded, first + b - a)
+        if lo < hi:
+            pieces.append((window, a + lo - first, a + hi - first))
+    seg = Segment(index, pieces + right, in_start, s.frames_emitted, emit_end)
+    s.frames_emitted = emit_end
+    return seg
+
+
+def apply_windows(
+    t2w: Token2Wav, call: WindowCall, result: WindowResult
+) -> list[torch.Tensor]:
+    """Complete a planned call with what it computed: each stream keeps its new final mel (vocoder
+    context for its next call) and releases what it never needs again; returns, per stream, the
+    waveform samples that became final (float32, CPU; empty when it had nothing ready)."""
+    repeats, hop = t2w.repeats, t2w.hop
+    for w, mel in zip(call.windows, result.mels):
+        s = w.stream
+        final = mel[
+            :,
+            repeats * (w.keep_start - w.code_start) : repeats
+            * (w.keep_end - w.code_start),
+        ]
+        if s.mel_chunks is not None:
+            s.mel_chunks.append(final)
+        s._mel = final if s._mel is None else torch.cat([s._mel, final], dim=1)
+
+    out: list[list[torch.Tensor]] = [[] for _ in call.streams]
+    for seg, wav in zip(call.segments, result.wavs):
         out[seg.index].append(
             wav[
                 (seg.emit_start - seg.in_start) * hop : (seg.emit_end - seg.in_start)
                 * hop
             ]
         )
-    for s in streams:
+    for s in call.streams:
         # Never needed again: codes and noise before the next window, mel before the next segment's context.
         nxt = max(0, s.bounds(s.next_chunk)[0] - s.config.left_context)
         s._release(nxt, repeats * nxt, max(0, s.frames_emitted - s.config.vocoder_left))
     return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
 
 
-def _segment(
-    index: int, s: StreamState, emit_end: int, decoded: int, right: torch.Tensor
-) -> _Segment:
-    """Vocoder input for emitting final frames [frames_emitted, emit_end): final mel from
-    `vocoder_left` frames before, up to `decoded`, then `right` (provisional) frames."""
-    in_start = max(0, s.frames_emitted - s.config.vocoder_left)
-    mel = torch.cat(
-        [s._mel[:, in_start - s._mel_base : decoded - s._mel_base], right], dim=1
-    )
-    seg = _Segment(index, mel, in_start, s.frames_emitted, emit_end)
-    s.frames_emitted = emit_end
-    return seg
+@torch.no_grad()
+def decode_windows(
+    t2w: Token2Wav,
+    streams: Sequence[StreamState],
+    max_windows: int = 1,
+    runner: WindowRunner | None = None,
+) -> list[torch.Tensor]:
+    """Decode the next ready window(s) of every stream in ONE batched DiT solve and ONE batched
+    BigVGAN call; return, per stream, the waveform samples that became final (float32, CPU; empty
+    when the stream had nothing ready). `max_windows` bounds the chunks taken from one stream per
+    call (a stream that fell behind catches up that many chunks at a time); a finished stream's held
+    tail rides along with its last chunk. Streams must share sampling settings. `runner`: how
+    the tensor work runs (captured per bucket, or eagerly: the default)."""
+    if not streams:
+        return []
+    call = plan_windows(t2w, streams, max_windows)
+    result = (runner or WindowRunner(t2w, enforce_eager=True)).run(call)
+    return apply_windows(t2w, call, result)
 
 
 def stream_decode(
@@ -292,14 +380,32 @@ class StreamOutput:
 
 @dataclass
 class StreamingToken2Wav:
-    """Per-request stream states keyed by request id, decoded together by :meth:`step`."""
+    """Per-request stream states keyed by request id, decoded together by :meth:`step`.
+
+    A call can also be split in two for a decode thread: :meth:`begin` plans it (bookkeeping, on
+    the caller's thread), `runner.run(call)` does its tensor work (anywhere), :meth:`finish`
+    applies the result. Streams of a call in flight are `in_flight` until it finishes; at most
+    one call may be in flight (the next call's vocoder context is this call's mel)."""
 
     t2w: Token2Wav
     config: StreamConfig = field(default_factory=StreamConfig)
     streams: dict = field(default_factory=dict)
+    enforce_eager: bool = False  # no captured window calls (--speech-enforce-eager)
+    max_batch: int = DEFAULT_MAX_BATCH  # largest captured window batch
+    runner: WindowRunner | None = None  # None: built from the fields above
+    in_flight: dict = field(
+        default_factory=dict
+    )  # request id -> StreamState of the call out
 
     def __post_init__(self):
         self.config.validate(self.t2w)
+        if self.runner is None:
+            self.runner = WindowRunner(
+                self.t2w,
+                self.config,
+                enforce_eager=self.enforce_eager,
+                max_batch=self.max_batch,
+            )
 
     def open(self, request_id, voice: str, noise: NoiseSource = None) -> StreamState:
         if request_id in self.streams:
@@ -319,13 +425,27 @@ class StreamingToken2Wav:
         self.streams[request_id].append(codes, finished)
 
     def cancel(self, request_id) -> None:
-        """Forget a stream (client gone, request aborted); unknown ids are ignored."""
+        """Forget a stream (client gone, request aborted); unknown ids are ignored. A stream of
+        the call in flight is forgotten too: its result is dropped when the call finishes."""
         state = self.streams.pop(request_id, None)
+        self.in_flight.pop(request_id, None)
         if state is not None:
             state.free()
 
     def ready(self) -> list:
-        return [rid for rid, s in self.streams.items() if s.ready]
+        return [
+            rid
+            for rid, s in self.streams.items()
+            if s.ready and rid not in self.in_flight
+        ]
+
+    def finished_streams(self) -> list:
+        """Streams that emitted everything (and are not waiting for the call in flight)."""
+        return [
+            rid
+            for rid, s in self.streams.items()
+            if s.done and rid not in self.in_flight
+        ]
 
     def step(
         self,
@@ -336,17 +456,45 @@ class StreamingToken2Wav:
         """One batched decode of every ready stream (oldest first, at most `max_streams`), or of the
         given ready `request_ids`; returns {request_id: StreamOutput}. Finished streams that emitted
         their last samples are closed."""
+        call = self.begin(max_windows, max_streams, request_ids)
+        with torch.no_grad():
+            result = self.runner.run(call)
+        return self.finish(call, result)
+
+    def begin(
+        self,
+        max_windows: int = 1,
+        max_streams: int | None = None,
+        request_ids: Sequence | None = None,
+    ) -> WindowCall:
+        """Plan the next call (as :meth:`step` chooses its streams); its streams are in flight."""
+        if self.in_flight:
+            raise RuntimeError("a window call is already in flight")
         ids = self.ready()[:max_streams] if request_ids is None else list(request_ids)
-        wavs = decode_windows(self.t2w, [self.streams[r] for r in ids], max_windows)
+        states = [self.streams[r] for r in ids]
+        call = plan_windows(self.t2w, states, max_windows)
+        call.request_ids = ids
+        self.in_flight = dict(zip(ids, states))
+        return call
+
+    def finish(self, call: WindowCall, result: WindowResult) -> dict:
+        """Apply a planned call's result; returns {request_id: StreamOutput} of its streams still
+        open (and of empty streams that finished with no codes); done streams are closed."""
+        alive = [
+            self.in_flight.get(rid) is s
+            for rid, s in zip(call.request_ids, call.streams)
+        ]
+        self.in_flight = {}
+        wavs = apply_windows(self.t2w, call, result)
         out = {}
-        for rid, wav in zip(ids, wavs):
+        for rid, wav, live in zip(call.request_ids, wavs, alive):
+            if not live:  # cancelled while in flight
+                continue
             done = self.streams[rid].done
             out[rid] = StreamOutput(wav, done)
             if done:
                 self.cancel(rid)
-        for rid in [
-            r for r, s in self.streams.items() if s.done
-        ]:  # empty streams finished with no codes
+        for rid in self.finished_streams():  # empty streams finished with no codes
             out[rid] = StreamOutput(torch.zeros(0), True)
             self.cancel(rid)
         return out

@@ -23,7 +23,12 @@ voice, one length per call, noise drawn inside). What this module adds is batchi
   BigVGAN slower per request: `vocoder_batch` caps the requests per call.
 
 Sampling is the reference's: `num_steps=10` time points (9 RK4 steps) on the cosine-warped
-("sway") schedule, classifier-free guidance 0.5, transformers' `RungeKutta4ODESolver`.
+("sway") schedule, classifier-free guidance 0.5. The RK4 loop is transformers'
+`RungeKutta4ODESolver` arithmetic, written out here (`rk4_solve`) with its schedule computed once
+on the host (`ode_schedule`: python floats holding the float32 values the reference computes):
+the reference's solver compares time-point tensors every step (a host sync each on a GPU), which
+a captured window call cannot contain. The ODE state sees the same float32 operations in the same
+order, so the mel equals the solver's bit for bit on the CPU.
 
 Dtypes: the DiT runs in `dtype` and BigVGAN in `vocoder_dtype`, separately, because they do not
 gain alike from bf16 (the DiT is matmuls; BigVGAN is convolutions and elementwise Snake
@@ -45,11 +50,15 @@ then `mel2wav` on the kept mel frames plus vocoder context.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,6 +76,66 @@ SAMPLE_RATE = 24000
 DEFAULT_VOCODER_DTYPE = torch.float32
 
 NoiseSource = torch.Tensor | torch.Generator | int | None
+
+
+def fast_cuda_defaults(device: torch.device | str) -> bool:
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores in this process (the
+    speech path's: vLLM sets TF32 only in its own workers, and the API server's process would
+    otherwise run Token2Wav's float32 DiT, ~4 TFLOP per streaming window, at full FP32). The choice
+    over bf16: TF32 keeps float32 weights and the reference's float32 arithmetic around the
+    matmuls (10 mantissa bits in the products instead of bf16's 7 everywhere), so its error is
+    below bf16's (mel SNR 48.8 dB at the real size on the CPU, README) at no memory cost; bf16
+    stays `--speech-dtype bfloat16`. Returns whether it switched anything (not off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+class RK4Step(NamedTuple):
+    """One RK4 step's times, python floats equal to the reference's float32 tensors."""
+
+    start: float
+    step: float  # end - start
+    end: float
+    third: float  # start + step / 3, where k2 is evaluated
+    two_thirds: float  # start + 2 step / 3, where k3 is evaluated
+
+
+@functools.lru_cache(maxsize=32)
+def ode_schedule(num_steps: int, sway_coefficient: float | None) -> tuple[RK4Step, ...]:
+    """The flow-matching solve's RK4 steps, computed once on the host: `num_steps` time points on
+    [0, 1] (cosine-warped by `sway_coefficient`), each value computed as the reference computes it
+    (float32 tensors on the CPU), then read out once as python floats."""
+    points = torch.linspace(0, 1, num_steps, dtype=torch.float32)
+    if sway_coefficient is not None:
+        points += sway_coefficient * (torch.cos(torch.pi / 2 * points) - 1 + points)
+    start, end = points[:-1], points[1:]
+    step = end - start
+    third = start + step * (1 / 3)
+    two_thirds = start + step * (2 / 3)
+    columns = (start, step, end, third, two_thirds)
+    return tuple(RK4Step(*row) for row in zip(*(c.tolist() for c in columns)))
+
+
+def rk4_solve(
+    velocity: Callable[[float, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    schedule: Sequence[RK4Step],
+) -> torch.Tensor:
+    """The state at the last time point: transformers' `RungeKutta4ODESolver.integrate(...)[-1]`
+    with the same float32 operations in the same order (its `_rk4_step`; the interpolation it does
+    at each time point returns the step's end value, since the time points are the step ends), but
+    no tensor comparison: `velocity(t, x)` gets the time as a python float."""
+    x = x0
+    for t in schedule:
+        k1 = velocity(t.start, x)
+        k2 = velocity(t.third, x + t.step * k1 * (1 / 3))
+        k3 = velocity(t.two_thirds, x + t.step * (k2 - k1 * (1 / 3)))
+        k4 = velocity(t.end, x + t.step * (k1 - k2 + k3))
+        x = x + (k1 + 3 * (k2 + k3) + k4) * t.step / 8
+    return x
 
 
 @dataclass
@@ -140,11 +209,16 @@ class Token2Wav:
         self.dit.to(dtype)
         self.dit.rotary_embed.inv_freq = inv_freq
         self.bigvgan.to(self.vocoder_dtype)
+        # the reference's amplitude_to_db floor (-115 dB), uploaded per call there: once here
+        self._db_floor = torch.exp(
+            torch.tensor(-115 / 20.0 * np.log(10), dtype=self.vocoder_dtype)
+        ).to(self.device)
 
         # BigVGAN boundary hooks (see module docstring); active only during a padded call.
         self._frames: torch.Tensor | None = (
             None  # mel frames per row of the padded batch
         )
+        self._max_frames = 0
         # (keep mask, per-row length) per layer time resolution, built once per padded call
         self._tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._exact_padding = True
@@ -233,6 +307,18 @@ class Token2Wav:
         # (B, 1, T, T): the layers' masks broadcast over heads instead of materialising them.
         return diff.masked_fill(hide, beyond)[:, None]
 
+    def _code_embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """The DiT's `text_embed` (codec embedding, each code repeated for its mel frames), with
+        the repeat as a broadcast copy instead of `repeat_interleave`, which may read its
+        repeat count back from the device (not allowed in a captured call). The same values."""
+        embed = self.dit.text_embed.codec_embed(codes)
+        batch, length, dim = embed.shape
+        return (
+            embed[:, :, None]
+            .expand(batch, length, self.repeats, dim)
+            .reshape(batch, length * self.repeats, dim)
+        )
+
     def _time_embedding(self, time_step: torch.Tensor) -> torch.Tensor:
         """The DiT's `time_embed` for a float32 time step (in bf16, 1000 * t would be off by up to
         2): the reference feeds its sinusoids to `time_mlp` in the time step's dtype, we in the DiT's."""
@@ -292,22 +378,51 @@ class Token2Wav:
             )[0]
         frames_t = torch.tensor(frames, device=self.device)
 
+        cond = torch.stack([s.cond for s in spk])
+        ref_enc = torch.stack([s.ref_enc for s in spk])
+        null_enc = torch.stack([s.null_enc for s in spk])
+        mel = self.solve(
+            x0,
+            code_pad,
+            frames_t,
+            cond,
+            ref_enc,
+            null_enc,
+            ode_schedule(num_steps, sway_coefficient),
+            guidance_scale,
+        )  # (B, T, mel_dim)
+        return [mel[i, : frames[i]].T.contiguous() for i in range(batch)]
+
+    def solve(
+        self,
+        x0: torch.Tensor,
+        code_pad: torch.Tensor,
+        frames: torch.Tensor,
+        cond: torch.Tensor,
+        ref_enc: torch.Tensor,
+        null_enc: torch.Tensor,
+        schedule: Sequence[RK4Step],
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The flow-matching solve of a right-padded batch, device ops only (no host read, no
+        upload: a captured window call runs it on static buffers). `x0`: (B, T, mel_dim) float32
+        noise, `code_pad`: (B, T / repeats) codes, `frames`: (B,) real mel frames per row,
+        `cond` / `ref_enc` / `null_enc`: per-row voice inputs (float32). Returns the (B, T,
+        mel_dim) float32 mel."""
+        length = x0.shape[1]
         # Everything but the ODE state is fixed over the solve: build it once. Rows are
         # [conditional; unconditional] as in the reference's `DiTInputEmbedding` (apply_cfg=True).
         cfg = guidance_scale >= 1e-5
-        cond = torch.stack([s.cond for s in spk]).to(self.dtype)
-        ref_enc = torch.stack([s.ref_enc for s in spk]).to(self.dtype)
-        code_embed = self.dit.text_embed(code_pad)
+        cond, ref_enc = cond.to(self.dtype), ref_enc.to(self.dtype)
+        code_embed = self._code_embed(code_pad)
         if cfg:
             cond = torch.cat([cond, torch.zeros_like(cond)])
-            ref_enc = torch.cat(
-                [ref_enc, torch.stack([s.null_enc for s in spk]).to(self.dtype)]
-            )
+            ref_enc = torch.cat([ref_enc, null_enc.to(self.dtype)])
             code_embed = torch.cat(
-                [code_embed, self.dit.text_embed(code_pad, drop_code=True)]
+                [code_embed, self._code_embed(torch.zeros_like(code_pad))]
             )
-            frames_t = torch.cat([frames_t, frames_t])
-        rows = len(frames_t)
+            frames = torch.cat([frames, frames])
+        rows = len(frames)
         static = torch.cat(
             (
                 ref_enc[:, None].expand(-1, length, -1),
@@ -316,17 +431,18 @@ class Token2Wav:
             ),
             dim=-1,
         )
-        position_ids = torch.arange(length, device=self.device)[None].expand(rows, -1)
+        position_ids = torch.arange(length, device=x0.device)[None].expand(rows, -1)
         position_embeddings = self.dit.rotary_embed(static, position_ids)
-        block_diff = self._block_diff(frames_t, length)
+        block_diff = self._block_diff(frames, length)
 
-        def velocity(time_step, x):
+        def velocity(time: float, x: torch.Tensor) -> torch.Tensor:
             """The reference's DiT forward (minus the cached speaker encoder) plus guidance, in the
             DiT's dtype; the ODE state and the returned velocity are float32."""
             x = x.to(self.dtype)
             hidden = torch.cat([x, x]) if cfg else x
             hidden = self.dit.input_embed.proj(torch.cat((hidden, static), dim=-1))
-            time_embedding = self._time_embedding(time_step.repeat(rows))
+            time_step = torch.full((rows,), time, dtype=torch.float32, device=x.device)
+            time_embedding = self._time_embedding(time_step)
             for layer in self.dit.transformer_blocks:
                 hidden = layer(
                     hidden,
@@ -340,16 +456,7 @@ class Token2Wav:
             guided, null = torch.chunk(out, 2, dim=0)
             return guided + (guided - null) * guidance_scale
 
-        time_points = torch.linspace(
-            0, 1, num_steps, device=self.device, dtype=torch.float32
-        )
-        if sway_coefficient is not None:
-            time_points += sway_coefficient * (
-                torch.cos(torch.pi / 2 * time_points) - 1 + time_points
-            )
-        solver = self._ref.RungeKutta4ODESolver(function=velocity, initial_value=x0)
-        mel = solver.integrate(time_points)[-1]  # (B, T, mel_dim)
-        return [mel[i, : frames[i]].T.contiguous() for i in range(batch)]
+        return rk4_solve(velocity, x0, schedule)
 
     # ------------------------------------------------------------------------------- BigVGAN
 
@@ -411,16 +518,45 @@ class Token2Wav:
         )
         for i, m in enumerate(mels):
             batch[i, :, : frames[i]] = m.reshape(self.mel_dim, -1)
-        padded = len(set(frames)) > 1
-        if padded:
-            self._frames = torch.tensor(frames, device=self.device)
-            self._max_frames = length
+        if len(set(frames)) > 1:
+            with self.padded(torch.tensor(frames, device=self.device), length):
+                wav = self.vocode(batch)
+        else:
+            wav = self.vocode(batch)
+        # one device->host copy for the batch (the reference's vocoder copies each call)
+        wav = wav.cpu()
+        return [wav[i, : frames[i] * self.hop].float() for i in range(len(mels))]
+
+    @contextlib.contextmanager
+    def padded(self, frames: torch.Tensor, length: int):
+        """BigVGAN calls inside (on `length` mel frames) re-impose each row's boundary at
+        `frames[i]` mel frames; the hooks read only this device tensor, so that a captured call
+        keeps it in a static buffer."""
+        self._frames, self._max_frames = frames, length
         try:
-            wav = self.bigvgan(batch).reshape(len(mels), -1)
+            yield
         finally:
             self._frames = None
             self._tails.clear()
-        return [wav[i, : frames[i] * self.hop].float() for i in range(len(mels))]
+
+    def vocode(self, mel: torch.Tensor) -> torch.Tensor:
+        """BigVGAN's forward on a (B, mel_dim, T) batch in the vocoder's dtype: (B, hop * T)
+        waveforms on the device. transformers' forward with its two host transfers left out (the
+        `torch.tensor` upload of the dB floor, held here as a device buffer, and the final
+        `.cpu()`), so that a captured window call can contain it; the same ops otherwise."""
+        voc = self.bigvgan
+        amplitude = torch.exp(mel)
+        decibel = 20 * torch.log10(torch.clamp(amplitude, min=self._db_floor)) - 20
+        hidden = voc.conv_pre(voc.normalize_spectrogram(decibel, 1, -115))
+        for stage in range(voc.num_upsample_layers):
+            hidden = voc.ups[stage][0](hidden)
+            residual = sum(
+                voc.resblocks[stage * voc.num_residual_blocks + block](hidden)
+                for block in range(voc.num_residual_blocks)
+            )
+            hidden = residual / voc.num_residual_blocks
+        wav = voc.conv_post(voc.activation_post(hidden))
+        return torch.clamp(wav, min=-1.0, max=1.0).reshape(len(mel), -1)
 
     @torch.no_grad()
     def decode(

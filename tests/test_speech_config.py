@@ -63,6 +63,7 @@ def test_flags_keep_their_names_and_set_their_fields():
             "--speech-gpu-memory-gb",
             "1.5",
             "--allow-text-only",
+            "--speech-enforce-eager",
         ]
     )
     assert (
@@ -84,6 +85,7 @@ def test_flags_keep_their_names_and_set_their_fields():
         speech_dtype="bfloat16",
         gpu_memory_gb=1.5,
         allow_text_only=True,
+        enforce_eager=True,
     )
     with pytest.raises(SystemExit):
         parser().parse_args(["--speech-dtype", "float64"])

@@ -85,6 +85,10 @@ class SpeechConfig:
     """If the speech path cannot load (out of memory, bad tensors), serve text only (logged)
     instead of stopping at start-up."""
 
+    enforce_eager: bool = False
+    """Run the speech path eagerly: no CUDA graphs for talker decode steps or Token2Wav window
+    calls (as vLLM's --enforce-eager for the thinker). Off the GPU it is always eager."""
+
     kv_cache_tokens: int | None = None
     """The talker's KV positions over all requests (no flag: the server derives it from
     max_speaking and talker_max_len); unset: the talker's default."""
@@ -148,6 +152,7 @@ CLI_NAMES = {
     "max_codes_per_text_token": "max_audio_tokens_per_text_token",
     "log_interval": "speech_log_interval",
     "gpu_memory_gb": "speech_gpu_memory_gb",
+    "enforce_eager": "speech_enforce_eager",
 }
 NO_FLAG = frozenset({"kv_cache_tokens"})
 

@@ -168,7 +168,9 @@ class SpeechEngine:
             except UnknownVoice as e:
                 raise UnknownVoice(f"default voice: {e}") from None
             streamer = StreamingToken2Wav(
-                self.token2wav, config.stream_config
+                self.token2wav,
+                config.stream_config,
+                enforce_eager=config.enforce_eager,
             )  # validates the config
             self._worker = SpeechWorker(
                 self.talker,

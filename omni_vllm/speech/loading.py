@@ -17,7 +17,7 @@ from omni_vllm.hidden_states import check_speech_config
 from omni_vllm.memory import speech_dtypes
 from omni_vllm.speech.config import SpeechConfig
 from omni_vllm.talker import Talker
-from omni_vllm.token2wav import Token2Wav
+from omni_vllm.token2wav import Token2Wav, fast_cuda_defaults
 from omni_vllm.voices import speakers_file
 
 logger = logging.getLogger("omni_vllm.speech")
@@ -74,6 +74,8 @@ def load_speech_modules(
                 f"{device} has no bfloat16 support: use --speech-dtype float32"
             )
     config = Qwen2_5OmniConfig.from_pretrained(model_dir)
+    # TF32 matmuls for Token2Wav's float32 DiT on CUDA (its docstring says why and how good)
+    fast_cuda_defaults(device)
     limit = config.talker_config.max_position_embeddings
     talker_kwargs = dict(
         device=device,

@@ -10,6 +10,17 @@ first audio), alone so the call stays short; else streams whose listener would r
 another call could finish (`Speaker.slack` below `window_delay` + 2 calls); else every ready
 window, once the oldest has waited `window_delay` for company, every speaking stream has one, or
 the talker is idle. While `max_queued_windows` or more decodable windows wait, the talker pauses.
+
+How windows are picked now that Token2Wav can run on its own thread (omni_vllm.speech.decoder;
+the default on CUDA): at most one window call is in flight, and `plan()` is asked for the next
+one only when the previous call's result has been applied, so the order above decides each call,
+made as soon as the decoder is free. While a call runs the talker keeps stepping (it no longer
+waits for Token2Wav: a call's duration only bounds how long one iteration's talker loop runs before
+outputs are posted, `talker_budget()`), and the windows that become ready meanwhile wait for the
+next call, which therefore batches everything that became ready during the previous one.
+`record_call` gets the decoder's own time for the call's tensor work. On the CPU the call runs
+inline (the decoder is not threaded), which is the order of one iteration before the decoder
+existed: talker steps, then the call.
 """
 
 from __future__ import annotations

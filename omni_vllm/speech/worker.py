@@ -1,12 +1,16 @@
-"""The speech worker: one thread that owns the Talker and the streaming Token2Wav and is the only
-one to touch them (as vLLM's EngineCore busy loop owns the model executor).
+"""The speech worker: one thread that owns the Talker and the streaming Token2Wav's bookkeeping
+and is the only one to touch them (as vLLM's EngineCore busy loop owns the model executor); the
+tensor work of Token2Wav window calls goes to a `WindowDecoder` (omni_vllm.speech.decoder), on its
+own thread and CUDA stream on CUDA, so that talker steps go on while a window call runs.
 
 It takes typed commands (`AddRequest`, `ThinkerRows`, `ThinkerFinished`, `Cancel`, `Sync`) through
 `submit` (thread-safe), and each iteration:
   1. applies the commands in arrival order;
   2. runs Talker steps, each ONE batched step of every request whose next input exists, for up to
      `SpeechScheduler.talker_budget()`;
-  3. makes ONE batched `StreamingToken2Wav.step()` call over the streams the scheduler picks;
+  3. unless a window call is in flight, plans ONE batched window call over the streams the
+     scheduler picks and hands it to the decoder (not threaded, the CPU default: it runs now);
+     a call's result is applied (audio out, streams advanced) in the iteration it comes back;
 then posts what each request produced (`WorkerOutput`) and its counters (`WorkerStats`) through
 `post`, once per iteration.
 """
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from omni_vllm.speech.config import SpeechConfig
+from omni_vllm.speech.decoder import WindowDecoder
 from omni_vllm.speech.scheduler import Speaker, SpeechScheduler
 from omni_vllm.streaming import StreamingToken2Wav
 from omni_vllm.talker import Talker, TalkerSampling
@@ -145,7 +150,9 @@ class SpeechWorker(threading.Thread):
         config: SpeechConfig,
         *,
         thinker_busy: Callable[[], bool] = lambda: False,
+        threaded_token2wav: bool | None = None,
     ):
+        """`threaded_token2wav`: window calls on the decoder's own thread (None: on CUDA)."""
         super().__init__(name="omni-speech", daemon=True)
         self.talker, self.streamer, self.post = talker, streamer, post
         self.scheduler = SpeechScheduler(
@@ -166,6 +173,19 @@ class SpeechWorker(threading.Thread):
             dataclasses.replace(self.totals),
         )
         self._threads: tuple[int, int] | None = None
+        self.decoder = self._make_decoder(threaded_token2wav)
+
+    def _make_decoder(self, threaded: bool | None) -> WindowDecoder:
+        """The Token2Wav decoder: threaded by default where the talker and Token2Wav do not
+        share CPU cores (CUDA)."""
+        if threaded is None:
+            threaded = self.streamer.t2w.device.type == "cuda"
+        return WindowDecoder(self.streamer.runner, self._wake, threaded=threaded)
+
+    def _wake(self) -> None:
+        """A window call's result is ready (called from the decoder's thread)."""
+        with self.cond:
+            self.cond.notify()
 
     @property
     def ready_since(self) -> dict[str, float]:
@@ -182,6 +202,7 @@ class SpeechWorker(threading.Thread):
         with self.cond:
             self.stopping = True
             self.cond.notify()
+        self.decoder.stop()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -308,6 +329,11 @@ class SpeechWorker(threading.Thread):
         return [] if self.scheduler.talker_paused else self.talker.ready()
 
     def _idle_wait(self) -> float | None:
+        if self.decoder.has_result or self.streamer.finished_streams():
+            return 0.0
+        if self.decoder.busy:
+            # no other call can start: talker steps, or wait for the result (it wakes us)
+            return 0.0 if self._talker_ready() else None
         return self.scheduler.idle_wait(
             time.monotonic(),
             self.streamer.streams,
@@ -317,31 +343,38 @@ class SpeechWorker(threading.Thread):
 
     def _iteration(self, outputs: dict[str, WorkerOutput]) -> None:
         self.totals.iterations += 1
-        streams, sched = self.streamer.streams, self.scheduler
+        streams, sched, decoder = self.streamer.streams, self.scheduler, self.decoder
+        # 0. The result of the window call in flight, if it is back.
+        self._collect(outputs)
 
         # 1. Talker steps for every request with input (each step one batched call), for up to the
-        #    scheduler's budget; cut short when a request's first window becomes decodable.
+        #    scheduler's budget; cut short when a request's first window becomes decodable (and no
+        #    call is in flight to delay it) or the call in flight is back.
         t_start, steps0 = time.perf_counter(), self.totals.talker_steps
         budget = sched.talker_budget()
         while ready := self._talker_ready():
-            first_window = self._talker_step(ready)
-            if first_window or time.perf_counter() - t_start >= budget:
+            first_window = self._talker_step(ready) and not decoder.busy
+            if (
+                first_window
+                or decoder.has_result
+                or time.perf_counter() - t_start >= budget
+            ):
                 break
             sched.count_queued(streams)
         self.totals.talker_seconds += time.perf_counter() - t_start
 
-        # 2. One batched Token2Wav call over the chosen streams' next windows.
-        for rid in [
-            rid for rid, st in streams.items() if st.done
-        ]:  # finished, nothing left to decode
+        # 2. One batched Token2Wav call over the chosen streams' next windows, unless one is out.
+        for rid in self.streamer.finished_streams():  # nothing left to decode
             self._close(rid, outputs[rid])
         now = time.monotonic()
-        chosen, _ = sched.plan(
-            now, streams, self.speakers, talker_idle=not self._talker_ready()
-        )
+        chosen = []
+        if not decoder.busy:
+            chosen, _ = sched.plan(
+                now, streams, self.speakers, talker_idle=not self._talker_ready()
+            )
         steps = self.totals.talker_steps - steps0
         if chosen:
-            self._decode(chosen, outputs, now)
+            self._submit(chosen, outputs, now)
         sched.count_queued(streams)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -371,19 +404,33 @@ class SpeechWorker(threading.Thread):
                 first_window = first_window or sp.first_audio is None
         return first_window
 
-    def _decode(
+    def _submit(
         self, rids: list[str], outputs: dict[str, WorkerOutput], now: float
     ) -> None:
-        t0 = time.perf_counter()
-        decoded = self.streamer.step(
-            request_ids=rids
-        )  # closes the streams that emitted their last samples
-        seconds = time.perf_counter() - t0
-        self.scheduler.record_call(seconds)
+        """Plan a window call over these streams and hand it to the decoder (applied here at
+        once when the decoder is not threaded)."""
+        call = self.streamer.begin(request_ids=rids)
+        call.planned_at = now
+        self.decoder.submit(call)
+        if not self.decoder.threaded:
+            self._collect(outputs)
+
+    def _collect(self, outputs: dict[str, WorkerOutput]) -> None:
+        """Apply the result of the call in flight, if it is back: audio out, streams advanced
+        (the ones that emitted their last samples closed)."""
+        done = self.decoder.collect()
+        if done is None:
+            return
+        if done.error is not None:
+            self.streamer.in_flight.clear()
+            raise done.error
+        self.scheduler.record_call(done.seconds)
         self.totals.token2wav_calls += 1
-        self.totals.token2wav_windows += len(rids)
-        self.totals.token2wav_seconds += seconds
-        done_at = time.monotonic()
+        self.totals.token2wav_windows += len(done.call.request_ids)
+        self.totals.token2wav_seconds += done.seconds
+        with self.decoder.context():
+            decoded = self.streamer.finish(done.call, done.result)
+        done_at, planned_at = time.monotonic(), done.call.planned_at
         for rid, out in decoded.items():
             res, sp = outputs[rid], self.speakers[rid]
             if n := len(out.audio):
@@ -397,7 +444,9 @@ class SpeechWorker(threading.Thread):
             if out.done:
                 self._close(rid, res)
             else:
-                self.scheduler.decoded(rid, self.streamer.streams[rid].ready, now)
+                self.scheduler.decoded(
+                    rid, self.streamer.streams[rid].ready, planned_at
+                )
 
     def _close(self, rid: str, res: WorkerOutput) -> None:
         """The stream emitted its last samples: free it and send what is left."""
