@@ -58,7 +58,7 @@ def talker_rows(
             max_len=512,
             kv_cache_tokens=max(batches) * 512,
         )
-        if mode == "compiled":
+        if mode == "compiled" and hasattr(talker, "runner"):
             runner = talker.runner
             torch._dynamo.config.cache_size_limit = 64
             runner._decode_step = torch.compile(runner._decode_step, dynamic=False)
