@@ -7,7 +7,8 @@ Token2Wav (DiT 0.33 B: 22 layers of 1024; BigVGAN 0.12 B) from `REAL_SIZES` with
 (no download, no vLLM: it runs on the GPU machine as it is) and measures, on one device:
 
     talker         one batched decode step of c requests at once: ms per step, codes per second
-                   (all requests' codes; 50 codes = 1 s of speech), per dtype
+                   (all requests' codes; 50 codes = 1 s of speech), per dtype; on CUDA the first
+                   dtype again with capture off (--speech-enforce-eager: what CUDA graphs save)
     token2wav      one streaming window (chunk + left context + look-ahead codes) per request, a
                    batch of b requests in ONE DiT solve (10 time points, guidance: 36 evaluations)
                    and ONE BigVGAN call: seconds of compute per second of audio kept, DiT and
@@ -15,7 +16,9 @@ Token2Wav (DiT 0.33 B: 22 layers of 1024; BigVGAN 0.12 B) from `REAL_SIZES` with
     pipeline       c requests at once through talker -> streaming Token2Wav (one thread, the speech
                    worker's policy: first windows first and alone, else every ready window), thinker
                    rows arriving at `--thinker-tps` tokens per second per request: time to first
-                   audio (TTFA), audio seconds per wall second, worst real-time factor, stalls
+                   audio (TTFA), audio seconds per wall second, worst real-time factor, stalls; on
+                   CUDA with capture on (talker steps and window calls as CUDA graphs) and off
+    window calls   Token2Wav window calls at c = 1 / 8 / 32 / 64 / 96, capture on and off
     reference      the same requests through transformers one at a time (`talker.generate` then
                    Token2Wav's forward, as `Qwen2_5OmniForConditionalGeneration.generate` does; its
                    Token2Wav in float32 as transformers forces it) on the same device and threads:
@@ -205,18 +208,19 @@ def table(report: dict) -> str:
         )
         + ")",
         "",
-        "| system | conc | TTFA p50 s | TTFA max s | audio s / wall s | worst RTF | worst stall s | peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | capture | conc | TTFA p50 s | TTFA max s | audio s / wall s | worst RTF | worst stall s | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in p["rows"]:
         lines.append(
-            f"| omni-vllm | {row['concurrency']} | {row['ttfa_p50']:.2f} | {row['ttfa_max']:.2f} | "
-            f"{row['audio_per_wall']:.2f} | {row['rtf_max']:.2f} | {row['stall_s_max']:.2f} | {p['peak_mib']:.0f} |"
+            f"| omni-vllm | {row.get('capture', 'off')} | {row['concurrency']} | {row['ttfa_p50']:.2f} | "
+            f"{row['ttfa_max']:.2f} | {row['audio_per_wall']:.2f} | {row['rtf_max']:.2f} | "
+            f"{row['stall_s_max']:.2f} | {p['peak_mib']:.0f} |"
         )
     if report.get("reference"):
         r = report["reference"]
         lines.append(
-            f"| transformers, one at a time | 1 | {r['ttfa_p50']:.2f} | | {r['audio_per_wall']:.2f} | "
+            f"| transformers, one at a time | off | 1 | {r['ttfa_p50']:.2f} | | {r['audio_per_wall']:.2f} | "
             f"{r['ttfa_p50'] / (r['audio_s'] / r['requests']):.2f} | | {r['peak_mib']:.0f} |"
         )
         top = max(p["rows"], key=lambda row: row["concurrency"])
@@ -326,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--concurrency",
         type=int,
         nargs="+",
-        help="talker and pipeline (default cuda 1 8 32 64, cpu 1 4 16)",
+        help="talker and pipeline (default cuda 1 8 32 64 96, cpu 1 4 16)",
     )
     parser.add_argument(
         "--pipeline-concurrency",
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtypes = pick(
         args.dtypes, ["bf16", "tf32", "fp32"], ["fp32", "bf16"], ["fp32", "bf16"]
     )
-    conc = pick(args.concurrency, [1, 8, 32, 64], [1, 4, 16], [1, 2])
+    conc = pick(args.concurrency, [1, 8, 32, 64, 96], [1, 4, 16], [1, 2])
     pconc = pick(args.pipeline_concurrency, conc, [1, 4], [1, 2])
     batches = pick(args.batches, [1, 8, 32, 64], [1, 4, 16], [1, 2])
     talker_steps = pick(args.talker_steps, 64, 8, 3)
@@ -462,6 +466,17 @@ def main(argv: list[str] | None = None) -> dict:
         rows = bench_talker(talker, dev, conc, talker_steps)
         report["talker"][label] = dict(rows=rows, peak_mib=dev.peak_mib())
         del talker
+        if cuda and label == dtypes[0]:
+            # the same steps without capture (--speech-enforce-eager): the host cost captured away
+            talker = build_talker(
+                config, dtype, dev.name, max(conc + pconc), max_len, enforce_eager=True
+            )
+            bench_talker(talker, dev, conc[:1], 2)
+            rows = bench_talker(talker, dev, conc, talker_steps)
+            report["talker"][f"{label}, capture off"] = dict(
+                rows=rows, peak_mib=dev.peak_mib()
+            )
+            del talker
 
     # Token2Wav: every dtype for the DiT and BigVGAN together (bf16 DiT with the float32 vocoder too).
     t2ws = {}

@@ -75,7 +75,9 @@ def speakers(config, seed: int = 0) -> dict:
     }
 
 
-def build_talker(config, dtype, device, max_slots: int, max_len: int):
+def build_talker(
+    config, dtype, device, max_slots: int, max_len: int, enforce_eager: bool = False
+):
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
         Qwen2_5OmniTalkerForConditionalGeneration,
     )
@@ -100,6 +102,8 @@ def build_talker(config, dtype, device, max_slots: int, max_len: int):
         max_slots=max_slots,
         max_len=max_len,
         max_codes=max_len,
+        kv_cache_tokens=max_slots * max_len,
+        enforce_eager=enforce_eager,
     )
 
 
@@ -278,6 +282,7 @@ def bench_pipeline(
     thinker_tokens: int,
     thinker_tps: float,
     stream,
+    enforce_eager: bool = False,
 ) -> list[dict]:
     """c requests arriving together, thinker rows at `thinker_tps` each, through the talker and the
     streaming Token2Wav (`stream`: a StreamConfig) in one loop (the speech worker's policy, simplified)."""
@@ -286,7 +291,7 @@ def bench_pipeline(
     rows = []
     g = torch.Generator().manual_seed(1)
     for c in concurrency:
-        streamer = StreamingToken2Wav(t2w, stream)
+        streamer = StreamingToken2Wav(t2w, stream, enforce_eager=enforce_eager)
         rids = [f"p{c}-{i}" for i in range(c)]
         t0 = dev.now()
         state = {}
@@ -472,26 +477,43 @@ def pipeline(
     if not dev.cuda and not smoke:
         t2w.vocoder_batch = 1  # at the real size one request per BigVGAN call is cheaper on a CPU (README)
     dev.reset_peak()
-    talker = build_talker(config, DTYPES[talker_label], dev.name, slots, max_len)
     # The server's stream windows (smoke: the smallest ones, first audio after 24 codes).
     stream = (
         StreamConfig(chunk=12, left_context=12, num_steps=ode_steps)
         if smoke
         else StreamConfig(num_steps=ode_steps)
     )
-    bench_pipeline(
-        talker, t2w, dev, [1], 24, 4, 1e6, dataclasses.replace(stream, num_steps=2)
-    )  # warm-up
-    rows = bench_pipeline(
-        talker,
-        t2w,
-        dev,
-        concurrency,
-        codes,
-        args.thinker_tokens,
-        args.thinker_tps,
-        stream,
-    )
+    rows = []
+    # captured talker steps and window calls (the default on CUDA), then all eager
+    # (--speech-enforce-eager); on the CPU both are eager: one run
+    for eager in (False, True) if dev.cuda else (True,):
+        talker = build_talker(
+            config, DTYPES[talker_label], dev.name, slots, max_len, enforce_eager=eager
+        )
+        bench_pipeline(
+            talker,
+            t2w,
+            dev,
+            [1],
+            24,
+            4,
+            1e6,
+            dataclasses.replace(stream, num_steps=2),
+            enforce_eager=eager,
+        )  # warm-up
+        for row in bench_pipeline(
+            talker,
+            t2w,
+            dev,
+            concurrency,
+            codes,
+            args.thinker_tokens,
+            args.thinker_tps,
+            stream,
+            enforce_eager=eager,
+        ):
+            rows.append(dict(row, capture="off" if eager else "on"))
+        del talker
     return dict(
         rows=rows,
         talker_dtype=talker_label,
