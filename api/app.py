@@ -31,9 +31,8 @@ from omni_vllm.api.settings import Settings, check_scale_out
 from omni_vllm.api.speech.protocol import MAX_SPEECH_INPUT_CHARS, SpeechRequest
 from omni_vllm.api.speech.serving import TTS_USER_PROMPT, OmniServingSpeech
 from omni_vllm.checkpoint import engine_checkpoint
-from omni_vllm.memory import DEFAULT_MAX_SPEAKING
+from omni_vllm.memory import DEFAULT_MAX_SPEAKING, current_plan, disabled_reason
 from omni_vllm.speech import SpeechEngine, SpeechLoadError, UnknownVoice
-from omni_vllm.talker import kv_tokens_for
 
 __all__ = [
     "MAX_SPEECH_INPUT_CHARS",
@@ -127,9 +126,12 @@ class OmniEndpoints:
             s.talker_max_len or model_config.max_model_len + s.max_codes,
             model_config.max_model_len + s.max_codes,
         )  # longer is never reached
-        max_speaking = (
-            s.max_speaking or DEFAULT_MAX_SPEAKING
-        )  # set by omni_vllm.api.server.plan_speech when served
+        # the memory plan made before vLLM's engine (omni_vllm.api.server.plan_speech, or
+        # under stock `vllm serve` omni_vllm.patches.speech_memory_plan) sizes the KV pool
+        plan = current_plan()
+        max_speaking = s.max_speaking or (
+            plan.max_speaking if plan is not None else DEFAULT_MAX_SPEAKING
+        )
         try:
             self.speech = SpeechEngine(
                 engine_client,
@@ -138,12 +140,14 @@ class OmniEndpoints:
                     s,
                     max_speaking=max_speaking,
                     talker_max_len=max_len,
-                    kv_cache_tokens=kv_tokens_for(max_speaking, max_len),
+                    kv_cache_tokens=None if plan is None else plan.kv_cache_tokens,
                 ),
-                text_only_reason=getattr(args, "speech_disabled", None),
+                text_only_reason=getattr(args, "speech_disabled", None)
+                or disabled_reason(),
             )
         except UnknownVoice as e:
-            raise ValueError(f"--default-voice: {e}") from None
+            # "default voice: ..." or "voice aliases: ...": the flag named by its setting
+            raise ValueError(f"--default-voice / --voice-aliases: {e}") from None
         except (
             SpeechLoadError
         ) as e:  # a start-up error that says what to change, not a traceback

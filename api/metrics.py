@@ -63,7 +63,10 @@ class Metrics:
                 stats = speech.stats()
                 for key, doc in (
                     ("waiting", "Audio requests waiting for a speaking slot."),
-                    ("talker_slots_used", "Talker KV-cache slots in use."),
+                    (
+                        "talker_slots_used",
+                        "Talker slots (requests a step batches) in use.",
+                    ),
                     (
                         "queued_windows",
                         "Token2Wav windows ready and waiting to be decoded.",
@@ -74,6 +77,21 @@ class Metrics:
                     )
                     g.add_metric([model_name], float(stats.get(key) or 0))
                     yield g
+                g = GaugeMetricFamily(
+                    "omni_vllm:talker_kv_usage",
+                    "Fraction of the talker's KV block pool in use (1 = full).",
+                    labels=["model_name"],
+                )
+                g.add_metric([model_name], float(stats.get("talker_kv_usage") or 0))
+                yield g
+                c = CounterMetricFamily(
+                    "omni_vllm:speech_preemptions",
+                    "Talker requests preempted (blocks freed, resumed by recompute) "
+                    "because the KV pool was full.",
+                    labels=["model_name"],
+                )
+                c.add_metric([model_name], float(stats.get("talker_preemptions") or 0))
+                yield c
                 c = CounterMetricFamily(
                     "omni_vllm:speech_runaway",
                     "Replies whose speech the runaway guard cut "

@@ -23,6 +23,7 @@ from omni_vllm.memory import (
     SpeechMemoryError,
     SpeechPlan,
     plan_speech_memory,
+    set_current_plan,
     speech_dtypes,
 )
 from omni_vllm.speech import SpeechConfig
@@ -225,8 +226,10 @@ def plan_speech(
             "speech path disabled, serving text only (--allow-text-only): %s", e
         )
         args.speech_disabled = str(e)
+        set_current_plan(None, disabled=str(e))
         return None
     logger.info("%s", plan.report())
+    set_current_plan(plan)
     args.max_speaking = plan.max_speaking
     args.talker_max_len = plan.talker_max_len
     if plan.budget is not None:

@@ -36,7 +36,7 @@ from omni_vllm.api.metrics import Metrics
 from omni_vllm.api.settings import Settings
 from omni_vllm.errors import SpeechBusy, SpeechUnavailable, UnknownVoice
 from omni_vllm.speech import SpeechChunk, SpeechEngine, TalkerSampling
-from omni_vllm.voices import resolve_voice
+from omni_vllm.voices import aliases_of, resolve_voice
 
 logger = init_logger("omni_vllm.api")
 
@@ -87,15 +87,48 @@ class OmniServing:
     # ---------------------------------------------------------------- validation
 
     def voice(self, name: Any, param: str) -> str:
-        """The checkpoint's spelling of a voice (case-insensitive; None: the default voice)."""
+        """The checkpoint's spelling of a voice (case-insensitive, or an alias such as OpenAI's
+        "alloy"; None: the default voice)."""
         name = voice_name(name) or self.settings.speech.default_voice
+        aliases = self.settings.speech.voice_aliases
         try:
-            return resolve_voice(name, self.speech.voices)
+            return resolve_voice(name, self.speech.voices, aliases)
         except UnknownVoice:
+            also = (
+                f" or an alias of them ({', '.join(sorted(aliases))})"
+                if aliases
+                else ""
+            )
             raise VLLMValidationError(
-                f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}",
+                f"unknown voice {name!r}; this model has {', '.join(self.speech.voices)}"
+                f"{also}; GET /v1/audio/voices lists them",
                 parameter=param,
             ) from None
+
+    def voices(self) -> dict:
+        """GET /v1/audio/voices: the checkpoint's voices, each with its aliases, and the table.
+
+        OpenAI has no such list for its built-in voices; the shape is a list object of
+        `audio.voice` items, as its custom voices are, plus what a client needs to map names."""
+        has = self.speech is not None and not self.speech_error
+        voices = list(self.speech.voices) if has else []
+        s = self.settings.speech
+        aliases = s.voice_aliases if has else {}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": v,
+                    "object": "audio.voice",
+                    "name": v,
+                    "aliases": aliases_of(v, aliases),
+                    "default": v == s.default_voice,
+                }
+                for v in voices
+            ],
+            "default_voice": s.default_voice if has else None,
+            "aliases": dict(sorted(aliases.items())),
+        }
 
     def need_speech(self, param: str = "modalities") -> None:
         """Refuse audio where this server has no speech path (text-only checkpoint, load failure)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 import typing
 from argparse import Namespace
 from dataclasses import dataclass, field, is_dataclass
@@ -109,13 +110,15 @@ def check_scale_out(args: Namespace) -> None:
 def _parse_setting(name: str, raw: str, typ) -> Any:
     if typing.get_origin(typ) is Literal:
         return raw
-    base = next(
-        (t for t in typing.get_args(typ) if t is not type(None)), typ
-    )  # X | None -> X
+    # X | None -> X (only a union is unwrapped: dict[str, str]'s arguments are no choice)
+    base = typ
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
     try:
         if base is bool:
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if base is dict or is_dataclass(base):  # JSON of its fields
+        # JSON of its fields or entries
+        if base is dict or typing.get_origin(base) is dict or is_dataclass(base):
             return json.loads(raw)
         return base(raw)
     except ValueError as e:

@@ -6,7 +6,7 @@ one call (every `aten::` event, nested ones included; each close to one kernel l
 One thread (`torch.set_num_threads(1)`).
 
     python benchmarks/speech_host_cost.py --section token2wav      # Token2Wav window calls
-    python benchmarks/speech_host_cost.py --section talker         # talker decode steps (the lead's)
+    python benchmarks/speech_host_cost.py --section talker         # talker decode steps
     python benchmarks/speech_host_cost.py --section all
     python benchmarks/speech_host_cost.py --section token2wav --checkout /work/main   # "before"
 
@@ -24,7 +24,12 @@ Sections:
                DiT evaluation, timed against the same evaluation eager, x 36: whether inductor
                pays on this CPU). `--checkout` imports omni_vllm from another checkout (e.g. main
                before this change: its eager row is the "before").
-    talker     the lead's: `talker_table(args)`.
+    talker     one decode step of every request at batch 1/4/16/64 (`--talker-batches`), on the
+               7B talker's depth (24 layers, head dim 128, its vocabularies) at widths / N, each
+               request at a 100-position context: `eager` (what the CPU runs, and CUDA with
+               --speech-enforce-eager), `compiled` with `--compile` (torch.compile of the decode
+               step, timed after compiling). The captured step on CUDA replays the eager step's
+               kernels in one launch.
 """
 
 from __future__ import annotations
@@ -284,9 +289,32 @@ def compile_rows(t2w, args) -> list[dict]:
 
 
 def talker_table(args) -> dict:
-    """Talker decode steps at batch 1/4/16/64, 7B depth at widths / 16: ms and aten ops per step,
-    eager vs compiled/captured. To be filled in by the talker's owner."""
-    raise NotImplementedError("the talker section is not written yet")
+    """Talker decode steps at batch 1/4/16/64 (`--talker-batches`), the 7B's depth at widths / N:
+    ms and aten ops per step, every request decoding at a 100-position context
+    (benchmarks/talker_host_cost.py). `eager` is what the CPU runs (and CUDA with
+    --speech-enforce-eager); `compiled` (with `--compile`) the decode step under torch.compile.
+    With `--checkout` of a tree before the paged talker, its eager rows are the "before"."""
+    from talker_host_cost import talker_rows
+
+    rows = talker_rows(
+        args.talker_batches,
+        scale=args.scale,
+        steps=max(3, 2 * args.repeat),
+        compiled=args.compile and not args.eager_only,
+    )
+    return dict(
+        scale=args.scale,
+        label=args.label,
+        rows=[
+            dict(
+                variant=r["mode"],
+                batch=r["batch"],
+                ms=r["ms_per_step"],
+                aten_ops=r["aten_ops"],
+            )
+            for r in rows
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--scale", type=int, default=16, help="widths / N")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--talker-batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--checkout", help="import omni_vllm from this checkout")
     parser.add_argument("--label", default="this checkout")

@@ -10,7 +10,10 @@ one launch on the host, whatever its depth. Everywhere else (CPU, or capture tur
 
 `fn` must read only the static buffers and return tensors (or a tuple of them) that the caller
 reads before the next call of the same key: a replay overwrites them. The host must do no
-device->host read inside `fn` (capture forbids it): the callers keep those outside.
+device->host read inside `fn` (capture forbids it): the callers keep those outside. Warm-up and
+capture run `fn` for real: a function with side effects on state (a sampler's step counts)
+is captured ahead with dummy inputs in the buffers (`capture(key, fn)`, as vLLM captures with
+dummy runs), then run with the real ones.
 
 Bucket helpers: `batch_buckets(n)` (1, 2, 4, 8, ... up to n, n itself included) and
 `bucket_for(size, buckets)` (the smallest bucket that holds `size`).
@@ -98,6 +101,14 @@ class GraphCache:
     @property
     def keys(self) -> list:
         return list(self._graphs)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._graphs
+
+    def capture(self, key: Hashable, fn: Callable[[], Any]) -> None:
+        """Capture `fn` for `key` now (no replay): with dummy inputs in the static buffers."""
+        if self.enabled and key not in self._graphs:
+            self._graphs[key] = self._capture_one(key, fn)
 
     def run(self, key: Hashable, fn: Callable[[], Any]) -> Any:
         """The outputs of `fn` for this key: captured once, then replayed (or run eagerly)."""

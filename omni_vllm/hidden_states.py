@@ -25,6 +25,15 @@ token is never fed back, so it has no row (its embedding is one table lookup if 
 Rows of unfinished prefill chunks are held in the worker and sent with the request's first
 sampled token, so vLLM's outputs for text (and its prefill/TTFT stats) are unchanged.
 
+Every chunk carries the absolute position of its first row, from the worker to the consumer:
+vLLM's scheduler may drop a step's output (a stale output of a request preempted with
+`drop_stale_output`: `reset_prefix_cache(reset_running_requests=True)`, KV connectors that require
+delivery, resumable requests; `Scheduler.update_from_output`), and with it that step's rows. The
+worker re-sends, when such a request resumes, every position past what reached the frontend (what
+the scheduler's count of the request's output tokens implies), so the recompute heals the loss; a
+gap or an overlap that is not healed is seen by the consumer (`HiddenStatesChunk.start`), never
+shifted into the next rows.
+
 Opt in per request with `request_hidden_states(SamplingParams(...))` (sets
 `extra_args["omni_speech"]` and disables prefix-cache reads for that request, so that every
 prompt position is really computed). Requests without the flag cost one dict lookup per step.
@@ -114,43 +123,55 @@ def check_speech_config(vllm_config: Any) -> None:
 
 
 class _Req:
-    __slots__ = ("next_pos", "pending", "positions")
+    __slots__ = ("next_pos", "pending", "pending_start", "positions", "prompt_len")
 
-    def __init__(self) -> None:
-        self.next_pos = (
-            0  # first position not yet captured (dedups recompute after preemption)
-        )
-        self.pending: list[
-            torch.Tensor
-        ] = []  # rows waiting for the request's next sampled token
+    def __init__(self, prompt_len: int) -> None:
+        # First position not yet captured (dedups recompute after preemption; rewound when the
+        # request resumes: RunnerCapture._rewind_resumed).
+        self.next_pos = 0
+        # Rows waiting for the request's next sampled token, and the position of the first.
+        self.pending: list[torch.Tensor] = []
+        self.pending_start = 0
+        self.prompt_len = prompt_len
         # The prompt's TMRoPE positions (3, prompt_len), sent once with the first rows (the
         # talker reuses them); None before they are known and after they were sent.
         self.positions: torch.Tensor | None = None
 
 
-# Rows travel as their own tensor; with the prompt's positions they are packed into one uint8
-# tensor (the output carries one tensor per request): int64 header (rows, hidden, dtype code,
-# prompt positions), the rows' bytes, then the positions as int64 (3, prompt_len).
+# The output carries one tensor per request, so a chunk travels packed into one uint8 tensor:
+# an int64 header (absolute position of the first row, rows, hidden, dtype code, prompt
+# positions or 0), the rows' bytes, then (first chunk only) the prompt's TMRoPE positions as
+# int64 (3, prompt_len). The pack costs one host copy of the rows per step.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HEADER = 5 * 8
 
 
-def _pack(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _pack(
+    start: int, rows: torch.Tensor, positions: torch.Tensor | None
+) -> torch.Tensor:
+    n_pos = 0 if positions is None else positions.shape[1]
     header = torch.tensor(
-        [rows.shape[0], rows.shape[2], _DTYPES.index(rows.dtype), positions.shape[1]],
+        [start, rows.shape[0], rows.shape[2], _DTYPES.index(rows.dtype), n_pos],
         dtype=torch.int64,
     )
-    parts = (header, rows.contiguous(), positions.to(torch.int64).contiguous())
+    parts = [header, rows.contiguous()]
+    if positions is not None:
+        parts.append(positions.to(torch.int64).contiguous())
     return torch.cat([t.reshape(-1).view(torch.uint8) for t in parts])
 
 
-def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if packed.dtype != torch.uint8:
-        return packed, None
-    n, hidden, code, n_pos = packed[:32].view(torch.int64).tolist()
+def _unpack(packed: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """(absolute position of the first row, rows [n, 2, hidden], prompt positions or None)."""
+    start, n, hidden, code, n_pos = packed[:_HEADER].view(torch.int64).tolist()
     dtype = _DTYPES[code]
-    end = 32 + n * 2 * hidden * dtype.itemsize
-    rows = packed[32:end].view(dtype).reshape(n, 2, hidden)
-    return rows, packed[end:].view(torch.int64).reshape(3, n_pos)
+    end = _HEADER + n * 2 * hidden * dtype.itemsize
+    rows = packed[_HEADER:end].view(dtype).reshape(n, 2, hidden)
+    positions = packed[end:].view(torch.int64).reshape(3, n_pos) if n_pos else None
+    return start, rows, positions
+
+
+# What take() hands to attach() per request: (first position, row chunks, prompt positions).
+_Taken = tuple[int, list[torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -158,6 +179,7 @@ class _Step:
     """What one forward captured; lives from before_forward to attach."""
 
     req_ids: list[str]  # opted-in requests in this step, batch order
+    starts: list[int]  # absolute position of each request's first row
     counts: list[int]  # rows per request (after dedup)
     flush: list[bool]  # whether the request samples a token this step
     index: torch.Tensor  # token rows to gather, on the model's device
@@ -193,6 +215,9 @@ class RunnerCapture:
     def on_schedule(self, scheduler_output: Any) -> None:
         for rid in scheduler_output.finished_req_ids:
             self.requests.pop(rid, None)
+        cached = scheduler_output.scheduled_cached_reqs
+        if cached.resumed_req_ids and self.requests:
+            self._rewind_resumed(cached)
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self.requests or not wants_hidden_states(
                 new.sampling_params
@@ -217,8 +242,42 @@ class RunnerCapture:
                     new.req_id,
                     new.num_computed_tokens,
                 )
-            self.requests[new.req_id] = _Req()
+            prompt_len = (
+                len(new.prompt_token_ids)
+                if new.prompt_token_ids is not None
+                else len(new.prompt_embeds)
+            )
+            self.requests[new.req_id] = _Req(prompt_len)
         self.step = None
+
+    def _rewind_resumed(self, cached: Any) -> None:
+        """Re-send, from its recompute, what a resumed request's lost outputs carried.
+
+        A request resumes after a preemption with nothing in flight: outputs still to be
+        delivered are drained first (`Scheduler.schedule` holds it back meanwhile), stale ones
+        of a drop-mode preemption were discarded by `update_from_output`, rows and sampled token
+        alike. So the scheduler's count of its output tokens is exactly what reached the
+        frontend, and with it its rows: every position up to the last token's (the last token's
+        row travels with the next one), none before the first token. Positions captured past
+        that were lost with a dropped output; rows pending in the worker belong to a prefill
+        that is recomputed.
+        """
+        for rid, num_output in zip(cached.req_ids, cached.num_output_tokens):
+            state = self.requests.get(rid)
+            if state is None or rid not in cached.resumed_req_ids:
+                continue
+            delivered = state.prompt_len + num_output - 1 if num_output else 0
+            if state.next_pos > delivered:
+                logger.info(
+                    "omni-vllm: request %s resumed with positions %d..%d of its hidden "
+                    "states never delivered (a dropped stale output); re-sending them from "
+                    "the recompute",
+                    rid,
+                    delivered,
+                    state.next_pos - 1,
+                )
+                state.next_pos = delivered
+            state.pending = []
 
     # -- around the forward ------------------------------------------------------------------
 
@@ -241,7 +300,7 @@ class RunnerCapture:
         qsl = runner.query_start_loc.np
         computed = batch.num_computed_tokens_cpu
         discard = runner.discard_request_mask.np
-        req_ids, counts, flush, ranges = [], [], [], []
+        req_ids, starts, counts, flush, ranges = [], [], [], [], []
         for i, rid in enumerate(batch.req_ids[:num_reqs]):
             state = self.requests.get(rid)
             if state is None:
@@ -258,6 +317,7 @@ class RunnerCapture:
             skip = min(max(state.next_pos - first, 0), hi - lo)
             state.next_pos = max(state.next_pos, first + hi - lo)
             req_ids.append(rid)
+            starts.append(first + skip)
             counts.append(hi - lo - skip)
             flush.append(not bool(discard[i]))
             ranges.append(np.arange(lo + skip, hi))
@@ -271,7 +331,7 @@ class RunnerCapture:
         else:  # text-only serving of the thinker (no multimodal inputs): embed the ids ourselves
             embeds = runner.model.embed_input_ids(input_ids.index_select(0, index))
         if self.is_output_rank:
-            self.step = _Step(req_ids, counts, flush, index, embeds)
+            self.step = _Step(req_ids, starts, counts, flush, index, embeds)
 
     def after_forward(self, hidden_states: Any) -> None:
         step = self.step
@@ -293,7 +353,7 @@ class RunnerCapture:
 
     # -- into the step's output --------------------------------------------------------------
 
-    def take(self) -> tuple[dict[str, tuple[list[torch.Tensor], Any]], Any] | None:
+    def take(self) -> tuple[dict[str, _Taken], Any] | None:
         """This step's rows to send, per request; called when sample_tokens builds the output.
 
         Rows of requests that do not sample this step (unfinished prefill chunks) stay pending.
@@ -301,26 +361,30 @@ class RunnerCapture:
         step, self.step = self.step, None
         if step is None or step.rows is None:
             return None
-        out: dict[str, tuple[list[torch.Tensor], Any]] = {}
-        for rid, chunk, flush in zip(
-            step.req_ids, torch.split(step.rows, step.counts), step.flush, strict=True
+        out: dict[str, _Taken] = {}
+        for rid, start, chunk, flush in zip(
+            step.req_ids,
+            step.starts,
+            torch.split(step.rows, step.counts),
+            step.flush,
+            strict=True,
         ):
             state = self.requests.get(rid)
             if state is None:
                 continue
             if len(chunk):
+                if not state.pending:
+                    state.pending_start = start
                 state.pending.append(chunk)
             if flush and state.pending:
-                out[rid] = (state.pending, state.positions)
+                out[rid] = (state.pending_start, state.pending, state.positions)
                 state.pending, state.positions = [], None
         return (out, step.ready) if out else None
 
     @staticmethod
-    def attach(
-        output: Any, taken: tuple[dict[str, tuple[list[torch.Tensor], Any]], Any]
-    ) -> None:
-        """Put the rows (and, the first time, the prompt's positions) into
-        `output.pooler_output` (a `ModelRunnerOutput`), per request."""
+    def attach(output: Any, taken: tuple[dict[str, _Taken], Any]) -> None:
+        """Put the rows, packed with their first position (and, the first time, the prompt's
+        positions), into `output.pooler_output` (a `ModelRunnerOutput`), per request."""
         rows_by_req, ready = taken
         if ready is not None:
             ready.synchronize()
@@ -328,11 +392,11 @@ class RunnerCapture:
         pooler = output.pooler_output
         if pooler is None:
             pooler = output.pooler_output = [None] * len(output.req_ids)
-        for rid, (chunks, positions) in rows_by_req.items():
+        for rid, (start, chunks, positions) in rows_by_req.items():
             i = index.get(rid)
             if i is not None:
                 rows = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-                pooler[i] = rows if positions is None else _pack(rows, positions)
+                pooler[i] = _pack(start, rows, positions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +414,7 @@ class HiddenStatesChunk:
 
     request_id: str  # the id the caller gave to generate() (parent id for n > 1)
     engine_request_id: str  # vLLM's internal id of this (child) request
-    start: int
+    start: int  # absolute position of rows[0], as the worker captured it
     rows: torch.Tensor
     finished: bool  # the request finished with this output: no more rows will come
     # TMRoPE positions (3, prompt_len) of the whole prompt, on the request's first chunk only
@@ -366,12 +430,30 @@ class HiddenStatesChunk:
         return self.rows[:, HIDDEN]
 
 
+class HiddenStatesOutOfOrder(RuntimeError):
+    """A request's rows do not continue where its previous rows ended (a gap: rows lost; an
+    overlap: rows sent twice). Every later row would belong to another position than the one
+    the consumer would give it, so the request's speech must stop here."""
+
+
+def check_next(request_id: str, chunk: HiddenStatesChunk, expected: int) -> int:
+    """The position after `chunk`, which must start at `expected`; HiddenStatesOutOfOrder
+    (logged) otherwise."""
+    if chunk.start != expected:
+        what = "gap" if chunk.start > expected else "overlap"
+        msg = (
+            f"request {request_id}: the thinker's hidden-state rows jump from position "
+            f"{expected} to {chunk.start} (a {what}: rows of the engine's step outputs "
+            f"{'lost' if what == 'gap' else 'sent twice'}); its speech cannot follow the text"
+        )
+        logger.error("omni-vllm: %s", msg)
+        raise HiddenStatesOutOfOrder(msg)
+    return chunk.start + len(chunk.rows)
+
+
 HiddenStatesSink = Callable[[HiddenStatesChunk], None]
 
 _sink: HiddenStatesSink | None = None
-_DELIVERED = (
-    "_omni_hidden_rows_delivered"  # attribute kept on vLLM's per-request RequestState
-)
 
 
 def set_hidden_states_sink(sink: HiddenStatesSink | None) -> HiddenStatesSink | None:
@@ -401,9 +483,7 @@ def deliver(output_processor: Any, engine_core_outputs: list[Any]) -> None:
         if state is None or state.detokenizer is None:
             continue  # aborted (vLLM drops it too), or a real pooling request
         out.pooling_output = None
-        rows, positions = _unpack(rows)
-        start = getattr(state, _DELIVERED, 0)
-        setattr(state, _DELIVERED, start + len(rows))
+        start, rows, positions = _unpack(rows)
         sink = _sink
         if sink is None:
             logger.warning_once(
@@ -436,16 +516,13 @@ class HiddenStatesCollector:
             self.chunks.setdefault(chunk.request_id, []).append(chunk)
 
     def rows(self, request_id: str) -> torch.Tensor:
-        """All rows of `request_id` in order, [n, 2, hidden]; checks that they are contiguous."""
+        """All rows of `request_id` in order, [n, 2, hidden]; HiddenStatesOutOfOrder unless
+        they are contiguous from position 0."""
         with self._lock:
             chunks = list(self.chunks.get(request_id, ()))
         pos = 0
         for c in chunks:
-            if c.start != pos:
-                raise AssertionError(
-                    f"{request_id}: chunk starts at {c.start}, expected {pos}"
-                )
-            pos += len(c.rows)
+            pos = check_next(request_id, c, pos)
         return torch.cat([c.rows for c in chunks]) if chunks else torch.empty(0)
 
     def prompt_positions(self, request_id: str) -> torch.Tensor | None:

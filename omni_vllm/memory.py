@@ -10,16 +10,27 @@ What is counted (bytes on the speech device):
 
 * weights, each module in its dtype: the parameter counts come from transformers' own modules
   built on the meta device (nothing allocated), so they are exact for any config;
-* the talker's KV cache: `max_speaking` requests at the longest length a request can reach
-  (prompt <= the thinker's max_model_len, plus its codes, capped by the talker's max_len);
+* the talker's KV pool (omni_vllm.talker_kv_cache), allocated once: whatever the budget leaves
+  after everything else, as vLLM gives its KV cache what is left after weights and activations.
+  It is sized by use, not by a worst case: requests take blocks as they grow, wait for blocks when
+  the pool is full and are preempted (recomputed later) rather than cut off. It must hold the
+  longest request the server accepts (prompt <= the thinker's max_model_len, plus its codes,
+  capped by the talker's max_len); the plan reports how many typical voices it holds (a prompt of
+  500 tokens and 10 s of speech);
 * the talker's activations for one prefill of the longest prompt (MLP intermediate, hidden states,
-  its boolean attention mask);
+  its attention mask), and its decode workspace: a step of `max_speaking` requests at the longest
+  length gathers one layer's keys and values (omni_vllm.talker_attention), the captured graphs'
+  shared pool holds that once;
 * Token2Wav's peak for the largest window batch (one window per speaking request): the DiT and
   BigVGAN run one after the other, so the larger of the two per window, plus a fixed working set;
   BigVGAN dominates at the real sizes. Measured on CPU with `testing.device_memory` (the tests
   check the estimate against it): at the 7B's sizes one default window costs 27 MiB in the DiT
   (24 of it fixed) and 30 MiB in BigVGAN (fp32);
 * a margin: 10 % of the above plus 512 MiB (the API process's CUDA context, allocator slack).
+
+`--max-speaking` is the most requests one talker step batches (the largest captured bucket and
+Token2Wav window batch), not a memory reservation: its default follows the pool (the typical
+voices it holds) and the device (64 on a GPU shared with vLLM, 256 on a GPU of its own, 32 on CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +48,9 @@ __all__ = [
     "SpeechMemory",
     "SpeechMemoryError",
     "SpeechPlan",
+    "TYPICAL_POSITIONS",
     "estimate_speech_memory",
+    "pool_that_fits",
     "module_parameters",
     "plan_speech_memory",
     "request_positions",
@@ -47,18 +60,20 @@ __all__ = [
 
 GiB = 2**30
 MiB = 2**20
-DEFAULT_MAX_SPEAKING = (
-    32  # when no budget says otherwise (CPU), and the shared-device default's target
-)
-MAX_DEFAULT_SPEAKING = (
-    128  # a budget-derived default never goes above (Token2Wav batch latency)
-)
-SHARED_DEVICE_FRACTION = (
-    0.25  # default speech share of a device vLLM also uses, at most
-)
-OWN_DEVICE_FRACTION = (
-    0.9  # of a device the speech path has to itself (as vLLM's default utilization)
-)
+# --max-speaking by default: on CPU; on a GPU shared with vLLM; on a GPU of its own (the most
+# requests a talker step batches and a Token2Wav call decodes; fewer if the pool holds fewer)
+DEFAULT_MAX_SPEAKING = 32
+SHARED_MAX_SPEAKING = 64
+OWN_MAX_SPEAKING = 256
+# default speech share of a device vLLM also uses
+SHARED_DEVICE_FRACTION = 0.25
+# of a device the speech path has to itself (as vLLM's default utilization)
+OWN_DEVICE_FRACTION = 0.9
+# a typical voice turn: a 500-token prompt and 10 s of speech (50 codes/s), + speaker bos, reply[0]
+TYPICAL_PROMPT, TYPICAL_CODES = 500, 500
+TYPICAL_POSITIONS = TYPICAL_PROMPT + TYPICAL_CODES + 2
+# talker KV positions per block (omni_vllm.talker.KV_BLOCK_SIZE)
+KV_BLOCK = 16
 MARGIN_FRACTION, MARGIN_FIXED = 0.10, 512 * MiB
 TOKEN2WAV_FIXED = (
     64 * MiB
@@ -177,17 +192,37 @@ def _window_bytes(
 
 @dataclass(frozen=True)
 class SpeechMemory:
-    """The speech path's memory, bytes, for `max_speaking` requests of up to `positions` each."""
+    """The speech path's memory, bytes: a KV pool of `pool_tokens` positions, steps of up to
+    `max_speaking` requests of up to `positions` each."""
 
     max_speaking: int
     positions: int
+    pool_tokens: int
     talker_weights: int
     token2wav_weights: int
-    talker_kv: int
     talker_activations: int
-    token2wav_peak: int
+    decode_workspace_per_position: int
+    token2wav_peak_fixed: int
     kv_per_token: int
     window_bytes: int
+
+    @property
+    def talker_kv(self) -> int:
+        """The pool as allocated: its blocks and the null block."""
+        return (self.pool_tokens + KV_BLOCK) * self.kv_per_token
+
+    @property
+    def decode_workspace(self) -> int:
+        return self.max_speaking * self.positions * self.decode_workspace_per_position
+
+    @property
+    def token2wav_peak(self) -> int:
+        return self.token2wav_peak_fixed + self.max_speaking * self.window_bytes
+
+    @property
+    def typical_voices(self) -> int:
+        """Typical voice turns (prompt 500 tokens + 10 s of speech) the pool holds at once."""
+        return self.pool_tokens // TYPICAL_POSITIONS
 
     @property
     def subtotal(self) -> int:
@@ -196,6 +231,7 @@ class SpeechMemory:
             + self.token2wav_weights
             + self.talker_kv
             + self.talker_activations
+            + self.decode_workspace
             + self.token2wav_peak
         )
 
@@ -207,23 +243,20 @@ class SpeechMemory:
     def total(self) -> int:
         return self.subtotal + self.margin
 
-    @property
-    def per_speaker(self) -> int:
-        """What one more speaking request adds (its KV, its Token2Wav window), margin included."""
-        return int(
-            (self.positions * self.kv_per_token + self.window_bytes)
-            * (1 + MARGIN_FRACTION)
-        )
-
     def rows(self) -> list[tuple[str, int]]:
         return [
             ("talker weights", self.talker_weights),
             ("Token2Wav weights (DiT + BigVGAN)", self.token2wav_weights),
             (
-                f"talker KV ({self.max_speaking} x {self.positions} positions)",
+                f"talker KV pool ({self.pool_tokens} positions, "
+                f"{self.typical_voices} typical voices)",
                 self.talker_kv,
             ),
             ("talker prefill activations", self.talker_activations),
+            (
+                f"talker decode workspace ({self.max_speaking} x {self.positions})",
+                self.decode_workspace,
+            ),
             (f"Token2Wav peak ({self.max_speaking} windows)", self.token2wav_peak),
             ("margin", self.margin),
             ("total", self.total),
@@ -231,7 +264,7 @@ class SpeechMemory:
 
     def table(self) -> str:
         return "\n".join(
-            f"  {name:<44} {nbytes / GiB:8.2f} GiB" for name, nbytes in self.rows()
+            f"  {name:<52} {nbytes / GiB:8.2f} GiB" for name, nbytes in self.rows()
         )
 
 
@@ -240,15 +273,17 @@ def estimate_speech_memory(
     *,
     max_speaking: int,
     positions: int,
+    pool_tokens: int | None = None,
     talker_dtype: torch.dtype,
     token2wav_dtype: torch.dtype = torch.float32,
     vocoder_dtype: torch.dtype | None = torch.float32,
     stream: StreamConfig | None = None,
     parameters: dict | None = None,
 ) -> SpeechMemory:
-    """The speech path's memory for `max_speaking` requests of up to `positions` talker positions
-    (see `request_positions`). `vocoder_dtype` None (Token2Wav's own default) counts as float32.
-    `parameters`: `module_parameters(config)`, when already computed."""
+    """The speech path's memory for steps of `max_speaking` requests of up to `positions` talker
+    positions (see `request_positions`) and a KV pool of `pool_tokens` positions (None:
+    `max_speaking` x `positions`). `vocoder_dtype` None (Token2Wav's own default) counts as
+    float32. `parameters`: `module_parameters(config)`, when already computed."""
     stream = stream or StreamConfig()
     params = parameters or module_parameters(config)
     fp32 = _itemsize(torch.float32)
@@ -263,42 +298,42 @@ def estimate_speech_memory(
     t = config.talker_config
     prompt = max(positions - 1, 1)
     width = 3 * t.intermediate_size + 6 * t.hidden_size + 2 * t.embedding_size
-    activations = (
-        prompt * width * _itemsize(talker_dtype) + prompt * prompt
-    )  # + its boolean mask
+    # + its boolean mask
+    activations = prompt * width * _itemsize(talker_dtype) + prompt * prompt
     kv_per_token = talker_kv_bytes_per_token(config, talker_dtype)
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    # per decode row and key position: one layer's gathered keys and values, and the fp32
+    # scores (with their mask and softmax) of every query head
+    workspace = (
+        2 * t.num_key_value_heads * head_dim * _itemsize(talker_dtype)
+        + 3 * t.num_attention_heads * fp32
+    )
     window = _window_bytes(config, stream, token2wav_dtype, vocoder_dtype)
+    if pool_tokens is None:
+        pool_tokens = max_speaking * positions
     return SpeechMemory(
         max_speaking=max_speaking,
         positions=positions,
+        pool_tokens=pool_tokens,
         talker_weights=talker_weights,
         token2wav_weights=t2w_weights,
-        talker_kv=max_speaking * positions * kv_per_token,
         talker_activations=activations,
-        token2wav_peak=TOKEN2WAV_FIXED + max_speaking * window,
+        decode_workspace_per_position=workspace,
+        token2wav_peak_fixed=TOKEN2WAV_FIXED,
         kv_per_token=kv_per_token,
         window_bytes=window,
     )
 
 
-def slots_that_fit(memory: SpeechMemory, budget: int) -> int:
-    """The most speaking requests whose estimate (like `memory`, any max_speaking) fits `budget`."""
-    base = replace(memory, max_speaking=0, talker_kv=0, token2wav_peak=TOKEN2WAV_FIXED)
-    if base.total > budget:
-        return 0
-    n = (budget - base.total) // max(memory.per_speaker, 1)
-    while n > 0 and _with_speakers(memory, n).total > budget:
-        n -= 1
-    return int(n)
-
-
-def _with_speakers(memory: SpeechMemory, n: int) -> SpeechMemory:
-    return replace(
-        memory,
-        max_speaking=n,
-        talker_kv=n * memory.positions * memory.kv_per_token,
-        token2wav_peak=TOKEN2WAV_FIXED + n * memory.window_bytes,
-    )
+def pool_that_fits(memory: SpeechMemory, budget: int) -> int:
+    """The most KV pool positions (whole blocks) with which `memory` (any pool) fits `budget`."""
+    without = replace(memory, pool_tokens=-KV_BLOCK)
+    room = (budget - MARGIN_FIXED) / (1 + MARGIN_FRACTION) - without.subtotal
+    tokens = int(room // memory.kv_per_token) - KV_BLOCK
+    tokens -= tokens % KV_BLOCK
+    while tokens > 0 and replace(memory, pool_tokens=tokens).total > budget:
+        tokens -= KV_BLOCK
+    return max(tokens, 0)
 
 
 def _vllm_default_utilization() -> float:
@@ -311,18 +346,18 @@ def _vllm_default_utilization() -> float:
 class SpeechPlan:
     """The speech path's settings for one deployment (see `plan_speech_memory`)."""
 
-    memory: SpeechMemory  # the estimate for `max_speaking`
+    memory: SpeechMemory
     max_speaking: int
-    budget: (
-        int | None
-    )  # bytes the speech path may use (None: unbounded, CPU without a budget)
+    # bytes the speech path may use (None: unbounded, CPU without a budget)
+    budget: int | None
     device: str
-    shared: bool  # on a device that vLLM also uses
-    gpu_memory_utilization: (
-        float | None
-    )  # vLLM's, after taking the speech share out (None: unchanged)
+    # on a device that vLLM also uses
+    shared: bool
+    # vLLM's, after taking the speech share out (None: unchanged)
+    gpu_memory_utilization: float | None
     talker_max_len: int
-    kv_cache_tokens: int  # the talker's KV positions over all requests
+    # the talker's KV pool, positions
+    kv_cache_tokens: int
     notes: tuple[str, ...] = ()
 
     def report(self) -> str:
@@ -334,10 +369,12 @@ class SpeechPlan:
             self.memory.table(),
         ]
         if self.budget is not None:
-            lines.append(f"  {'speech budget':<44} {self.budget / GiB:8.2f} GiB")
+            lines.append(f"  {'speech budget':<52} {self.budget / GiB:8.2f} GiB")
         lines.append(
-            f"max_speaking={self.max_speaking}, talker_max_len={self.talker_max_len}, "
-            f"talker KV {self.kv_cache_tokens} positions"
+            f"max_speaking={self.max_speaking} (requests per talker step), "
+            f"talker_max_len={self.talker_max_len}, talker KV pool {self.kv_cache_tokens} "
+            f"positions ({self.memory.typical_voices} typical voices of "
+            f"{TYPICAL_PROMPT} prompt tokens + {TYPICAL_CODES // 50} s of speech)"
         )
         if self.gpu_memory_utilization is not None:
             lines.append(
@@ -371,63 +408,75 @@ def plan_speech_memory(
     `device_total`: bytes of the speech device (None on CPU: no device share to plan).
     `shared`: vLLM's workers use that device too. `gpu_memory_utilization`: the user's value, or None
     for vLLM's default (`vllm_utilization`: vLLM 0.32's CacheConfig says 0.92) less the speech
-    share. `budget_gb` (`--speech-gpu-memory-gb`) bounds the
-    speech path; by default it is what `max_speaking` needs, where the default `max_speaking` is what
-    fits: on a device of its own 90 % of it, on a shared device at most 25 % of it (enough for
-    `DEFAULT_MAX_SPEAKING` requests if that is less), on CPU `DEFAULT_MAX_SPEAKING`.
+    share. `budget_gb` (`--speech-gpu-memory-gb`) bounds the speech path; by default it is 25 % of
+    a shared device, 90 % of a device of its own. The talker's KV pool gets what the budget leaves
+    (on CPU: `max_speaking` typical voices, at least one longest request); `max_speaking` by
+    default is 64 (shared) / 256 (own) / 32 (CPU), fewer if the pool holds fewer typical voices.
 
     Raises SpeechMemoryError, naming the flags to change, when nothing fits."""
     positions = request_positions(
         config, max_model_len=max_model_len, max_codes=max_codes, max_len=max_len
     )
+    on_device = device_total is not None
+    if max_speaking is not None and max_speaking < 1:
+        raise SpeechMemoryError("--max-speaking must be >= 1")
+    default_speaking = (
+        DEFAULT_MAX_SPEAKING
+        if not on_device
+        else SHARED_MAX_SPEAKING
+        if shared
+        else OWN_MAX_SPEAKING
+    )
     estimate = estimate_speech_memory(
         config,
-        max_speaking=max_speaking or DEFAULT_MAX_SPEAKING,
+        max_speaking=max_speaking or default_speaking,
         positions=positions,
+        pool_tokens=0,
         talker_dtype=talker_dtype,
         token2wav_dtype=token2wav_dtype,
         vocoder_dtype=vocoder_dtype,
         stream=stream,
     )
     budget = None if budget_gb is None else int(budget_gb * GiB)
+    if budget is None and on_device:
+        fraction = SHARED_DEVICE_FRACTION if shared else OWN_DEVICE_FRACTION
+        budget = int(fraction * device_total)
     notes: list[str] = []
     fix = (
         "give it more with --speech-gpu-memory-gb, lower --max-speaking, --max-model-len or --talker-max-len, "
         "use --speech-dtype bfloat16, put it on its own GPU with --speech-device, or serve text only with "
         "--allow-text-only"
     )
-    if budget is None and device_total is not None and max_speaking is None:
-        if shared:
-            budget = min(
-                int(SHARED_DEVICE_FRACTION * device_total),
-                _with_speakers(estimate, DEFAULT_MAX_SPEAKING).total,
-            )
-        else:
-            budget = int(OWN_DEVICE_FRACTION * device_total)
-    if max_speaking is None:
-        if budget is None:
-            max_speaking = DEFAULT_MAX_SPEAKING
-        else:
-            max_speaking = min(slots_that_fit(estimate, budget), MAX_DEFAULT_SPEAKING)
-            if max_speaking < 1:
-                base = _with_speakers(estimate, 0).total
-                raise SpeechMemoryError(
-                    f"the speech path needs {base / GiB:.2f} GiB before its first speaking request "
-                    f"({estimate.per_speaker / GiB:.2f} GiB more per request) but has {budget / GiB:.2f} GiB on "
-                    f"{device}: {fix}"
-                )
-    if max_speaking < 1:
-        raise SpeechMemoryError("--max-speaking must be >= 1")
-    memory = _with_speakers(estimate, max_speaking)
     if budget is None:
-        budget = memory.total if device_total is not None else None
-    elif memory.total > budget:
-        raise SpeechMemoryError(
-            f"the speech path needs {memory.total / GiB:.2f} GiB for --max-speaking {max_speaking} (weights "
-            f"{(memory.talker_weights + memory.token2wav_weights) / GiB:.2f} GiB, talker KV "
-            f"{memory.talker_kv / GiB:.2f} "
-            f"GiB) but has {budget / GiB:.2f} GiB on {device}: {fix}"
-        )
+        pool = max(estimate.max_speaking * TYPICAL_POSITIONS, positions)
+        memory = replace(estimate, pool_tokens=-(-pool // KV_BLOCK) * KV_BLOCK)
+    else:
+
+        def sized(n: int) -> SpeechMemory:
+            m = replace(estimate, max_speaking=n)
+            return replace(m, pool_tokens=pool_that_fits(m, budget))
+
+        def holds(m: SpeechMemory) -> bool:
+            return m.typical_voices >= m.max_speaking and m.pool_tokens >= positions
+
+        memory = sized(estimate.max_speaking)
+        if max_speaking is None and not holds(memory):
+            # fewer speakers per step free workspace for the pool: the most n whose pool holds
+            # n typical voices and the longest request (the pool shrinks as n grows)
+            lo, hi = 1, memory.max_speaking
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if holds(sized(mid)) else (lo, mid - 1)
+            memory = sized(lo)
+        if memory.pool_tokens < positions:
+            longest = replace(memory, pool_tokens=-(-positions // KV_BLOCK) * KV_BLOCK)
+            raise SpeechMemoryError(
+                f"the speech path needs {longest.total / GiB:.2f} GiB to hold one request of "
+                f"{positions} talker positions with --max-speaking {memory.max_speaking} (weights "
+                f"{(memory.talker_weights + memory.token2wav_weights) / GiB:.2f} GiB) but has "
+                f"{budget / GiB:.2f} GiB on {device}: {fix}"
+            )
+    max_speaking = memory.max_speaking
 
     utilization = None
     if shared and device_total is not None and budget is not None:
@@ -462,9 +511,35 @@ def plan_speech_memory(
         shared=shared,
         gpu_memory_utilization=utilization,
         talker_max_len=positions,
-        kv_cache_tokens=max_speaking * positions,
+        kv_cache_tokens=memory.pool_tokens,
         notes=tuple(notes),
     )
+
+
+_current_plan: SpeechPlan | None = None
+_planned = False
+_disabled: str | None = None
+
+
+def set_current_plan(plan: SpeechPlan | None, *, disabled: str | None = None) -> None:
+    """Record this process's plan (the API server's, made before vLLM builds its engine), for the
+    speech engine built later in the same process: its KV pool is the plan's. `disabled`: why
+    there is none (the plan did not fit and text only was allowed)."""
+    global _current_plan, _planned, _disabled
+    _current_plan, _planned, _disabled = plan, True, disabled
+
+
+def current_plan() -> SpeechPlan | None:
+    return _current_plan
+
+
+def planned() -> bool:
+    """Whether this process made its plan (or decided it has none)."""
+    return _planned
+
+
+def disabled_reason() -> str | None:
+    return _disabled
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -482,10 +557,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--speech-dtype", choices=SPEECH_DTYPES, default="auto")
     args = parser.parse_args(argv)
     print(
-        "| model | --max-model-len | speech device | weights GiB | talker KV GiB / request | "
-        "Token2Wav GiB / window | --max-speaking | speech GiB | vLLM gpu_memory_utilization |"
+        "| model | --max-model-len | speech device | weights GiB | talker KV GiB / longest request | "
+        "talker KV pool GiB | longest requests it holds | concurrent typical voices (pool holds) | "
+        "--max-speaking | speech GiB | vLLM gpu_memory_utilization |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
         if model in ("7B", "3B"):
             from omni_vllm.testing.released import released_config
@@ -516,10 +592,13 @@ def main(argv: list[str] | None = None) -> None:
                     else f"{plan.gpu_memory_utilization:.3f}"
                 )
                 where = "the thinker's GPU" if shared else "its own GPU"
+                voices = min(m.typical_voices, plan.max_speaking)
                 print(
-                    f"| {name} | {max_model_len} | {where} | {(m.talker_weights + m.token2wav_weights) / GiB:.2f} | "
-                    f"{m.positions * m.kv_per_token / GiB:.2f} | {m.window_bytes / GiB:.3f} | {plan.max_speaking} | "
-                    f"{plan.budget / GiB:.1f} | {util} |"
+                    f"| {name} | {max_model_len} | {where} | "
+                    f"{(m.talker_weights + m.token2wav_weights) / GiB:.2f} | "
+                    f"{m.positions * m.kv_per_token / GiB:.2f} | {m.talker_kv / GiB:.1f} | "
+                    f"{m.pool_tokens // m.positions} | {voices} ({m.typical_voices}) | "
+                    f"{plan.max_speaking} | {plan.budget / GiB:.1f} | {util} |"
                 )
 
 

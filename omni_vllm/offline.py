@@ -197,8 +197,7 @@ def talk(talker, outs, collector, voices, samplings, max_codes) -> dict[str, lis
                 sampling=sampling,
                 max_codes=max_codes,
             )
-            for row in rows[n_prompt:]:
-                talker.add_thinker_token(rid, row[0], row[1])
+            talker.add_thinker_rows(rid, rows[n_prompt:])
             talker.finish_thinker(rid)
         for rid, step in talker.step().items():
             if step.code is not None:

@@ -64,10 +64,22 @@ def register() -> None:
 
     # Frontend half of the hidden-states route (the runner half is applied by our model class),
     # and the V1 model runner pinned for our model (before any VllmConfig is built or read).
-    from omni_vllm.patches import model_runner_v1, output_processor_hidden_states
+    from omni_vllm.patches import (
+        model_runner_v1,
+        output_processor_hidden_states,
+        speech_memory_plan,
+    )
 
     model_runner_v1.apply()
     output_processor_hidden_states.apply()
+    # Under stock `vllm serve`, the speech memory plan before vLLM builds its engine.
+    speech_memory_plan.apply()
+
+    # `vllm run-batch`: chat completion lines answered by our handler, audio included (a no-op
+    # in any process that does not run vLLM's batch runner).
+    from omni_vllm.patches import run_batch
+
+    run_batch.apply()
 
     # Media URLs in requests are fetched from public addresses only, on our routes and vLLM's alike
     # (api/media_fetch.py); VLLM_MEDIA_CONNECTOR set by the user (e.g. "http", vLLM's own) wins.

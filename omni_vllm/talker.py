@@ -1,12 +1,11 @@
-"""The Talker of the speech path: a batched decoder whose KV memory follows its requests' use.
+"""The Talker of the speech path: a batched decoder over a paged KV pool, as vLLM runs the thinker.
 
 The Talker turns the thinker's reply into codec codes (50 per second of speech). It follows the
 thinker token by token, so many requests decode together, each at its own length and position,
-joining and leaving between steps. This module adds only what continuous batching needs; the
-model itself is transformers' `Qwen2_5OmniTalkerForConditionalGeneration`, loaded from the
-checkpoint's `talker.*` tensors unchanged, whose modules we call: `thinker_to_talker_proj`,
-the codec embedding, each decoder layer's projections, M-RoPE, RMSNorms and MLP, the final norm,
-`codec_head`, and `get_rope_index` for the TMRoPE positions of the prompt.
+joining and leaving between steps. This module is the talker's scheduler (which requests run a
+step, who gets KV blocks, who is preempted); omni_vllm.talker_runner runs the step on the device.
+The model itself is transformers' `Qwen2_5OmniTalkerForConditionalGeneration`, loaded from the
+checkpoint's `talker.*` tensors unchanged, whose modules the runner calls.
 
 What the Talker reads, per request (as `Qwen2_5OmniForConditionalGeneration.generate` builds it):
 
@@ -18,18 +17,21 @@ What the Talker reads, per request (as `Qwen2_5OmniForConditionalGeneration.gene
 where `reply[i] = embedding + last hidden state` of the i-th generated thinker token (as fed back
 through the thinker), and after the thinker finishes the reply track continues with the text
 embedding of `tts_text_end`, then `tts_text_pad` forever. Each step samples one code (repetition
-penalty, codec_bos suppressed, temperature / top-k / top-p, per-request generator) and stops on
+penalty, codec_bos suppressed, temperature / top-k / top-p, per-request seed) and stops on
 codec pad/end or at the request's length cap.
 
-One step is one forward over all its requests' new tokens packed together (prefills and decodes
-alike): projections, norms and MLP run once over the batch; attention runs per request on a view
-of its own KV buffer (omni_vllm.talker_kv_cache), so nothing proportional to the context is copied;
-sampling and stop checks run batched on the device (omni_vllm.talker_sampler) and the step reads
-its codes back to the host once, whatever its batch size.
+Memory, as vLLM's scheduler and KV cache manager do it for the thinker:
 
-Memory: KV buffers are allocated per request at admission and grow in blocks with its real length,
-`kv_cache_tokens` positions at most over all requests. A request that cannot be admitted within
-that raises `TalkerFull`; one that cannot grow ends with reason "length" (and a warning).
+* one KV pool (omni_vllm.talker_kv_cache), allocated once to `kv_cache_tokens` positions;
+* a request starts (prefills) when the pool has blocks for its prefill plus a watermark
+  (`watermark` of the pool), in arrival order: nobody overtakes an older request;
+* a running request gets a block whenever its length crosses one; when the pool has none left,
+  the newest running request is preempted: its blocks are freed, it keeps its inputs (prompt
+  rows, thinker rows, codes so far) on the host, and it resumes before any newer request by
+  recomputing its KV (one prefill of prompt + codes so far), then goes on sampling where it
+  stopped (its step count, hence its draws, continue: the same codes as an unpreempted run, up to
+  float rounding of the recompute);
+* a request that could never fit the pool alone is refused at `add_request`.
 
 How a scheduler drives it:
 
@@ -37,15 +39,16 @@ How a scheduler drives it:
     talker.add_request(rid, prompt_ids=..., prompt_embeds=..., prompt_hidden=..., voice="Chelsie",
                        image_grid_thw=..., sampling=TalkerSampling(seed=1234), max_codes=...)
     ... for each generated thinker token that went through the thinker:
-    talker.add_thinker_token(rid, embedding, hidden)      # (E,) each
+    talker.add_thinker_rows(rid, rows)      # (n, 2, E): input embedding, last hidden state
     ... when the thinker stops (its stop token itself is not added):
     talker.finish_thinker(rid)
     ... in the loop:
     for rid, out in talker.step(talker.ready()).items():   # out.code is None on stop
         ...
 
-A request's slot and KV memory are released as soon as it finishes (`rid in talker` becomes
-False); `remove(rid)` aborts one early.
+A step returns an output for every request that ran (a request waiting for KV blocks, or
+preempted, is absent). A request's slot and blocks are released as soon as it finishes
+(`rid in talker` becomes False); `remove(rid)` aborts one early.
 """
 
 from __future__ import annotations
@@ -56,24 +59,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen2_5OmniConfig
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniRotaryEmbedding,
     Qwen2_5OmniTalkerForConditionalGeneration,
-    apply_rotary_pos_emb,
 )
 
 from omni_vllm.checkpoint import load_embedding_rows, load_prefixed
-from omni_vllm.talker_kv_cache import TalkerKVCache, round_up
+from omni_vllm.talker_kv_cache import TalkerKVPool, round_up
+from omni_vllm.talker_runner import DecodeRow, PrefillRow, TalkerModelRunner
 from omni_vllm.talker_sampler import CodecSampler, TalkerSampling
 from omni_vllm.voices import load_speakers, resolve_voice
 
 __all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
 
-KV_BLOCK_SIZE = (
-    64  # talker KV positions per allocation block (a request's buffer is whole blocks)
-)
+# talker KV positions per block of the pool (vLLM's default block size)
+KV_BLOCK_SIZE = 16
+# KV positions per slot of a default pool (no plan: offline use, tests)
+DEFAULT_POSITIONS_PER_SLOT = 2048
+# free fraction of the pool a new request must leave (vLLM's scheduler watermark)
+WATERMARK = 0.01
 
 
 def kv_tokens_for(num_requests: int, max_len: int) -> int:
@@ -85,44 +90,50 @@ logger = logging.getLogger(__name__)
 
 
 class TalkerFull(RuntimeError):
-    """No talker slot, or not enough KV memory, for a new request now."""
+    """No talker slot for a new request now."""
 
 
 @dataclass
 class TalkerOutput:
-    """One step's result for one request. `code` is None when the step sampled a stop code (or the
-    request could not continue: reason "length")."""
+    """One step's result for one request. `code` is None when the step sampled a stop code."""
 
     code: int | None
     finished: bool = False
-    reason: str | None = None  # "stop" | "length" once finished
-    logits: torch.Tensor | None = None  # (vocab,) fp32 raw logits, when asked for
+    # "stop" | "length" once finished
+    reason: str | None = None
+    # (vocab,) fp32 raw logits, when asked for
+    logits: torch.Tensor | None = None
 
 
 @dataclass
 class _Request:
     slot: int
-    prefill: (
-        torch.Tensor | None
-    )  # (L+1, E) prompt + speaker bos inputs, before reply[0]
-    positions: (
-        torch.Tensor | None
-    )  # (3, L+2) TMRoPE positions of the prefill, on the CPU
-    next_position: int  # position of the next decode input (all three axes equal)
+    # arrival order: who starts or resumes first, who is preempted first (the newest)
+    order: int
+    # (L+1, E) prompt + speaker bos inputs, on the host
+    prefill: torch.Tensor
+    # (3, L+2) TMRoPE positions of the prefill and reply[0], on the host
+    positions: torch.Tensor
+    # position of the first decode input (all three axes equal)
+    first_position: int
     max_codes: int
-    most_tokens: int  # KV positions it can ever need: prompt + speaker bos + max_codes
-    reply: deque = field(
-        default_factory=deque
-    )  # pending reply-track elements, (E,) each
+    # the thinker's reply rows (embedding + hidden state), host chunks (n, E)
+    rows: list = field(default_factory=list)
+    num_rows: int = 0
+    # device rows (1, E) of reply[len(codes):num_rows], while running
+    pending: deque = field(default_factory=deque)
     thinker_done: bool = False
-    last_code: int | None = None
-    num_codes: int = 0
+    codes: list = field(default_factory=list)
+    # "waiting" (no KV yet) | "running" | "preempted"
+    state: str = "waiting"
 
 
 class Talker:
-    """Batched Qwen2.5-Omni Talker: `max_slots` requests at once, `max_len` positions each (default:
-    the talker config's `max_position_embeddings`), `kv_cache_tokens` KV positions over all (default:
-    max_slots * max_len, allocated only as used)."""
+    """Batched Qwen2.5-Omni Talker: `max_slots` requests at once (the most one step batches),
+    `max_len` positions each (default: the talker config's `max_position_embeddings`), over a KV
+    pool of `kv_cache_tokens` positions allocated at construction (default: `max_slots` x
+    min(max_len, 2048)). `enforce_eager` turns decode-step capture off (CUDA); `capture` is
+    GraphCache's test hook."""
 
     def __init__(
         self,
@@ -137,6 +148,9 @@ class Talker:
         max_len: int | None = None,
         max_codes: int = 4096,
         kv_cache_tokens: int | None = None,
+        enforce_eager: bool = False,
+        block_size: int = KV_BLOCK_SIZE,
+        capture=None,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -147,18 +161,18 @@ class Talker:
         with torch.device("meta"):
             model = Qwen2_5OmniTalkerForConditionalGeneration(tcfg)
         model.load_state_dict(talker_state, strict=True, assign=True)
-        model.model.rotary_emb = Qwen2_5OmniRotaryEmbedding(
-            tcfg
-        )  # buffers, not in the checkpoint
-        inv_freq = (
-            model.model.rotary_emb.inv_freq
-        )  # RoPE frequencies stay fp32, as in transformers
+        # buffers, not in the checkpoint
+        model.model.rotary_emb = Qwen2_5OmniRotaryEmbedding(tcfg)
+        # RoPE frequencies stay fp32, as in transformers
+        inv_freq = model.model.rotary_emb.inv_freq
         self.model = (
             model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         )
         self.model.model.rotary_emb.inv_freq = inv_freq.to(self.device)
         self.voices = dict(voices)
-        self.text_rows = {t: r.to(self.device, dtype) for t, r in text_rows.items()}
+        self.text_rows = {
+            t: r.to(self.device, dtype).reshape(1, -1) for t, r in text_rows.items()
+        }
         self.codec_bos, self.codec_pad = (
             tcfg.tts_codec_start_token_id,
             tcfg.tts_codec_pad_token_id,
@@ -175,19 +189,28 @@ class Talker:
                 self.thinker_config.video_token_index,
             ]
         )
-        self.head_dim = tcfg.head_dim
-        self.gqa = tcfg.num_attention_heads != tcfg.num_key_value_heads
+        with torch.no_grad():
+            # host copies of the rows a prefill (or a recompute) is built from
+            self._text_host = {t: r.cpu() for t, r in self.text_rows.items()}
+            self._speaker_host = {
+                name: (self.text_rows[bos] + self._codec_embed(self.codec_pad)).cpu()
+                for name, bos in self.voices.items()
+            }
 
-        self.kv = TalkerKVCache(
+        if kv_cache_tokens is None:
+            kv_cache_tokens = kv_tokens_for(
+                max_slots, min(self.max_len, DEFAULT_POSITIONS_PER_SLOT)
+            )
+        self.kv = TalkerKVPool(
             num_layers=tcfg.num_hidden_layers,
             num_kv_heads=tcfg.num_key_value_heads,
             head_dim=tcfg.head_dim,
             device=self.device,
             dtype=dtype,
-            # Buffers are whole blocks: by default room for `max_slots` requests of `max_len` rounded up.
-            max_tokens=kv_cache_tokens or kv_tokens_for(max_slots, self.max_len),
-            block_size=KV_BLOCK_SIZE,
+            max_tokens=kv_cache_tokens,
+            block_size=block_size,
         )
+        self.watermark_blocks = int(WATERMARK * self.kv.num_blocks)
         self.sampler = CodecSampler(
             max_slots,
             tcfg.vocab_size,
@@ -195,8 +218,19 @@ class Talker:
             stop=(tcfg.tts_codec_pad_token_id, tcfg.tts_codec_end_token_id),
             device=self.device,
         )
+        self.runner = TalkerModelRunner(
+            self.model,
+            self.kv,
+            self.sampler,
+            max_batch=max_slots,
+            max_len=min(self.max_len, self.kv.max_tokens),
+            enforce_eager=enforce_eager,
+            capture=capture,
+        )
         self.free_slots = list(range(max_slots))
         self.requests: dict[object, _Request] = {}
+        self._arrivals = 0
+        self.preemptions = 0
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs) -> Talker:
@@ -225,8 +259,21 @@ class Talker:
         return len(self.free_slots)
 
     def kv_cache_bytes(self) -> int:
-        """Bytes of KV memory allocated now (it follows the requests' lengths)."""
+        """Bytes of the KV pool in use by requests now."""
         return self.kv.bytes()
+
+    def kv_pool_bytes(self) -> int:
+        """Bytes the KV pool holds on its device (allocated once)."""
+        return self.kv.pool_bytes()
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV pool's blocks in use."""
+        return self.kv.usage
+
+    def state(self, req_id) -> str:
+        """ "waiting", "running" or "preempted"."""
+        return self.requests[req_id].state
 
     def add_request(
         self,
@@ -248,10 +295,11 @@ class Talker:
         """Register a request from its thinker prompt (ids (L,), input embeddings and last hidden
         states (L, E)) and either the thinker's TMRoPE positions of the prompt (3, L), as vLLM
         computed them, or the media grid info as the processor returns it (then the positions are
-        recomputed). It prefills once its first reply element arrives (or the thinker finishes).
+        recomputed). It prefills once its first reply element arrives (or the thinker finishes)
+        and the pool has room.
 
         Raises ValueError when the request can never run here (unknown voice, a prompt that does
-        not fit `max_len`) and TalkerFull when there is no slot or KV memory for it now."""
+        not fit `max_len` or the whole KV pool) and TalkerFull when there is no slot for it now."""
         voice = resolve_voice(voice, self.voices)
         if req_id in self.requests:
             raise ValueError(f"request {req_id!r} is already in the talker")
@@ -265,15 +313,18 @@ class Talker:
             raise ValueError(
                 f"prompt of {n} tokens does not fit the talker's max_len {self.max_len} (prompt + 2 + codes)"
             )
+        if n + 2 > self.kv.max_tokens:
+            raise ValueError(
+                f"prompt of {n} tokens does not fit the talker's KV pool of {self.kv.max_tokens} positions"
+            )
         if not self.free_slots:
             raise TalkerFull("no free talker slot (check num_free_slots before adding)")
 
         # Prompt inputs: embedding (media placeholders zeroed) + hidden state; then speaker bos.
-        media = torch.isin(prompt_ids, self.media_ids).to(self.device)
-        embeds = prompt_embeds.to(self.device).masked_fill(media[:, None], 0)
-        spk = self.text_rows[self.voices[voice]] + self._codec_embed(self.codec_pad)
+        media = torch.isin(prompt_ids, self.media_ids)
+        embeds = prompt_embeds.cpu().masked_fill(media[:, None], 0)
         prefill = torch.cat(
-            [(embeds + prompt_hidden.to(self.device)).to(self.dtype), spk[None]]
+            [(embeds + prompt_hidden.cpu()).to(self.dtype), self._speaker_host[voice]]
         )
 
         # TMRoPE positions of prompt + speaker bos + first reply token, as the talker computes them:
@@ -302,7 +353,7 @@ class Talker:
             )
             positions = positions[:, 0].cpu()  # (3, L+2)
 
-        slot = self.free_slots[0]
+        slot = self.free_slots.pop(0)
         # transformers' talker input ids: codec_mask per prompt position, then pad, bos
         self.sampler.open(
             slot,
@@ -311,36 +362,45 @@ class Talker:
             if n
             else [self.codec_pad, self.codec_bos],
         )
-        max_codes = min(max_codes or self.default_max_codes, self.max_len - n - 1)
-        most_tokens = n + 1 + max_codes
-        if not self.kv.reserve(
-            req_id, n + 2, most_tokens
-        ):  # last: nothing to undo when refused
-            raise TalkerFull(
-                f"talker KV cache full: a prompt of {n} tokens needs {n + 2} positions (in blocks of "
-                f"{self.kv.block_size}), {self.kv.free_tokens} of {self.kv.max_tokens} are free"
-            )
-        self.free_slots.pop(0)
+        max_codes = min(
+            max_codes or self.default_max_codes,
+            self.max_len - n - 1,
+            self.kv.max_tokens - n - 1,
+        )
+        self._arrivals += 1
         self.requests[req_id] = _Request(
             slot=slot,
+            order=self._arrivals,
             prefill=prefill,
             positions=positions,
-            next_position=int(positions.max()) + 1,
+            first_position=int(positions.max()) + 1,
             max_codes=max_codes,
-            most_tokens=most_tokens,
         )
+
+    def add_thinker_rows(self, req_id, rows: torch.Tensor) -> None:
+        """Append generated thinker tokens' (input embedding, last hidden state) rows, (n, 2, E):
+        kept on the host (a recompute reads them), uploaded once while the request runs."""
+        req = self.requests[req_id]
+        if req.thinker_done:
+            raise ValueError(f"request {req_id!r}: thinker already finished")
+        if not len(rows):
+            return
+        elements = (rows[:, 0] + rows[:, 1]).to(self.dtype).cpu()
+        req.rows.append(elements)
+        req.num_rows += len(elements)
+        if req.state == "running":
+            self._upload(req, elements)
 
     def add_thinker_token(
         self, req_id, embedding: torch.Tensor, hidden: torch.Tensor
     ) -> None:
         """Append one generated thinker token's (input embedding, last hidden state), (E,) each."""
-        req = self.requests[req_id]
-        if req.thinker_done:
-            raise ValueError(f"request {req_id!r}: thinker already finished")
-        element = embedding.reshape(-1).to(self.device) + hidden.reshape(-1).to(
-            self.device
+        self.add_thinker_rows(
+            req_id, torch.stack([embedding.reshape(-1), hidden.reshape(-1)])[None]
         )
-        req.reply.append(element.to(self.dtype))
+
+    def _upload(self, req: _Request, elements: torch.Tensor) -> None:
+        req.pending.extend(elements.to(self.device, non_blocking=True).split(1))
 
     def finish_thinker(self, req_id, max_codes: int | None = None) -> bool:
         """The thinker is done: the reply track goes on with tts_text_end, then tts_text_pad.
@@ -349,39 +409,114 @@ class Talker:
         runaway guard: a talker that never samples its stop code then ends with reason "length");
         returns whether it lowered the cap."""
         req = self.requests[req_id]
-        if not req.thinker_done:
-            req.thinker_done = True
-            req.reply.append(self.text_rows[self.text_end])
+        req.thinker_done = True
         if max_codes is not None and max_codes < req.max_codes:
             req.max_codes = max(1, max_codes)
             return True
         return False
 
     def remove(self, req_id) -> None:
-        """Drop a request (abort) and free its slot and KV memory. Unknown ids are ignored."""
+        """Drop a request (abort) and free its slot and KV blocks. Unknown ids are ignored."""
         req = self.requests.pop(req_id, None)
-        self.kv.release(req_id)
+        self.kv.free(req_id)
         if req is not None:
             self.free_slots.append(req.slot)
 
     def ready(self) -> list:
         """Requests whose next input is available (prefill or decode)."""
         return [
-            rid for rid, req in self.requests.items() if req.reply or req.thinker_done
+            rid
+            for rid, req in self.requests.items()
+            if req.thinker_done or len(req.codes) < req.num_rows
         ]
 
-    # ------------------------------------------------------------------ stepping
+    # ------------------------------------------------------------------ scheduling
 
     def _codec_embed(self, code: int) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight[code]
+        return self.model.get_input_embeddings().weight[code][None]
 
     def _next_reply(self, req: _Request) -> torch.Tensor:
-        element = req.reply.popleft()
-        if req.thinker_done and not req.reply:
-            req.reply.append(
-                self.text_rows[self.text_pad]
-            )  # tts_text_pad forever after text_end
-        return element
+        """The device row (1, E) of reply[len(codes)] of a running request."""
+        if req.pending:
+            return req.pending.popleft()
+        tail = self.text_end if len(req.codes) == req.num_rows else self.text_pad
+        return self.text_rows[tail]
+
+    def _reply_host(self, req: _Request, count: int) -> torch.Tensor:
+        """reply[0:count] on the host, (count, E)."""
+        rows = (
+            torch.cat(req.rows)[:count]
+            if req.rows
+            else self._text_host[self.text_pad][:0]
+        )
+        extra = count - len(rows)
+        if extra > 0:
+            tail = [self._text_host[self.text_end]] + [
+                self._text_host[self.text_pad]
+            ] * (extra - 1)
+            rows = torch.cat([rows, *tail])
+        return rows
+
+    def _preempt(self, rid) -> None:
+        req = self.requests[rid]
+        self.kv.free(rid)
+        req.pending.clear()
+        req.state = "preempted"
+        self.preemptions += 1
+        logger.debug(
+            "talker: preempted %s after %d codes (KV pool full, %d blocks)",
+            rid,
+            len(req.codes),
+            self.kv.num_blocks,
+        )
+
+    def _schedule(self, candidates: list) -> tuple[list, list]:
+        """(decodes, prefills) of this step: room for every running request's next token first,
+        preempting the newest running request while there is none; then, if nothing was
+        preempted, the waiting and preempted requests in arrival order while the pool has room
+        for their prefill plus the watermark."""
+        running = sorted(
+            (rid for rid in candidates if self.requests[rid].state == "running"),
+            key=lambda rid: self.requests[rid].order,
+        )
+        preempted = False
+        decodes = []
+        for rid in running:
+            req = self.requests[rid]
+            if req.state != "running":
+                continue
+            length = req.prefill.shape[0] + 1 + len(req.codes)
+            while not self.kv.allocate(rid, length):
+                victim = max(
+                    (r for r, q in self.requests.items() if q.state == "running"),
+                    key=lambda r: self.requests[r].order,
+                )
+                self._preempt(victim)
+                preempted = True
+                if victim == rid:
+                    break
+            if req.state == "running":
+                decodes.append(rid)
+        prefills = []
+        if not preempted:
+            starting = sorted(
+                (rid for rid in candidates if self.requests[rid].state != "running"),
+                key=lambda rid: self.requests[rid].order,
+            )
+            for rid in starting:
+                req = self.requests[rid]
+                length = req.prefill.shape[0] + 1 + len(req.codes)
+                reserve = self.watermark_blocks if self.kv.used_blocks else 0
+                if (
+                    self.kv.blocks_needed(rid, length) + reserve
+                    > self.kv.num_free_blocks
+                ):
+                    break
+                self.kv.allocate(rid, length)
+                prefills.append(rid)
+        return decodes, prefills
+
+    # ------------------------------------------------------------------ stepping
 
     @torch.no_grad()
     def step(
@@ -391,9 +526,9 @@ class Talker:
         forced_codes: dict | None = None,
         return_logits: bool = False,
     ) -> dict[object, TalkerOutput]:
-        """One talker step for each given request (default: all ready ones): prefill for those
-        that have not started, one decode step for the others, all in one forward. Returns each
-        request's new code.
+        """One talker step for the given requests (default: all ready ones): prefill (or resume)
+        for those that have not started, one decode step for the others, as the pool allows.
+        Returns each request's new code, for the requests that ran.
 
         `forced_codes` (teacher forcing, tests) feeds the given code instead of the sampled one.
         """
@@ -405,115 +540,76 @@ class Talker:
                 f"requests not ready for a talker step: {sorted(map(str, not_ready))}"
             )
         forced_codes = forced_codes or {}
-        outputs: dict[object, TalkerOutput] = {}
-        batch, pieces, positions, decodes = [], [], [], []
-        for rid in req_ids:
-            req = self.requests[rid]
-            if req.prefill is not None:
-                reply0 = self._next_reply(req) + self._codec_embed(self.codec_bos)
-                pieces.append(torch.cat([req.prefill, reply0[None]]))
-                positions.append(req.positions)
-                req.prefill = req.positions = None
-            else:
-                if not self.kv.reserve(rid, self.kv.lengths[rid] + 1, req.most_tokens):
-                    logger.warning(
-                        "talker: request %s ends after %d codes: KV cache full (%d positions, all in use)",
-                        rid,
-                        req.num_codes,
-                        self.kv.max_tokens,
-                    )
-                    self.remove(rid)
-                    outputs[rid] = TalkerOutput(
-                        code=None, finished=True, reason="length"
-                    )
-                    continue
-                pieces.append(
-                    len(decodes)
-                )  # filled in below, once all decode inputs are embedded
-                positions.append(
-                    torch.full((3, 1), req.next_position, dtype=torch.long)
+        decodes, prefills = self._schedule(req_ids)
+        results = []
+        if prefills:
+            results.append(
+                self.runner.prefill(
+                    [self._prefill_row(rid, forced_codes) for rid in prefills]
                 )
-                req.next_position += 1
-                decodes.append(rid)
-            batch.append(rid)
+            )
         if decodes:
-            last = torch.tensor(
-                [self.requests[rid].last_code for rid in decodes], device=self.device
+            results.append(
+                self.runner.decode(
+                    [self._decode_row(rid, forced_codes) for rid in decodes]
+                )
             )
-            replies = torch.stack(
-                [self._next_reply(self.requests[rid]) for rid in decodes]
+        batch = prefills + decodes
+        if not batch:
+            return {}
+        codes = torch.cat([r[0] for r in results], dim=1)
+        logits = torch.cat([r[1] for r in results]) if return_logits else None
+        # The step's one read back to the host: every row's code and stop flag.
+        read = codes.T.tolist()
+        outputs: dict[object, TalkerOutput] = {}
+        for i, (rid, (code, stop)) in enumerate(zip(batch, read)):
+            req = self.requests[rid]
+            req.codes.append(code)
+            out = TalkerOutput(
+                code=None if stop else code,
+                logits=logits[i].clone() if return_logits else None,
             )
-            decode_inputs = replies + self.model.get_input_embeddings()(last)
-            pieces = [
-                decode_inputs[p, None] if isinstance(p, int) else p for p in pieces
-            ]
+            if stop or len(req.codes) >= req.max_codes:
+                out.finished, out.reason = True, ("stop" if stop else "length")
+                self.remove(rid)
+            outputs[rid] = out
+        return {rid: outputs[rid] for rid in req_ids if rid in outputs}
 
-        if batch:
-            logits = self._forward(
-                batch, pieces, torch.cat(positions, dim=1).to(self.device)
-            )
-            slots = [self.requests[rid].slot for rid in batch]
-            codes, stops = self.sampler.sample(
-                slots, logits, [forced_codes.get(rid) for rid in batch]
-            )
-            # The step's one read back to the host: every row's code and stop flag.
-            read = torch.stack([codes, stops.to(codes.dtype)]).T.tolist()
-            for i, (rid, (code, stop)) in enumerate(zip(batch, read)):
-                req = self.requests[rid]
-                req.last_code = code
-                req.num_codes += 1
-                out = TalkerOutput(
-                    code=None if stop else code,
-                    logits=logits[i] if return_logits else None,
-                )
-                if stop or req.num_codes >= req.max_codes:
-                    out.finished, out.reason = True, ("stop" if stop else "length")
-                    self.remove(rid)
-                outputs[rid] = out
-        return {rid: outputs[rid] for rid in req_ids}
+    def _prefill_row(self, rid, forced_codes: dict) -> PrefillRow:
+        """A prefill of prompt + reply[0..n] for a request with n codes so far (n = 0 at the
+        start; n > 0 is the recompute of a preempted request)."""
+        req = self.requests[rid]
+        n = len(req.codes)
+        inputs = torch.cat([req.prefill, self._reply_host(req, n + 1)]).to(
+            self.device, non_blocking=True
+        )
+        fed = torch.tensor([self.codec_bos, *req.codes], device=self.device)
+        prompt = req.prefill.shape[0]
+        inputs[prompt:] += self.model.get_input_embeddings()(fed)
+        positions = req.positions
+        if n:
+            extra = torch.arange(req.first_position, req.first_position + n)
+            positions = torch.cat([positions, extra.expand(3, n)], 1)
+        req.state = "running"
+        if req.num_rows > n + 1:
+            self._upload(req, torch.cat(req.rows)[n + 1 :])
+        return PrefillRow(
+            inputs=inputs,
+            positions=positions.to(self.device, non_blocking=True),
+            slots=self.kv.slots(rid, 0, inputs.shape[0]),
+            sampler_slot=req.slot,
+            forced=forced_codes.get(rid, -1),
+        )
 
-    def _forward(
-        self, req_ids: list, inputs: list[torch.Tensor], positions: torch.Tensor
-    ) -> torch.Tensor:
-        """Run the decoder over the requests' new inputs packed into one sequence ((q_i, E) each,
-        positions (3, sum q_i)); returns the fp32 logits at each request's last input, (B, vocab)."""
-        m = self.model
-        lengths = [x.shape[0] for x in inputs]
-        spans, start = [], 0
-        for q in lengths:
-            spans.append((start, start + q))
-            start += q
-        for rid, q in zip(req_ids, lengths):
-            if q > 1 and self.kv.lengths[rid]:
-                raise AssertionError(
-                    "a multi-token input must start from an empty KV cache"
-                )
-        h = m.thinker_to_talker_proj(torch.cat(inputs))[None]  # (1, T, H)
-        T, d = h.shape[1], self.head_dim
-        cos, sin = m.model.rotary_emb(h, positions[:, None])
-        for i, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)
-            k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)
-            v = attn.v_proj(x).view(1, T, -1, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            out = []
-            for rid, (s, e) in zip(req_ids, spans):
-                keys, values = self.kv.append(rid, i, k[:, :, s:e], v[:, :, s:e])
-                out.append(
-                    F.scaled_dot_product_attention(
-                        q[:, :, s:e],
-                        keys,
-                        values,
-                        is_causal=e - s > 1,
-                        scale=attn.scaling,
-                        enable_gqa=self.gqa,
-                    )
-                )
-            h = h + attn.o_proj(torch.cat(out, dim=2).transpose(1, 2).reshape(1, T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        for rid, q in zip(req_ids, lengths):
-            self.kv.advance(rid, q)
-        last = h[0, torch.tensor([e - 1 for _, e in spans], device=self.device)]
-        return m.codec_head(m.model.norm(last)).float()
+    def _decode_row(self, rid, forced_codes: dict) -> DecodeRow:
+        req = self.requests[rid]
+        n = len(req.codes)
+        return DecodeRow(
+            reply=self._next_reply(req),
+            last_code=req.codes[-1],
+            position=req.first_position + n - 1,
+            kv_len=req.prefill.shape[0] + 1 + n,
+            blocks=self.kv.block_tables[rid],
+            sampler_slot=req.slot,
+            forced=forced_codes.get(rid, -1),
+        )

@@ -1,36 +1,42 @@
-"""The talker's KV memory: one contiguous buffer per request, grown in blocks as it speaks.
+"""The talker's KV memory: one block pool allocated once, per-request block tables.
 
-Why this shape: a talker request's attention reads only its own keys and values, so each request
-keeps them in one buffer of shape (layers, 2, kv_heads, capacity, head_dim) and attention runs on a
-view of it (`SDPA(q, buffer[layer, 0, :, :length], ...)`): nothing is gathered or copied per step.
-The buffer is allocated when the request is admitted and grows, in whole blocks, when its length
-reaches its capacity; growth moves what is there into a larger buffer once (capacity grows by a
-quarter, at least one block, so a request of L positions is moved at most a few times over its life
-and its buffer is never more than a quarter plus one block larger than its use). What is
-allocated, over all requests, never exceeds `max_tokens` positions: when a request cannot grow
-within it, `reserve` says so and the caller ends that request. (While one request's buffer grows,
-its old buffer lives on until the copy is done: a memory budget adds one request's buffer.)
+As vLLM's paged KV cache: the pool is one tensor per layer of `num_blocks` blocks of
+`block_size` positions, allocated once at start-up to the size the memory plan gives it; a
+request holds a list of blocks (its block table) that grows with its real length and returns to
+the free list when it ends or is preempted. Nothing is allocated, moved or copied per request
+while the server runs, and a step writes every new key and value of every layer with one scatter
+(`slot_mapping`: pool position of each new token) and reads them with one gather of the batch's
+block tables (omni_vllm.talker_attention).
 
-A paged pool (vLLM's block tables) would also avoid the over-allocation, but needs a paged
-attention kernel to read a request's blocks without gathering them; plain PyTorch (CPU, and the
-device machine without vLLM) has none, and SDPA on a contiguous view is what both devices run well.
+Block 0 is the null block: never handed out, it is where padded rows of a static-shape step write
+and what padded block-table entries point at, so a captured step needs no branch for them.
+
+Admission and preemption are the caller's policy (omni_vllm.talker): this class only says how
+many blocks are free, hands them out, and takes them back.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["TalkerKVCache"]
+__all__ = ["TalkerKVPool", "round_up", "blocks_for"]
+
+NULL_BLOCK = 0
 
 
 def round_up(n: int, block: int) -> int:
-    """`n` rounded up to whole blocks (KV buffers are allocated in blocks)."""
+    """`n` rounded up to whole blocks."""
     return -(-n // block) * block
 
 
-class TalkerKVCache:
-    """Per-request KV buffers for a decoder of `num_layers` layers, at most `max_tokens` positions
-    allocated over all requests together, in blocks of `block_size` positions."""
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` positions."""
+    return -(-num_tokens // block_size)
+
+
+class TalkerKVPool:
+    """`num_blocks` usable blocks of `block_size` positions for a decoder of `num_layers` layers
+    (plus the null block). `kv[layer]` is (2, num_blocks + 1, block_size, kv_heads, head_dim)."""
 
     def __init__(
         self,
@@ -41,11 +47,11 @@ class TalkerKVCache:
         device: torch.device,
         dtype: torch.dtype,
         max_tokens: int,
-        block_size: int = 64,
+        block_size: int = 16,
     ):
         if max_tokens < block_size:
             raise ValueError(
-                f"talker KV cache of {max_tokens} positions is smaller than one block ({block_size})"
+                f"talker KV pool of {max_tokens} positions is smaller than one block ({block_size})"
             )
         self.num_layers, self.num_kv_heads, self.head_dim = (
             num_layers,
@@ -53,14 +59,20 @@ class TalkerKVCache:
             head_dim,
         )
         self.device, self.dtype = device, dtype
-        self.max_tokens, self.block_size = max_tokens, block_size
-        self.buffers: dict[
-            object, torch.Tensor
-        ] = {}  # rid -> (layers, 2, kv_heads, capacity, head_dim)
-        # rid -> per layer (keys, values) views of its buffer, (1, kv_heads, capacity, head_dim) each
-        self.layer_views: dict[object, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.lengths: dict[object, int] = {}  # rid -> positions written
-        self.allocated_tokens = 0
+        self.block_size = block_size
+        self.num_blocks = max_tokens // block_size
+        self.max_tokens = self.num_blocks * block_size
+        # One allocation for the whole pool, the null block first.
+        self.kv = torch.zeros(
+            (num_layers, 2, self.num_blocks + 1, block_size, num_kv_heads, head_dim),
+            device=device,
+            dtype=dtype,
+        )
+        self.free_blocks: list[int] = list(range(self.num_blocks, 0, -1))
+        # rid -> its blocks, in order
+        self.block_tables: dict[object, list[int]] = {}
+        # rid -> positions written
+        self.lengths: dict[object, int] = {}
 
     @property
     def bytes_per_token(self) -> int:
@@ -72,70 +84,63 @@ class TalkerKVCache:
             * self.dtype.itemsize
         )
 
+    def pool_bytes(self) -> int:
+        """Bytes the pool holds on its device (allocated once), the null block included."""
+        return self.kv.numel() * self.kv.element_size()
+
     def bytes(self) -> int:
-        """Bytes of KV memory allocated now."""
-        return self.allocated_tokens * self.bytes_per_token
+        """Bytes of the pool in use by requests now."""
+        return self.used_blocks * self.block_size * self.bytes_per_token
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
 
     @property
     def free_tokens(self) -> int:
-        return self.max_tokens - self.allocated_tokens
+        return len(self.free_blocks) * self.block_size
 
-    def capacity(self, rid) -> int:
-        buf = self.buffers.get(rid)
-        return 0 if buf is None else buf.shape[3]
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool's blocks in use (vLLM's kv_cache_usage)."""
+        return self.used_blocks / self.num_blocks
 
-    def reserve(self, rid, num_tokens: int, most: int) -> bool:
-        """Make room for `num_tokens` positions of `rid` in total (a request never needs more than
-        `most`); False, changing nothing, when that does not fit in what is left of `max_tokens`."""
-        have = self.capacity(rid)
-        if num_tokens <= have:
-            return True
-        block = self.block_size
-        want = min(
-            round_up(max(num_tokens, have + max(block, have // 4)), block),
-            round_up(most, block),
-        )
-        need = round_up(num_tokens, block)
-        target = max(want, need)
-        if target - have > self.free_tokens:
-            target = need  # no headroom: exactly the blocks this step needs
-            if target - have > self.free_tokens:
-                return False
-        buf = torch.empty(
-            (self.num_layers, 2, self.num_kv_heads, target, self.head_dim),
-            device=self.device,
-            dtype=self.dtype,
-        )
-        length = self.lengths.get(rid, 0)
-        if length:
-            buf[:, :, :, :length] = self.buffers[rid][:, :, :, :length]
-        self.buffers[rid] = buf
-        self.layer_views[rid] = [
-            (buf[i, 0, None], buf[i, 1, None]) for i in range(self.num_layers)
-        ]
-        self.lengths[rid] = length
-        self.allocated_tokens += target - have
+    def blocks_needed(self, rid, num_tokens: int) -> int:
+        """Blocks `rid` still lacks to hold `num_tokens` positions in total."""
+        have = len(self.block_tables.get(rid, ()))
+        return max(0, blocks_for(num_tokens, self.block_size) - have)
+
+    def allocate(self, rid, num_tokens: int) -> bool:
+        """Give `rid` the blocks it lacks to hold `num_tokens` positions; False, changing nothing,
+        when the pool has not enough free blocks."""
+        need = self.blocks_needed(rid, num_tokens)
+        if need > len(self.free_blocks):
+            return False
+        table = self.block_tables.setdefault(rid, [])
+        self.lengths.setdefault(rid, 0)
+        for _ in range(need):
+            table.append(self.free_blocks.pop())
         return True
 
-    def release(self, rid) -> None:
-        """Free `rid`'s buffer (unknown ids are ignored)."""
-        buf = self.buffers.pop(rid, None)
-        if buf is not None:
-            self.allocated_tokens -= buf.shape[3]
-            del self.lengths[rid], self.layer_views[rid]
+    def free(self, rid) -> None:
+        """Return `rid`'s blocks to the pool (unknown ids are ignored)."""
+        table = self.block_tables.pop(rid, None)
+        if table is not None:
+            self.free_blocks.extend(reversed(table))
+            del self.lengths[rid]
 
-    def append(
-        self, rid, layer: int, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one layer's new keys/values (1, kv_heads, q, head_dim) after `rid`'s current length
-        and return views of all its keys/values so far, (1, kv_heads, length + q, head_dim) each. The
-        length advances once the last layer has written (`advance`)."""
-        keys, values = self.layer_views[rid][layer]
-        start = self.lengths[rid]
-        end = start + key.shape[2]
-        keys[:, :, start:end] = key
-        values[:, :, start:end] = value
-        return keys[:, :, :end], values[:, :, :end]
+    def __contains__(self, rid) -> bool:
+        return rid in self.block_tables
 
-    def advance(self, rid, num_tokens: int) -> None:
-        self.lengths[rid] += num_tokens
+    def slots(self, rid, start: int, count: int) -> list[int]:
+        """Pool positions (block * block_size + offset) of `rid`'s positions [start, start+count)."""
+        table, bs = self.block_tables[rid], self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, start + count)]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `i`'s keys and values, (num_blocks + 1, block_size, kv_heads, head_dim) each."""
+        return self.kv[i, 0], self.kv[i, 1]

@@ -223,6 +223,26 @@ def test_voices_seed_and_default_voice(client, server):
 
     ethan, chelsie, default = wave("Ethan"), wave("Chelsie"), wave(None)
     assert ethan == default and ethan != chelsie
+    # OpenAI's voice names speak as the checkpoint voice of the default table
+    assert wave("alloy") == chelsie and wave({"id": "Ash"}) == ethan
+
+
+def test_openai_voice_names_on_every_route(client, server):
+    """GET /v1/audio/voices lists the voices and their aliases; an alias is accepted by
+    /v1/audio/speech as by chat (above) and Realtime (test_realtime.py)."""
+    listed = httpx.get(server["base_url"] + "/audio/voices", timeout=30).json()
+    assert [v["id"] for v in listed["data"]] == ["Chelsie", "Ethan"]
+    assert listed["default_voice"] == "Ethan"  # --default-voice ethan
+    by_id = {v["id"]: v for v in listed["data"]}
+    assert "alloy" in by_id["Chelsie"]["aliases"] and "ash" in by_id["Ethan"]["aliases"]
+    assert by_id["Ethan"]["default"] and not by_id["Chelsie"]["default"]
+    assert listed["aliases"]["marin"] == "Chelsie" and len(listed["aliases"]) == 13
+    args = {"model": server["model"], "input": "Hi.", "response_format": "pcm"}
+    args["extra_body"] = {"max_audio_tokens": CODES, "seed": 3}
+    marin = client.audio.speech.create(voice="marin", **args).content
+    assert marin == client.audio.speech.create(voice="Chelsie", **args).content
+    with pytest.raises(Exception, match="unknown voice 'nobody'.*alloy"):
+        client.audio.speech.create(voice="nobody", **args)
 
 
 def test_speech_system_prompt(client, server):
@@ -472,7 +492,7 @@ def test_chat_errors(client, server, case):
     )  # ~1.4 MiB of noisy PNG > --max-media-mb 0.5
     kw, status, param, words = {
         "voice": (
-            dict(audio={"voice": "alloy", "format": "wav"}),
+            dict(audio={"voice": "Nobody", "format": "wav"}),
             400,
             "audio.voice",
             "unknown voice",
@@ -706,7 +726,7 @@ def test_speech_sse_speed_instructions(client, server):
 @pytest.mark.parametrize(
     "kw, status, param",
     [
-        (dict(voice="alloy"), 400, "voice"),
+        (dict(voice="nobody"), 400, "voice"),
         (dict(response_format="ogg"), 400, "response_format"),
         (dict(speed=5.0), 400, "speed"),
         (dict(input=""), 400, "input"),

@@ -485,3 +485,82 @@ def test_rows_with_async_scheduling(
         assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
         diffs[name] = check_rows(collector.rows(ids[name]), reference[name], name)
     print(f"async scheduling: max abs diff vs transformers: {diffs}")
+
+
+def test_a_dropped_stale_output_is_healed_or_refused(
+    async_scheduling_on_cpu, tiny_checkpoint_dir, processor, reference, collector
+):
+    """vLLM's scheduler drops a step's output, rows and sampled token alike, when a request is
+    preempted with `drop_stale_output` while that step is in flight (here
+    `reset_prefix_cache(reset_running_requests=True)` under async scheduling; KV connectors that
+    require delivery and resumable requests take the same path in `update_from_output`). The
+    worker had captured those rows already: without a rewind they are never sent again, and the
+    consumer sees a gap at their absolute position (not rows shifted by one). With the rewind
+    (when the request resumes) its recompute re-sends them, and the rows equal transformers'."""
+    from vllm import LLM, SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from omni_vllm.hidden_states import HiddenStatesOutOfOrder, RunnerCapture
+
+    dropped: list[str] = []
+    update_from_output = Scheduler.update_from_output
+
+    def spy(self, scheduler_output, runner_output):
+        for rid in scheduler_output.num_scheduled_tokens:
+            req = self.requests.get(rid)
+            if (
+                req is not None
+                and req.num_stale_output_tokens
+                and req.drop_stale_output
+            ):
+                dropped.append(rid)
+        return update_from_output(self, scheduler_output, runner_output)
+
+    engine = LLM(
+        str(tiny_checkpoint_dir),
+        distributed_executor_backend="uni",
+        **{**engine_kwargs(), "async_scheduling": True},
+    )
+    llm_engine = engine.llm_engine
+
+    def run(tag: str) -> dict:
+        names = ("audio", "text")
+        for name in names:
+            params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+            llm_engine.add_request(
+                f"{tag}-{name}",
+                vllm_prompt(processor, name),
+                request_hidden_states(params),
+            )
+        reset, finals = False, {}
+        while llm_engine.has_unfinished_requests():
+            for out in llm_engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                # Both requests running, a decode step in flight: preempt them all.
+                if not reset and len(out.outputs[0].token_ids) >= 2:
+                    assert llm_engine.reset_prefix_cache(reset_running_requests=True)
+                    reset = True
+        assert reset
+        for name in names:
+            out = finals[f"{tag}-{name}"]
+            assert list(out.outputs[0].token_ids) == reference[name]["output_ids"]
+        return {name: f"{tag}-{name}" for name in names}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Scheduler, "update_from_output", spy)
+        with pytest.MonkeyPatch.context() as no_rewind:
+            no_rewind.setattr(
+                RunnerCapture, "_rewind_resumed", lambda self, cached: None
+            )
+            ids = run("lost")
+        # The scheduler really dropped outputs of both (vLLM's ids add a suffix to ours).
+        assert all(any(d.startswith(rid) for d in dropped) for rid in ids.values())
+        for rid in ids.values():
+            with pytest.raises(HiddenStatesOutOfOrder, match="a gap"):
+                collector.rows(rid)
+        dropped.clear()
+        ids = run("healed")
+        assert all(any(d.startswith(rid) for d in dropped) for rid in ids.values())
+    for name, rid in ids.items():
+        check_rows(collector.rows(rid), reference[name], name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -213,70 +214,72 @@ def test_memory_budget_share_arithmetic():
     positions = 8192 + 4096
     kv = M.talker_kv_bytes_per_token(config, torch.bfloat16)
 
-    # Shared GPU, defaults: at most 25 % of it (or what 32 speakers need), taken out of vLLM's default.
+    # Shared GPU, defaults: 25 % of it, taken out of vLLM's default; the KV pool gets what is left.
     plan = _plan(config)
-    assert plan.budget <= 20 * GiB and plan.memory.total <= plan.budget
-    assert (
-        M._with_speakers(plan.memory, plan.max_speaking + 1).total > plan.budget
-    )  # as many as fit
-    assert plan.max_speaking == M.slots_that_fit(plan.memory, plan.budget) >= 1
+    assert plan.budget == int(0.25 * 80 * GiB) and plan.memory.total <= plan.budget
+    bigger = replace(plan.memory, pool_tokens=plan.kv_cache_tokens + M.KV_BLOCK)
+    assert bigger.total > plan.budget  # as large as fits
+    assert plan.kv_cache_tokens == M.pool_that_fits(plan.memory, plan.budget)
+    assert plan.memory.talker_kv == (plan.kv_cache_tokens + M.KV_BLOCK) * kv
     vllm_default = M._vllm_default_utilization()  # 0.92 in vLLM 0.32
     assert plan.gpu_memory_utilization == pytest.approx(
         vllm_default - plan.budget / (80 * GiB), abs=1e-3
     )
     assert plan.gpu_memory_utilization <= vllm_default - plan.budget / (80 * GiB)
-    assert (
-        plan.talker_max_len == positions
-        and plan.kv_cache_tokens == plan.max_speaking * positions
-    )
-    assert plan.memory.talker_kv == plan.max_speaking * positions * kv
+    assert plan.talker_max_len == positions
+    # the issue's goal: >= 64 typical voices beside the 7B thinker at 8192 (19 worst-case before)
+    assert plan.max_speaking == 64 and plan.memory.typical_voices >= 64
+    assert plan.kv_cache_tokens >= positions
 
-    # A GPU of its own: vLLM's share untouched, 90 % of it for speech, capped at 128 speakers.
+    # A GPU of its own: vLLM's share untouched, 90 % of it for speech; >= 200 typical voices.
     own = _plan(config, device="cuda:1", shared=False)
     assert own.gpu_memory_utilization is None and own.budget == int(0.9 * 80 * GiB)
-    assert own.max_speaking > plan.max_speaking and own.memory.total <= own.budget
+    assert own.max_speaking == 256 and own.memory.typical_voices >= 200
+    assert own.memory.total <= own.budget
 
-    # --speech-gpu-memory-gb: the speakers that fit it; --max-speaking given: the budget it needs.
+    # --speech-gpu-memory-gb: the pool fills it; --max-speaking given: the batch bound only.
     fixed = _plan(config, budget_gb=30)
-    assert fixed.budget == 30 * GiB and fixed.max_speaking == M.slots_that_fit(
-        fixed.memory, 30 * GiB
-    )
+    assert fixed.budget == 30 * GiB and fixed.kv_cache_tokens > plan.kv_cache_tokens
     given = _plan(config, max_speaking=4)
-    assert given.max_speaking == 4 and given.budget == given.memory.total
-    assert given.gpu_memory_utilization == pytest.approx(
-        vllm_default - given.budget / (80 * GiB), abs=1e-3
-    )
+    assert given.max_speaking == 4 and given.budget == plan.budget
+    assert given.kv_cache_tokens > plan.kv_cache_tokens  # less workspace, more pool
+    # a small budget: fewer speakers per step, as many as the pool holds typical voices
+    small = _plan(config, budget_gb=8)
+    assert 1 <= small.max_speaking < 64
+    assert small.memory.typical_voices >= small.max_speaking
 
     # The user's --gpu-memory-utilization is kept if the speech share fits beside it.
-    kept = _plan(config, max_speaking=4, gpu_memory_utilization=0.7)
+    kept = _plan(config, budget_gb=10, gpu_memory_utilization=0.85)
     assert kept.gpu_memory_utilization is None and "left as is" in kept.report()
 
-    # CPU: no device share, 32 speakers unless a budget says otherwise.
+    # CPU: no device share, 32 speakers, a pool of 32 typical voices (at least one longest).
     cpu = _plan(config, device="cpu", device_total=None, shared=False)
     assert (
         cpu.max_speaking == 32
         and cpu.budget is None
         and cpu.gpu_memory_utilization is None
+        and cpu.kv_cache_tokens == max(32 * M.TYPICAL_POSITIONS, positions)
     )
 
-    # bf16 vs fp32: the talker's weights and KV halve.
+    # bf16 vs fp32: the talker's KV per position doubles, so the pool holds fewer positions.
     fp32 = _plan(config, max_speaking=4, talker_dtype=torch.float32)
-    assert fp32.memory.talker_kv == 2 * given.memory.talker_kv
+    assert fp32.memory.kv_per_token == 2 * given.memory.kv_per_token
+    assert fp32.kv_cache_tokens < given.kv_cache_tokens
 
 
 def test_memory_budget_errors_name_the_flags():
     config = released_config("7B")
     with pytest.raises(M.SpeechMemoryError, match="--speech-gpu-memory-gb") as e:
         _plan(config, budget_gb=1)  # smaller than the weights
-    assert "--allow-text-only" in str(
+    assert "--allow-text-only" in str(e.value) and "to hold one request of" in str(
         e.value
-    ) and "before its first speaking request" in str(e.value)
-    with pytest.raises(M.SpeechMemoryError, match="--max-speaking 64"):
-        _plan(config, max_speaking=64, budget_gb=20)
+    )
+    with pytest.raises(M.SpeechMemoryError, match="--max-speaking 256"):
+        _plan(config, max_speaking=256, budget_gb=9)
     with pytest.raises(M.SpeechMemoryError, match="lower --gpu-memory-utilization"):
         _plan(config, max_speaking=8, gpu_memory_utilization=0.95)
     with pytest.raises(M.SpeechMemoryError, match="leaves vLLM"):
-        _plan(config, max_speaking=64, device_total=40 * GiB)
+        _plan(config, max_speaking=64, device_total=40 * GiB, budget_gb=36)
     with pytest.raises(M.SpeechMemoryError, match="--speech-dtype"):
         M.speech_dtypes("float64", torch.bfloat16)
 
@@ -596,3 +599,94 @@ def test_memory_budget_readme_tables_are_the_code_s(capsys):
         assert table in (root / doc).read_text(), (
             f"{doc}: regenerate the table with python -m omni_vllm.memory"
         )
+
+
+@pytest.fixture
+def fresh_plan(monkeypatch):
+    """No plan made in this process yet (each start-up makes one)."""
+    monkeypatch.setattr(M, "_current_plan", None)
+    monkeypatch.setattr(M, "_planned", False)
+    monkeypatch.setattr(M, "_disabled", None)
+
+
+def test_memory_budget_plan_under_vllm_serve_endpoint_plugin(
+    tiny_checkpoint_dir, monkeypatch, fresh_plan
+):
+    """Stock `vllm serve` with our endpoint plugin (VLLM_PLUGINS=omni_vllm): the plan runs in
+    EngineArgs.create_engine_config, before vLLM claims its share (a simulated 8 GiB GPU), lowers
+    that share, and the talker's pool allocates exactly the bytes the plan printed."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from omni_vllm.patches import speech_memory_plan
+    from omni_vllm.plugin import register
+    from omni_vllm.talker import Talker
+
+    register()
+    assert getattr(EngineArgs.create_engine_config, speech_memory_plan._APPLIED)
+    monkeypatch.setenv("VLLM_PLUGINS", "omni_vllm")
+    monkeypatch.setenv("OMNI_VLLM_SPEECH_DEVICE", "cuda:0")
+    monkeypatch.setenv("OMNI_VLLM_MAX_AUDIO_TOKENS", "512")
+    monkeypatch.setenv("OMNI_VLLM_SIMULATE_GPU_GB", "8")
+    engine_args = EngineArgs(
+        model=str(tiny_checkpoint_dir), max_model_len=2048, enforce_eager=True
+    )
+    # what create_engine_config does first: the plan (vLLM's config itself is not built here:
+    # a CPU machine has no CUDA device to build it for)
+    plan = speech_memory_plan.plan_for_engine_args(engine_args, 8 * GiB)
+    assert M.current_plan() is plan and M.planned()
+    assert plan.device == "cuda:0" and plan.shared and plan.budget == 2 * GiB
+    assert engine_args.gpu_memory_utilization == plan.gpu_memory_utilization
+    assert plan.gpu_memory_utilization == pytest.approx(
+        M._vllm_default_utilization() - 0.25, abs=1e-3
+    )
+    assert plan.talker_max_len == 2048 + 512
+    talker = Talker.from_pretrained(
+        tiny_checkpoint_dir,
+        max_slots=plan.max_speaking,
+        max_len=plan.talker_max_len,
+        kv_cache_tokens=plan.kv_cache_tokens,
+        dtype=torch.float32,
+    )
+    assert talker.kv_pool_bytes() == plan.memory.talker_kv
+    assert f"{plan.kv_cache_tokens} positions" in plan.report()
+
+
+def test_memory_budget_under_vllm_serve_refusal_names_the_variables(
+    tiny_checkpoint_dir, monkeypatch, fresh_plan
+):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from omni_vllm.patches import speech_memory_plan
+
+    monkeypatch.setenv("OMNI_VLLM_SPEECH_DEVICE", "cuda:0")
+    monkeypatch.setenv("OMNI_VLLM_SPEECH_GPU_MEMORY_GB", "0.001")
+    engine_args = EngineArgs(model=str(tiny_checkpoint_dir), max_model_len=2048)
+    with pytest.raises(SystemExit) as e:
+        speech_memory_plan.plan_for_engine_args(engine_args, 8 * GiB)
+    message = str(e.value)
+    assert "OMNI_VLLM_SPEECH_GPU_MEMORY_GB" in message
+    assert "OMNI_VLLM_ALLOW_TEXT_ONLY" in message and "--speech-gpu" not in message
+    assert "--max-model-len" in message  # vLLM's own flag keeps its name
+
+
+@pytest.mark.parametrize("size", ["7B", "3B"])
+def test_memory_budget_kv_pool_allocates_what_the_plan_prints(size):
+    """The released checkpoints (meta device, nothing allocated): the pool the plan sizes takes
+    exactly the plan's talker KV bytes."""
+    from omni_vllm.talker_kv_cache import TalkerKVPool
+
+    config = released_config(size)
+    t = config.talker_config
+    for shared in (True, False):
+        plan = _plan(config, device="cuda:0" if shared else "cuda:1", shared=shared)
+        pool = TalkerKVPool(
+            num_layers=t.num_hidden_layers,
+            num_kv_heads=t.num_key_value_heads,
+            head_dim=t.head_dim,
+            device=torch.device("meta"),
+            dtype=torch.bfloat16,
+            max_tokens=plan.kv_cache_tokens,
+            block_size=M.KV_BLOCK,
+        )
+        assert pool.pool_bytes() == plan.memory.talker_kv
+        assert pool.num_blocks * M.KV_BLOCK == plan.kv_cache_tokens

@@ -180,9 +180,13 @@ def _schedule(new_ids):
 
     return SimpleNamespace(
         finished_req_ids=set(),
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], resumed_req_ids=set(), num_output_tokens=[]
+        ),
         scheduled_new_reqs=[
             SimpleNamespace(
                 req_id=r,
+                prompt_token_ids=[0] * 5,
                 num_computed_tokens=0,
                 sampling_params=request_hidden_states(SamplingParams())
                 if r != "plain"
@@ -240,9 +244,11 @@ def test_token_id_embedding_runs_on_every_tp_rank(monkeypatch):
     assert calls[0] == calls[1] == [[0, 1, 2, 3, 4, 9, 10, 11], [40, 42]]
     # Only rank 0 keeps rows: the embedding rows of the ids, then the hidden states.
     assert results[1] == [None, None]
+    # Each request's rows as (absolute position of the first, chunks, prompt positions).
     rows, _ = results[0][0]
-    assert set(rows) == {"a", "b"}
-    torch.testing.assert_close(rows["a"][0][0][:, 0], table[:5])
-    torch.testing.assert_close(rows["b"][0][0][:, 0], table[9:12])
+    assert set(rows) == {"a", "b"} and rows["a"][0] == rows["b"][0] == 0
+    torch.testing.assert_close(rows["a"][1][0][:, 0], table[:5])
+    torch.testing.assert_close(rows["b"][1][0][:, 0], table[9:12])
     rows, _ = results[0][1]
-    torch.testing.assert_close(rows["b"][0][0][:, 0], table[42:43])
+    assert rows["a"][0] == 5 and rows["b"][0] == 3
+    torch.testing.assert_close(rows["b"][1][0][:, 0], table[42:43])

@@ -427,3 +427,163 @@ def test_readme_realtime_snippet(server, phrase):
     exec(compile(code, "README.md", "exec"), namespace)
     reply = asyncio.run(namespace["talk"](pcm16(phrase)))
     assert len(reply) > 0 and len(reply) % 2 == 0
+
+
+# ------------------------------------------------------------------------------- agent frameworks
+# /v1/realtime driven by two agent frameworks nobody here wrote, with their defaults (issue 22):
+# - the OpenAI Agents SDK (`openai-agents`): a `RealtimeAgent` run by `RealtimeRunner`, its model
+#   pointed at our socket through the `url` model option; its session.update carries
+#   `tracing: "auto"`, `tools: []`, voice "ash", input transcription and `semantic_vad`;
+# - LiveKit Agents' OpenAI plugin (`livekit-plugins-openai`): `RealtimeModel(base_url=...)` used
+#   standalone (`model.session()`); its session.update carries `tool_choice: "auto"`, voice
+#   "marin", `semantic_vad`; `generate_reply()` waits for its response.create's
+#   `metadata.client_event_id` in `response.created`.
+# Each does a typed turn and a spoken turn (the espeak-ng phrase, ended by the server's VAD), gets
+# audio back and sees no `error` event. Beyond the connection (URL, key, our model name) the only
+# setting given is a cap on output tokens: random weights never stop by themselves.
+
+AGENT_MAX_TOKENS = 8
+AGENT_TIMEOUT = 240.0
+
+
+def spoken_turn(phrase: np.ndarray) -> bytes:
+    """The phrase between silences long enough for any VAD eagerness to end the turn."""
+    return pcm16(np.concatenate([silence(0.5), phrase, silence(2.0)]))
+
+
+# ------------------------------------------------------------------------------- OpenAI Agents SDK
+
+
+async def _agents_turn(session, send) -> tuple[bytes, list]:
+    """Run one turn (`send` starts it); the agent's audio and every event until its turn ends."""
+    await send()
+    audio, events = b"", []
+    iterator = session.__aiter__()
+    while True:
+        event = await asyncio.wait_for(iterator.__anext__(), AGENT_TIMEOUT)
+        events.append(event)
+        if event.type == "audio":
+            audio += event.audio.data
+        if event.type == "agent_end":
+            return audio, events
+
+
+def test_openai_agents_sdk_realtime_runner(server, phrase):
+    from agents.realtime import RealtimeAgent, RealtimeRunner
+
+    url = server["base_url"].replace("http://", "ws://") + "/realtime"
+
+    async def main():
+        agent = RealtimeAgent(name="Assistant", instructions="Answer in a few words.")
+        runner = RealtimeRunner(
+            agent, config={"model_settings": {"max_output_tokens": AGENT_MAX_TOKENS}}
+        )
+        session = await runner.run(model_config={"url": url, "api_key": "-"})
+        async with session:
+            typed = await _agents_turn(
+                session, lambda: session.send_message("Hello, who are you?")
+            )
+            clip = spoken_turn(phrase)
+
+            async def speak():
+                for i in range(0, len(clip), 4800):
+                    await session.send_audio(clip[i : i + 4800])
+
+            spoken = await _agents_turn(session, speak)
+        return typed, spoken
+
+    typed, spoken = asyncio.run(main())
+    for audio, events in (typed, spoken):
+        raw = [e.data for e in events if e.type == "raw_model_event"]
+        errors = [e for e in events if e.type == "error"]
+        errors += [r for r in raw if r.type == "error"]
+        errors += [
+            r
+            for r in raw
+            if r.type == "raw_server_event" and r.data.get("type") == "error"
+        ]
+        assert not errors, errors
+        assert len(audio) > 0 and len(audio) % 2 == 0
+    server_events = [
+        e.data.data
+        for e in typed[1] + spoken[1]
+        if e.type == "raw_model_event" and e.data.type == "raw_server_event"
+    ]
+    kinds = [ev.get("type") for ev in server_events]
+    # the SDK's session.update was taken whole: its voice "ash" is Ethan, its tracing shown back
+    updated = [ev["session"] for ev in server_events if ev["type"] == "session.updated"]
+    assert updated and updated[-1]["audio"]["output"]["voice"] == "Ethan"
+    assert updated[-1]["tracing"] == "auto"
+    assert updated[-1]["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+    # the spoken turn was heard and ended by the server's VAD (semantic_vad: the SDK's default)
+    assert "input_audio_buffer.speech_stopped" in kinds, kinds
+
+
+# ------------------------------------------------------------------------------- LiveKit Agents
+
+
+def test_livekit_realtime_model_standalone(server, phrase):
+    from livekit import rtc
+    from livekit.agents import llm
+    from livekit.plugins.openai.realtime import RealtimeModel
+
+    async def collect(gen) -> tuple[list, str]:
+        frames, text = [], ""
+
+        async def read_message(msg):
+            nonlocal text
+
+            async def read_text():
+                nonlocal text
+                async for piece in msg.text_stream:
+                    text += piece
+
+            async def read_audio():
+                async for frame in msg.audio_stream:
+                    frames.append(frame)
+
+            await asyncio.gather(read_text(), read_audio())
+
+        async def read_all():
+            async for msg in gen.message_stream:
+                await read_message(msg)
+
+        await asyncio.wait_for(read_all(), AGENT_TIMEOUT)
+        return frames, text
+
+    async def main():
+        model = RealtimeModel(
+            base_url=server["base_url"], api_key="-", model=server["model"]
+        )
+        session = model.session()
+        errors, generations = [], asyncio.Queue()
+        session.on("error", errors.append)
+        session.on("generation_created", generations.put_nowait)
+        session.update_options(max_response_output_tokens=AGENT_MAX_TOKENS)
+        try:
+            # typed: a user message, then generate_reply(), which must return (not time out)
+            ctx = llm.ChatContext.empty()
+            ctx.add_message(role="user", content="Hello, who are you?")
+            await session.update_chat_ctx(ctx)
+            gen = await asyncio.wait_for(session.generate_reply(), AGENT_TIMEOUT)
+            assert gen.user_initiated and (await generations.get()) is gen
+            typed = await collect(gen)
+            # spoken: 24 kHz frames of 100 ms; the server's VAD ends the turn and replies
+            clip = np.frombuffer(spoken_turn(phrase), "<i2")
+            for i in range(0, len(clip), RATE // 10):
+                chunk = clip[i : i + RATE // 10]
+                session.push_audio(rtc.AudioFrame(chunk.tobytes(), RATE, 1, len(chunk)))
+                await asyncio.sleep(0)
+            spoken_gen = await asyncio.wait_for(generations.get(), AGENT_TIMEOUT)
+            assert not spoken_gen.user_initiated
+            spoken = await collect(spoken_gen)
+        finally:
+            await session.aclose()
+            await model.aclose()
+        return typed, spoken, errors
+
+    typed, spoken, errors = asyncio.run(main())
+    assert not errors, errors
+    for frames, _text in (typed, spoken):
+        assert frames and sum(f.samples_per_channel for f in frames) > 0
+        assert {f.sample_rate for f in frames} == {RATE}

@@ -144,7 +144,11 @@ def test_session_update_applies_fields():
     for bad in (
         {"output_modalities": ["text", "audio"]},
         {"audio": {"input": {"format": {"type": "audio/pcmu"}}}},
-        {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+        {"tools": [{"type": "function", "name": "f"}]},
+        {"tool_choice": "required"},
+        {"tool_choice": {"type": "function", "name": "f"}},
+        {"prompt": {"id": "pmpt_1"}},
+        {"truncation": {"type": "retention_ratio", "retention_ratio": 1.5}},
     ):
         ev = P.parse_client_event(
             json.dumps(
@@ -166,6 +170,117 @@ def test_session_update_applies_fields():
     )
     with pytest.raises(P.ClientError, match="cannot change"):
         apply_session_update(cfg, ev.session, voice, None, voice_locked=True)
+
+
+def test_session_fields_that_change_nothing_are_accepted_and_echoed():
+    """What the OpenAI Agents SDK and LiveKit send with their defaults (tracing "auto",
+    tools [], tool_choice "auto", transcription, noise reduction, speed, semantic_vad) is
+    accepted and shown back in session.updated as sent, as OpenAI does (issue 22)."""
+    cfg = SessionConfig("be brief", "Chelsie")
+    ev = P.parse_client_event(
+        json.dumps(
+            {
+                "type": "session.update",
+                "event_id": "e1",
+                "session": {
+                    "type": "realtime",
+                    "model": "gpt-realtime",
+                    "tracing": "auto",
+                    "include": ["item.input_audio_transcription.logprobs"],
+                    "prompt": None,
+                    "truncation": {"type": "retention_ratio", "retention_ratio": 0.5},
+                    "tools": [],
+                    "tool_choice": "none",
+                    "parallel_tool_calls": False,
+                    "audio": {
+                        "input": {
+                            "transcription": {"model": "gpt-4o-mini-transcribe"},
+                            "noise_reduction": {"type": "near_field"},
+                            "turn_detection": {
+                                "type": "semantic_vad",
+                                "eagerness": "high",
+                                "interrupt_response": True,
+                            },
+                        },
+                        "output": {"voice": "marin", "speed": 1.0},
+                    },
+                },
+            }
+        )
+    )
+    new = apply_session_update(cfg, ev.session, lambda v, p: "Chelsie", "e1", False)
+    shown = P.server_event("session.updated", session=new.to_openai("m", "sess_1"))
+    session = shown["session"]
+    assert session["tracing"] == "auto" and session["tools"] == []
+    assert session["tool_choice"] == "none" and session["parallel_tool_calls"] is False
+    assert session["include"] == ["item.input_audio_transcription.logprobs"]
+    assert session["truncation"] == {"type": "retention_ratio", "retention_ratio": 0.5}
+    audio_in, audio_out = session["audio"]["input"], session["audio"]["output"]
+    assert audio_in["transcription"] == {"model": "gpt-4o-mini-transcribe"}
+    assert audio_in["noise_reduction"] == {"type": "near_field"}
+    assert audio_in["turn_detection"] == {
+        "type": "semantic_vad",
+        "eagerness": "high",
+        "create_response": True,
+        "interrupt_response": True,
+    }
+    assert audio_out == {
+        "format": {"type": "audio/pcm", "rate": RATE},
+        "voice": "Chelsie",
+        "speed": 1.0,
+    }
+    # semantic_vad runs Silero with a silence that follows its eagerness
+    assert new.vad_settings() == VadSettings(0.5, 300, 400)
+    assert new.truncation_limits() == (0.5, None)
+    # a later update keeps what the earlier one set; a change of VAD type starts from defaults
+    ev = P.parse_client_event(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "realtime",
+                    "tracing": None,
+                    "audio": {"input": {"turn_detection": {"type": "server_vad"}}},
+                },
+            }
+        )
+    )
+    newer = apply_session_update(new, ev.session, lambda v, p: "Chelsie", None, False)
+    session = newer.to_openai("m", "sess_1")
+    assert session["tracing"] is None and session["include"] == new.echo["include"]
+    assert session["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 500
+    assert "eagerness" not in session["audio"]["input"]["turn_detection"]
+    # the defaults show as OpenAI shows them
+    plain = SessionConfig("x", "Chelsie").to_openai("m", "s")
+    assert (plain["tools"], plain["tool_choice"], plain["truncation"]) == (
+        [],
+        "auto",
+        "auto",
+    )
+
+
+def test_truncation_disabled_and_retention_ratio():
+    """truncation "disabled" drops nothing (the core then refuses a prompt too long);
+    retention_ratio drops down to that share of the budget; token_limits caps it."""
+    count = lambda text: len(text.split())  # noqa: E731
+
+    def conv():
+        c = Conversation()
+        for i in range(6):
+            c.add(
+                Item(f"u{i}", "user", [Part("input_text", text="one two three four")])
+            )
+        return c
+
+    # instructions: 2 + 6 overhead; each item 4 + 6 = 10 tokens: 68 in all
+    _, dropped = conv().messages("Be brief.", None, 50, count)
+    assert [i.id for i in dropped] == ["u0", "u1"]  # auto: down to 48 <= 50
+    _, dropped = conv().messages("Be brief.", None, 50, count, keep=None)
+    assert dropped == []
+    _, dropped = conv().messages("Be brief.", None, 50, count, keep=0.5)
+    assert len(dropped) == 4  # down to 8 + 0.5 * 42 = 29 tokens: 2 items stay
+    _, dropped = conv().messages("Be brief.", None, 500, count, post_instructions=30)
+    assert len(dropped) == 3
 
 
 # ------------------------------------------------------------------------------- VAD
@@ -717,3 +832,64 @@ def test_api_key_guards_the_socket():
             client.websocket_connect("/v1/realtime") as ws,
         ):
             ws.receive_json()
+
+
+def test_fake_core_echoes_metadata_and_event_ids():
+    """response.create's `metadata` comes back in response.created and response.done (LiveKit's
+    generate_reply() waits for its client_event_id there); a refused response.create names its
+    event_id in the error; tools and a tool-forcing tool_choice are refused, "auto" is not."""
+    from fastapi.testclient import TestClient
+
+    core = FakeCore(words=2)
+    with (
+        TestClient(fake_app(core)) as client,
+        client.websocket_connect("/v1/realtime") as ws,
+    ):
+        until(ws, "session.created")
+        ws.send_json(
+            {
+                "type": "session.update",
+                "event_id": "su1",
+                "session": {"type": "realtime", "tools": [], "tool_choice": "auto"},
+            }
+        )
+        assert until(ws, "session.updated")["session"]["tool_choice"] == "auto"
+        meta = {"client_event_id": "response_create_abc"}
+        ws.send_json(
+            {
+                "type": "response.create",
+                "event_id": "response_create_abc",
+                "response": {"metadata": meta, "tool_choice": "auto", "tools": []},
+            }
+        )
+        assert until(ws, "response.created")["response"]["metadata"] == meta
+        done = until(ws, "response.done")["response"]
+        assert done["metadata"] == meta and done["status"] == "completed"
+        ws.send_json({"type": "response.create"})
+        assert until(ws, "response.created")["response"]["metadata"] is None
+        until(ws, "response.done")
+        for bad, param in (
+            ({"tools": [{"type": "function", "name": "f"}]}, "response.tools"),
+            ({"tool_choice": "required"}, "response.tool_choice"),
+        ):
+            ws.send_json({"type": "response.create", "event_id": "r9", "response": bad})
+            err = until(ws, "error")["error"]
+            assert err["event_id"] == "r9" and err["param"] == param, err
+            assert err["code"] == "unsupported_value"
+
+    refused = FakeCore(refuse=ValueError("no room"))
+    with (
+        TestClient(fake_app(refused)) as client,
+        client.websocket_connect("/v1/realtime") as ws,
+    ):
+        until(ws, "session.created")
+        ws.send_json(
+            {
+                "type": "response.create",
+                "event_id": "r2",
+                "response": {"metadata": {"k": "v"}},
+            }
+        )
+        assert until(ws, "error")["error"]["event_id"] == "r2"
+        done = until(ws, "response.done")["response"]
+        assert done["status"] == "failed" and done["metadata"] == {"k": "v"}

@@ -100,3 +100,57 @@ def test_config_checks_its_limits():
     assert SpeechConfig(stream_config={"chunk": 24}).stream_config == StreamConfig(
         chunk=24
     )
+
+
+def test_voice_aliases_flag_and_environment(monkeypatch):
+    """--voice-aliases (JSON) replaces the default table of OpenAI's voice names; under
+    `vllm serve` OMNI_VLLM_VOICE_ALIASES does the same; '{}' turns aliases off."""
+    from omni_vllm.api.settings import Settings
+    from omni_vllm.voices import DEFAULT_VOICE_ALIASES
+
+    assert SpeechConfig().voice_aliases == DEFAULT_VOICE_ALIASES
+    assert set(DEFAULT_VOICE_ALIASES) == {
+        "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx",
+        "nova", "sage", "shimmer", "verse", "marin", "cedar",
+    }  # fmt: skip
+    args = parser().parse_args(["--voice-aliases", '{"narrator": "Ethan"}'])
+    assert SpeechConfig.from_cli_args(args).voice_aliases == {"narrator": "Ethan"}
+    assert "--voice-aliases" in parser().format_help()
+    monkeypatch.setenv("OMNI_VLLM_VOICE_ALIASES", '{"alloy": "Ethan"}')
+    assert Settings.from_args(argparse.Namespace()).speech.voice_aliases == {
+        "alloy": "Ethan"
+    }
+    monkeypatch.setenv("OMNI_VLLM_VOICE_ALIASES", "{}")
+    assert Settings.from_args(argparse.Namespace()).speech.voice_aliases == {}
+
+
+def test_resolve_voice_with_aliases():
+    from omni_vllm.errors import UnknownVoice
+    from omni_vllm.voices import (
+        DEFAULT_VOICE_ALIASES,
+        aliases_of,
+        check_aliases,
+        resolve_voice,
+    )
+
+    voices = ["Chelsie", "Ethan"]
+    table = check_aliases(DEFAULT_VOICE_ALIASES, voices)
+    assert resolve_voice("alloy", voices, table) == "Chelsie"
+    assert resolve_voice("Marin", voices, table) == "Chelsie"
+    assert resolve_voice("ash", voices, table) == "Ethan"
+    assert resolve_voice("ethan", voices, table) == "Ethan"
+    assert aliases_of("Ethan", table) == [
+        "ash", "ballad", "cedar", "echo", "fable", "onyx", "verse",
+    ]  # fmt: skip
+    with pytest.raises(UnknownVoice, match="unknown voice 'alloy'"):
+        resolve_voice("alloy", voices)
+    with pytest.raises(UnknownVoice, match="Chelsie, Ethan .*alloy"):
+        resolve_voice("nobody", voices, table)
+    # the operator's table must name real voices; the default one is trimmed to them
+    with pytest.raises(UnknownVoice, match="'narrator' names 'Bob'"):
+        check_aliases({"narrator": "Bob"}, voices)
+    assert check_aliases(DEFAULT_VOICE_ALIASES, ["Ethan"], strict=False) == {
+        a: "Ethan" for a, v in DEFAULT_VOICE_ALIASES.items() if v == "Ethan"
+    }
+    # a voice's own name is never an alias of another
+    assert check_aliases({"chelsie": "Ethan", "x": "ethan"}, voices) == {"x": "Ethan"}

@@ -721,3 +721,92 @@ def test_runaway_guard_caps_speech_after_the_text(
         assert len(out.codes) == out.final.audio_tokens == expected
         assert speech.stats()["runaway_capped"] == (1 if ratio else 0)
         loop.run_until_complete(speech.shutdown())
+
+
+def test_lost_hidden_state_rows_end_the_speech_with_an_error(
+    engine, loop, processor, speech_factory, monkeypatch
+):
+    """Rows that do not continue where the last ended (here one chunk lost on its way, as when
+    vLLM's scheduler drops a step's output and nothing re-sends it) end that request's speech
+    with an error: no audio from shifted rows; its slot, worker state and thinker request are
+    freed, and a request beside it is untouched."""
+    import omni_vllm.hidden_states as hs
+
+    speech = speech_factory()
+    sink, seen = hs._sink, []
+
+    def lose_one(chunk):
+        seen.append(chunk.request_id)
+        if chunk.request_id == "gap0" and seen.count("gap0") == 3:
+            return  # the third chunk of gap0 never arrives
+        sink(chunk)
+
+    monkeypatch.setattr(hs, "_sink", lose_one)
+    lost, kept = make_cases(processor, 2, "gap")
+
+    async def main():
+        failing = asyncio.ensure_future(
+            consume(run_speech(speech, lost, max_tokens=32), Outcome())
+        )
+        fine = await consume(run_speech(speech, kept, max_tokens=32), Outcome())
+        with pytest.raises(hs.HiddenStatesOutOfOrder, match="a gap"):
+            await failing
+        return fine
+
+    fine = loop.run_until_complete(main())
+    assert fine.final is not None and fine.final.finish_reason == "length"
+    assert fine.codes and fine.audio
+    assert_idle(speech, engine, loop)
+
+
+@pytest.mark.slow
+def test_preempt_pool_of_three_requests_serves_twelve(
+    engine, loop, processor, speech_factory
+):
+    """A talker KV pool that holds about 3 of these requests serves 12 speaking at once: every
+    reply is complete (all its codes up to the requested cap; nobody is cut off for memory),
+    preemptions are counted, and each request's codes and audio equal those of a pool that
+    never fills."""
+    from omni_vllm.talker_kv_cache import round_up
+
+    cases = [dataclasses.replace(c, audio=True) for c in make_cases(processor, 12, "p")]
+
+    def run(speech) -> dict[str, Outcome]:
+        async def everyone():
+            outs = await asyncio.gather(
+                *(consume(run_speech(speech, c), Outcome()) for c in cases)
+            )
+            return dict(zip([c.rid for c in cases], outs))
+
+        return loop.run_until_complete(everyone())
+
+    roomy = speech_factory(max_speaking=12)
+    lengths = {}
+    talker = roomy._worker.talker
+    add = talker.add_request
+
+    def recording(rid, **kwargs):
+        lengths[rid] = len(kwargs["prompt_ids"])
+        return add(rid, **kwargs)
+
+    talker.add_request = recording
+    want = run(roomy)
+    assert roomy.stats()["talker_preemptions"] == 0
+    per_request = round_up(sum(lengths.values()) // len(lengths) + MAX_CODES + 2, 16)
+    pool = max(3 * per_request, round_up(max(lengths.values()) + MAX_CODES + 2, 16))
+    tight = speech_factory(max_speaking=12, kv_cache_tokens=pool)
+    got = run(tight)
+    stats = tight.stats()
+    print(
+        f"pool {pool} positions ({per_request} per request): "
+        f"{stats['talker_preemptions']} preemptions"
+    )
+    assert stats["talker_preemptions"] > 0
+    for c in cases:
+        g, w = got[c.rid], want[c.rid]
+        assert g.final.finish_reason in ("stop", "length"), c.rid
+        assert g.codes == w.codes and len(g.codes) == MAX_CODES, c.rid
+        np.testing.assert_allclose(
+            np.concatenate(g.audio), np.concatenate(w.audio), atol=1e-5
+        )
+    assert_idle(tight, engine, loop)

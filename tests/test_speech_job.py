@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_vllm.hidden_states import HiddenStatesChunk
+from omni_vllm.hidden_states import HiddenStatesChunk, HiddenStatesOutOfOrder
 from omni_vllm.speech.job import SpeechJob
 from omni_vllm.speech.outputs import SpeechChunk
 from omni_vllm.speech.worker import WorkerOutput
@@ -38,6 +38,31 @@ def test_rows_are_held_until_the_prompt_is_known():
     j.submitted = True
     sent = j.take_rows(rows(5, 1))
     assert sent is not None and sent.shape == (1, 2, 4) and j.rows_seen == 6
+
+
+@pytest.mark.parametrize(
+    "submitted, start, what",
+    [(False, 4, "gap"), (True, 6, "gap"), (False, 2, "overlap"), (True, 3, "overlap")],
+)
+def test_rows_out_of_order_fail_the_request(submitted, start, what, monkeypatch):
+    """Rows carry the worker's absolute positions: a chunk that does not continue where the
+    last ended (a step's output dropped by vLLM's scheduler: a gap; rows sent twice: an
+    overlap) is refused and logged, not shifted onto the wrong positions."""
+    import omni_vllm.hidden_states as hs
+
+    logged = []
+    monkeypatch.setattr(
+        hs.logger, "error", lambda *args: logged.append(args[0] % args[1:])
+    )
+    j = job()
+    j.take_rows(rows(0, 3, torch.zeros(3, 3)))
+    if submitted:
+        j.add_request([7, 8, 9])
+        j.submitted = True
+        j.take_rows(rows(3, 2))
+    with pytest.raises(HiddenStatesOutOfOrder, match=f"a {what}"):
+        j.take_rows(rows(start, 1))
+    assert len(logged) == 1 and f"a {what}" in logged[0]
 
 
 def test_add_request_without_the_prompt_rows_fails():

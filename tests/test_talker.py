@@ -411,15 +411,69 @@ def test_bf16_teacher_forced_greedy_codes_match_transformers_bf16(
     assert agree >= BF16_GREEDY_AGREEMENT
 
 
-def test_sampling_matches_transformers_with_same_seed(hf_model, processor, talker):
-    ref = run_reference(
-        hf_model, _inputs(processor, "text"), voice="Chelsie", sample_seed=1234
+def test_sampling_draws_from_transformers_processors(hf_model, processor, talker):
+    """Sampling applies transformers' processors (repetition penalty, codec_bos suppressed,
+    temperature, top-k, top-p) row by row with each row's own settings, in one batched call: the
+    probabilities equal theirs. The draw is counter-based (omni_vllm.talker_sampler: a hash of
+    seed, step and code, as vLLM's V2 sampler), so a seed gives other codes than transformers'
+    global generator; its frequencies follow those probabilities, and seeds differ."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        SuppressTokensLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
-    sampling = TalkerSampling(seed=1234)  # the defaults of transformers' generate
-    codes, _, _ = drive(talker, [Job("s", ref, sampling=sampling, every=1)])["s"]
-    assert codes == ref.codes
+
+    sampler, vocab = talker.sampler, talker.sampler.vocab_size
+    g = torch.Generator().manual_seed(0)
+    settings = [
+        TalkerSampling(seed=1),
+        TalkerSampling(seed=2, top_k=5, top_p=1.0, temperature=1.3),
+        TalkerSampling(seed=3, top_k=0, top_p=0.5, repetition_penalty=1.5),
+        TalkerSampling(seed=4, top_k=300, top_p=0.95, temperature=0.6),
+    ]
+    seen = [torch.randint(0, vocab, (20,), generator=g) for _ in settings]
+    for slot, (sampling, ids) in enumerate(zip(settings, seen)):
+        sampler.open(slot, sampling, ids.tolist())
+    logits = 3 * torch.randn(len(settings), vocab, generator=g)
+    slots = torch.arange(len(settings))
+    ours = sampler.distribution(slots, logits)
+    for i, (s, ids) in enumerate(zip(settings, seen)):
+        scores = RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(
+            ids[None], logits[i : i + 1].clone()
+        )
+        scores = SuppressTokensLogitsProcessor([talker.codec_bos])(ids[None], scores)
+        scores = TemperatureLogitsWarper(s.temperature)(ids[None], scores)
+        if s.top_k:
+            scores = TopKLogitsWarper(s.top_k)(ids[None], scores)
+        if s.top_p < 1.0:
+            scores = TopPLogitsWarper(s.top_p)(ids[None], scores)
+        expected = scores.softmax(-1)[0]
+        assert torch.equal(ours[i] > 0, expected > 0), i
+        torch.testing.assert_close(ours[i], expected, atol=1e-6, rtol=1e-5)
+
+    # The draw's frequencies over many steps of one row follow its probabilities.
+    from omni_vllm.talker_sampler import hashed_exponential
+
+    draws = 20_000
+    probs = ours[0]
+    noise = hashed_exponential(
+        torch.full((draws,), 1234), torch.arange(draws), sampler.vocab
+    )
+    codes = (probs[None] / noise).argmax(-1)
+    freq = torch.bincount(codes, minlength=vocab) / draws
+    assert (freq - probs).abs().max() < 0.02
+    assert set(codes.tolist()) <= set(probs.nonzero()[:, 0].tolist())
+
+    # Through the Talker: a seed's codes are its own, another seed's differ.
+    ref = run_reference(hf_model, _inputs(processor, "text"), voice="Chelsie")
+    one, _, _ = drive(talker, [Job("s", ref, sampling=TalkerSampling(seed=1234))])["s"]
+    again, _, _ = drive(
+        talker, [Job("s", ref, sampling=TalkerSampling(seed=1234), every=1)]
+    )["s"]
     other, _, _ = drive(talker, [Job("s", ref, sampling=TalkerSampling(seed=99))])["s"]
-    assert other != codes
+    assert one == again and other != one
 
 
 def test_mixed_batch_equals_each_alone(talker, references):

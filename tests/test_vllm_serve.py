@@ -33,6 +33,8 @@ def test_stock_vllm_server_speaks(tiny_checkpoint_dir, tmp_path):
     ) as server:
         log = server["log"].read_text(errors="replace")
         assert "Loaded endpoint plugin omni_vllm" in log
+        # the speech memory plan ran before vLLM built its engine (patches/speech_memory_plan)
+        assert "speech path memory on cpu" in log and "talker KV pool" in log
         client = OpenAI(
             base_url=server["base_url"], api_key="-", max_retries=0, timeout=120
         )

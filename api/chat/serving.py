@@ -54,8 +54,10 @@ class OmniServingChat:
         self.core, self.keep_alive_interval = core, keep_alive_interval
 
     async def create_chat_completion(
-        self, request: ChatCompletionRequest, raw_request: Request
+        self, request: ChatCompletionRequest, raw_request: Request | None = None
     ):
+        """`raw_request` is None in vLLM's batch runner (omni_vllm.patches.run_batch), which
+        calls its chat handler with the request alone and accepts no stream."""
         core, t0 = self.core, time.monotonic()
         try:
             extra = request.model_extra or {}
@@ -76,6 +78,12 @@ class OmniServingChat:
             core.resolve_audio_ids(request.messages)
             core.check_media(request.messages)
             speak = "audio" in modalities
+            if speak and raw_request is None and request.stream:
+                # Nobody would read the stream: refused before it holds a speaking slot.
+                raise VLLMValidationError(
+                    "a batch line cannot stream: set stream to false",
+                    parameter="stream",
+                )
             if speak:
                 voice, fmt = self._check_audio_request(request, extra)
                 max_codes = core.max_codes(
@@ -92,6 +100,10 @@ class OmniServingChat:
         except REFUSALS as e:
             return error_response(e)
         if not speak:
+            if (
+                raw_request is None
+            ):  # the batch runner: vLLM's handler, as it would call it
+                return await core.chat.create_chat_completion(request)
             return await compat.vllm_chat_completion(request, raw_request)
         chunks = core.chunks(started, t0)
         model = core.model_name(request.model)

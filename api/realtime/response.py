@@ -26,6 +26,7 @@ from omni_vllm.api.realtime.session import (
     Part,
     check_max_tokens,
     check_modalities,
+    check_no_tools,
     item_from_event,
 )
 
@@ -47,11 +48,16 @@ class RealtimeResponse:
         voice: str,
         max_output_tokens: int | str,
         to_conversation: bool,
+        metadata: dict | None = None,
+        event_id: str | None = None,
     ):
         self.conn, self.id, self.item = conn, id, item
         self.modalities, self.voice = modalities, voice
         self.max_output_tokens = max_output_tokens
         self.to_conversation = to_conversation
+        # the response.create's `metadata`, shown in response.created / response.done as OpenAI
+        # does (LiveKit matches its reply by it), and its event_id, which an error names
+        self.metadata, self.event_id = metadata, event_id
         self.task: asyncio.Task | None = None
         self.cancel_reason: str | None = None
 
@@ -69,8 +75,10 @@ class RealtimeResponse:
             cfg.max_output_tokens,
             None,
         )
-        items, to_conversation = None, True
+        items, to_conversation, metadata = None, True, None
         if params is not None:
+            check_no_tools(params, "response", event_id)
+            metadata = params.metadata
             modalities = (
                 check_modalities(
                     params.output_modalities, "response.output_modalities", event_id
@@ -91,13 +99,6 @@ class RealtimeResponse:
                 )
             instructions = params.instructions
             to_conversation = params.conversation != "none"
-            if params.tools:
-                raise P.ClientError(
-                    "tools are not supported by this server",
-                    code="unsupported_value",
-                    param="response.tools",
-                    event_id=event_id,
-                )
             if params.input is not None:
                 items = [
                     item_from_event(i, event_id, conn.buffer.max_bytes)
@@ -122,6 +123,8 @@ class RealtimeResponse:
             voice,
             max_out,
             to_conversation,
+            metadata,
+            event_id,
         )
         resp.task = asyncio.create_task(resp._respond(instructions, items))
         return resp
@@ -176,11 +179,14 @@ class RealtimeResponse:
         )
         started = chunks = None
         try:
+            keep, post_instructions = conn.config.truncation_limits()
             msgs, dropped = conn.conversation.messages(
                 conn.config.instructions if instructions is None else instructions,
                 items,
                 self._budget(audio),
                 conn.serving.count_text,
+                keep,
+                post_instructions,
             )
             for item in dropped if items is None else ():
                 await conn.send(
@@ -272,6 +278,7 @@ class RealtimeResponse:
                     "error": {"type": e.err_type, "code": e.code, "message": str(e)},
                 },
             )
+            e.event_id = e.event_id or self.event_id
             await conn.send(P.client_error_event(e))
         except (
             Exception
@@ -293,6 +300,7 @@ class RealtimeResponse:
                     err_type=err["type"],
                     code=err["code"],
                     param=body.get("param"),
+                    event_id=self.event_id,
                 )
             )
         finally:
@@ -366,6 +374,7 @@ class RealtimeResponse:
             "output_modalities": list(self.modalities),
             "conversation_id": self.conn.id if self.to_conversation else None,
             "max_output_tokens": self.max_output_tokens,
+            "metadata": self.metadata,
             "audio": {
                 "output": {
                     "format": {"type": "audio/pcm", "rate": P.SAMPLE_RATE},

@@ -37,6 +37,26 @@ VAD_KEYS = (
     "create_response",
     "interrupt_response",
 )
+# semantic_vad (the default of OpenAI's Agents SDK and of LiveKit) ends a turn when a model judges
+# the user done; here Silero VAD ends it after a silence whose length follows `eagerness` (low:
+# the user may pause longer), the server_vad default of 500 ms lying between medium and high.
+SEMANTIC_SILENCE_MS = {"low": 1200, "medium": 800, "auto": 800, "high": 400}
+# Session fields that change no output here: accepted as OpenAI accepts them and shown back in
+# session.updated as the client sent them (OpenAI echoes its session configuration whole).
+ECHOED = ("tracing", "include", "parallel_tool_calls")
+ECHOED_INPUT = ("transcription", "noise_reduction")
+ECHOED_OUTPUT = ("speed",)
+# tool_choice without tools: what the model does is the same as without the field
+TOOL_CHOICES_WITHOUT_TOOLS = ("none", "auto")
+
+
+def _json(value: Any) -> Any:
+    """A field of an SDK model as JSON-ready data (what the client sent of it)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return value
 
 
 @dataclass
@@ -46,9 +66,11 @@ class SessionConfig:
     instructions: str
     voice: str
     output_modalities: tuple[str, ...] = ("audio",)
-    # server_vad settings (VAD_KEYS), or None: the client commits the turns itself
+    # the turn detection's "type" (server_vad or semantic_vad, its "eagerness") and the Silero
+    # settings it runs with (VAD_KEYS), or None: the client commits the turns itself
     turn_detection: dict | None = field(
         default_factory=lambda: {
+            "type": "server_vad",
             "threshold": 0.5,
             "prefix_padding_ms": 300,
             "silence_duration_ms": 500,
@@ -57,6 +79,26 @@ class SessionConfig:
         }
     )
     max_output_tokens: int | str = "inf"
+    # "auto", "disabled" or a retention_ratio object (as sent): how the conversation is cut
+    # when it no longer fits (Conversation.messages)
+    truncation: Any = "auto"
+    tools: list = field(default_factory=list)
+    tool_choice: str = "auto"
+    # the echoed fields the client set ({name: JSON value}), top level and of audio.input / .output
+    echo: dict = field(default_factory=dict)
+    echo_input: dict = field(default_factory=dict)
+    echo_output: dict = field(default_factory=dict)
+
+    def truncation_limits(self) -> tuple[float | None, int | None]:
+        """(the share of the budget kept when cutting, None: never cut; most conversation tokens
+        after the instructions, None: the model's limit) of `truncation`."""
+        t = self.truncation
+        if t == "disabled":
+            return None, None
+        if isinstance(t, dict):
+            limits = t.get("token_limits") or {}
+            return t.get("retention_ratio", 1.0), limits.get("post_instructions")
+        return 1.0, None
 
     def vad_settings(self) -> VadSettings | None:
         td = self.turn_detection
@@ -69,11 +111,12 @@ class SessionConfig:
     def to_openai(self, model: str, session_id: str) -> dict:
         """As `session.created` / `session.updated` show it (RealtimeSessionCreateRequest)."""
         fmt = {"type": "audio/pcm", "rate": SAMPLE_RATE}
-        td = (
-            None
-            if self.turn_detection is None
-            else {"type": "server_vad", **self.turn_detection}
-        )
+        td = self.turn_detection
+        if td is not None and td["type"] == "semantic_vad":
+            keys = ("type", "eagerness", "create_response", "interrupt_response")
+            td = {k: td[k] for k in keys}
+        elif td is not None:
+            td = {"type": "server_vad", **{k: td[k] for k in VAD_KEYS}}
         return {
             "type": "realtime",
             "id": session_id,
@@ -82,9 +125,13 @@ class SessionConfig:
             "instructions": self.instructions,
             "output_modalities": list(self.output_modalities),
             "max_output_tokens": self.max_output_tokens,
+            "tools": list(self.tools),
+            "tool_choice": self.tool_choice,
+            "truncation": self.truncation,
+            **self.echo,
             "audio": {
-                "input": {"format": fmt, "turn_detection": td},
-                "output": {"format": fmt, "voice": self.voice},
+                "input": {"format": fmt, "turn_detection": td, **self.echo_input},
+                "output": {"format": fmt, "voice": self.voice, **self.echo_output},
             },
         }
 
@@ -135,14 +182,18 @@ def apply_session_update(
             event_id=event_id,
         )
     new, sent = replace(config), session.model_fields_set
-    for name in ("tools", "tool_choice", "prompt", "tracing", "reasoning"):
-        if getattr(session, name, None):
-            raise ClientError(
-                f"session.{name} is not supported by this server",
-                code="unsupported_value",
-                param=f"session.{name}",
-                event_id=event_id,
-            )
+    new.echo = dict(config.echo)
+    new.echo_input, new.echo_output = dict(config.echo_input), dict(config.echo_output)
+    check_no_tools(session, "session", event_id)
+    if "tools" in sent:
+        new.tools = []
+    if "tool_choice" in sent and session.tool_choice is not None:
+        new.tool_choice = session.tool_choice
+    for name in ECHOED:
+        if name in sent:
+            new.echo[name] = _json(getattr(session, name))
+    if "truncation" in sent:
+        new.truncation = check_truncation(session.truncation, event_id)
     if "instructions" in sent:
         new.instructions = session.instructions or ""
     if "output_modalities" in sent:
@@ -159,13 +210,17 @@ def apply_session_update(
     audio = session.audio
     if audio is not None and audio.input is not None:
         check_format(audio.input.format, "session.audio.input.format", event_id)
+        for name in ECHOED_INPUT:
+            if name in audio.input.model_fields_set:
+                new.echo_input[name] = _json(getattr(audio.input, name))
         if "turn_detection" in audio.input.model_fields_set:
             td = audio.input.turn_detection
             if td is None:
                 new.turn_detection = None
-            elif td.type != "server_vad":
+            elif td.type not in ("server_vad", "semantic_vad"):
                 raise ClientError(
-                    f"turn_detection {td.type!r} is not supported; use server_vad or null",
+                    f"turn_detection {td.type!r} is not supported; use server_vad, "
+                    "semantic_vad or null",
                     code="unsupported_value",
                     param="session.audio.input.turn_detection.type",
                     event_id=event_id,
@@ -174,6 +229,9 @@ def apply_session_update(
                 new.turn_detection = vad_dict(td, config.turn_detection, event_id)
     if audio is not None and audio.output is not None:
         check_format(audio.output.format, "session.audio.output.format", event_id)
+        for name in ECHOED_OUTPUT:
+            if name in audio.output.model_fields_set:
+                new.echo_output[name] = _json(getattr(audio.output, name))
         if audio.output.voice is not None:
             name = voice(audio.output.voice, "session.audio.output.voice")
             if voice_locked and name != config.voice:
@@ -187,9 +245,75 @@ def apply_session_update(
     return new
 
 
+def check_no_tools(params, where: str, event_id: str | None) -> None:
+    """Refuse what would change the answer and cannot be honoured: function tools, a stored
+    prompt, reasoning settings, a tool_choice that asks for a tool. An empty tool list and
+    tool_choice "none" / "auto" are what this server does anyway: accepted."""
+    if params.tools:
+        raise ClientError(
+            f"{where}.tools: this server has no function or MCP tools (the model answers in "
+            "text and speech only); send tools: [] or leave it out",
+            code="unsupported_value",
+            param=f"{where}.tools",
+            event_id=event_id,
+        )
+    choice = params.tool_choice
+    if choice is not None and choice not in TOOL_CHOICES_WITHOUT_TOOLS:
+        raise ClientError(
+            f"{where}.tool_choice {_json(choice)!r} asks for a tool, and this server has none; "
+            'use "auto" or "none"',
+            code="unsupported_value",
+            param=f"{where}.tool_choice",
+            event_id=event_id,
+        )
+    if params.prompt is not None:
+        raise ClientError(
+            f"{where}.prompt refers to a prompt stored with OpenAI, which this server cannot "
+            "read; send its text as instructions",
+            code="unsupported_value",
+            param=f"{where}.prompt",
+            event_id=event_id,
+        )
+    if getattr(params, "reasoning", None) is not None:
+        raise ClientError(
+            f"{where}.reasoning is not supported by this model (it does not reason "
+            "separately before it answers)",
+            code="unsupported_value",
+            param=f"{where}.reasoning",
+            event_id=event_id,
+        )
+
+
+def check_truncation(value: Any, event_id: str | None) -> Any:
+    """session.truncation as sent ("auto", "disabled" or a retention_ratio object), checked."""
+    if value is None or isinstance(value, str):
+        return value or "auto"
+    data = _json(value)
+    if not 0.0 <= data.get("retention_ratio", 1.0) <= 1.0:
+        raise ClientError(
+            "truncation.retention_ratio is between 0.0 and 1.0",
+            code="invalid_value",
+            param="session.truncation.retention_ratio",
+            event_id=event_id,
+        )
+    return data
+
+
 def vad_dict(td, old: dict | None, event_id: str | None) -> dict:
-    base = dict(old or SessionConfig("", "").turn_detection)
-    for key in VAD_KEYS:
+    """The turn detection `td` (server_vad or semantic_vad) over the session's `old` one (the
+    defaults when its type changes), with the Silero settings it runs with."""
+    base = dict(SessionConfig("", "").turn_detection)
+    if old is not None and old["type"] == td.type:
+        base = dict(old)
+    base["type"] = td.type
+    if td.type == "semantic_vad":
+        base["eagerness"] = td.eagerness or base.get("eagerness") or "auto"
+        base["silence_duration_ms"] = SEMANTIC_SILENCE_MS[base["eagerness"]]
+        keys = ("create_response", "interrupt_response")
+    else:
+        base.pop("eagerness", None)
+        keys = VAD_KEYS
+    for key in keys:
         if (value := getattr(td, key, None)) is not None:
             base[key] = value
     if not 0.0 <= base["threshold"] <= 1.0:
@@ -501,15 +625,26 @@ class Conversation:
         items: list[Item] | None,
         budget: int,
         count_text: Callable[[str], int],
+        keep: float | None = 1.0,
+        post_instructions: int | None = None,
     ) -> tuple[list[dict], list[Item]]:
         """The prompt's messages (instructions first) and the items dropped to fit `budget` tokens:
-        the oldest non-system items go first; the last item always stays."""
+        the oldest non-system items go first; the last item always stays.
+
+        As the session's `truncation` says (SessionConfig.truncation_limits): `keep` None never
+        drops (a conversation too long then fails its response, "disabled"); else, once over,
+        items are dropped until `keep` of the budget is used ("retention_ratio"; 1.0: "auto");
+        `post_instructions` caps the tokens after the instructions as well."""
         own = items is None
         items = list(self.items if own else items)
         cost = {i.id: i.tokens(count_text) for i in items}
-        total = count_text(instructions) + MESSAGE_OVERHEAD_TOKENS + sum(cost.values())
+        head = count_text(instructions) + MESSAGE_OVERHEAD_TOKENS
+        total = head + sum(cost.values())
+        if post_instructions is not None:
+            budget = min(budget, head + post_instructions)
         dropped = []
-        while total > budget:
+        over = keep is not None and total > budget
+        while over and total > head + int((budget - head) * keep):
             victim = next((i for i in items[:-1] if i.role != "system"), None)
             if victim is None:
                 break

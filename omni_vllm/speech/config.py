@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from omni_vllm.memory import SpeechDtype
 from omni_vllm.streaming import StreamConfig
+from omni_vllm.voices import DEFAULT_VOICE_ALIASES
 
 
 @dataclass
@@ -35,7 +36,14 @@ class SpeechConfig:
     '{"first_chunk": 12}'; unset: its defaults (first audio after 48 codes)."""
 
     default_voice: str = "Chelsie"
-    """Voice when a request names none (Chelsie or Ethan, case-insensitive)."""
+    """Voice when a request names none (Chelsie or Ethan, case-insensitive, or an alias)."""
+
+    voice_aliases: dict[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_VOICE_ALIASES)
+    )
+    """Other names of the checkpoint's voices, JSON {alias: voice} (case-insensitive), accepted
+    wherever a voice is named. Default: OpenAI's built-in voices, alloy, coral, marin, nova, sage
+    and shimmer as Chelsie, ash, ballad, cedar, echo, fable, onyx and verse as Ethan; '{}': none."""
 
     queue_timeout: float | None = None
     """Server-side limit on the wait for a speaking slot (a 503 with Retry-After, or an error

@@ -69,6 +69,7 @@ from omni_vllm.errors import (
 )
 from omni_vllm.hidden_states import (
     HiddenStatesChunk,
+    HiddenStatesOutOfOrder,
     request_hidden_states,
     set_hidden_states_sink,
 )
@@ -90,7 +91,7 @@ from omni_vllm.speech.worker import (
 from omni_vllm.streaming import StreamingToken2Wav
 from omni_vllm.talker import TalkerSampling
 from omni_vllm.token2wav import SAMPLE_RATE
-from omni_vllm.voices import resolve_voice
+from omni_vllm.voices import DEFAULT_VOICE_ALIASES, check_aliases, resolve_voice
 
 logger = logging.getLogger("omni_vllm.speech")
 
@@ -152,6 +153,16 @@ class SpeechEngine:
         self._worker: SpeechWorker | None = None
         self._snapshot = WorkerStats()
         if self.has_speech:
+            try:
+                # The operator's own table must name real voices; the default one is
+                # trimmed to the voices this checkpoint has.
+                config.voice_aliases = check_aliases(
+                    config.voice_aliases,
+                    self.voices,
+                    strict=config.voice_aliases != DEFAULT_VOICE_ALIASES,
+                )
+            except UnknownVoice as e:
+                raise UnknownVoice(f"voice aliases: {e}") from None
             try:
                 config.default_voice = self.resolve_voice(config.default_voice)
             except UnknownVoice as e:
@@ -224,9 +235,11 @@ class SpeechEngine:
         self.config.max_waiting = value
 
     def resolve_voice(self, name: str | None) -> str:
-        """The checkpoint's spelling of voice `name` (case-insensitive; None: the default voice);
-        UnknownVoice otherwise."""
-        return resolve_voice(name or self.config.default_voice, self.voices)
+        """The checkpoint's spelling of voice `name` (case-insensitive, or an alias of
+        `config.voice_aliases`; None: the default voice); UnknownVoice otherwise."""
+        return resolve_voice(
+            name or self.config.default_voice, self.voices, self.config.voice_aliases
+        )
 
     @property
     def talker_max_len(self) -> int | None:
@@ -484,9 +497,17 @@ class SpeechEngine:
             if self._previous_sink is not None:
                 self._previous_sink(chunk)
             return
-        if job.released:
+        if job.released or job.rows_failed:
             return
-        if (rows := job.take_rows(chunk)) is not None:
+        try:
+            rows = job.take_rows(chunk)
+        except HiddenStatesOutOfOrder as e:
+            # Its speech ends with this error (the consumer raises it, then releases the
+            # request: talker slot, windows, thinker request); later rows are ignored.
+            job.rows_failed = True
+            job.out.fail(e)
+            return
+        if rows is not None:
             self._worker.submit(ThinkerRows(job.rid, rows))
 
     async def _consume(self, job: SpeechJob) -> AsyncIterator[SpeechChunk]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omni_vllm.hidden_states import HiddenStatesChunk
+from omni_vllm.hidden_states import HiddenStatesChunk, check_next
 from omni_vllm.speech.admission import Ticket
 from omni_vllm.speech.outputs import RequestCollector, SpeechChunk
 from omni_vllm.speech.worker import AddRequest, WorkerOutput
@@ -54,6 +54,7 @@ class SpeechJob(Ticket):
         ] = []  # rows before the prompt ids are known
         self.positions: torch.Tensor | None = None
         self.rows_seen = 0
+        self.rows_failed = False  # rows came out of order: the request's speech failed
         self.submitted = False  # the worker has the request
         self.thinker_done = False
         self.released = False
@@ -61,15 +62,13 @@ class SpeechJob(Ticket):
 
     def take_rows(self, chunk: HiddenStatesChunk) -> torch.Tensor | None:
         """The thinker's next hidden-state rows: returned when the worker has the request
-        (send them on), else held for `add_request` (None)."""
-        if chunk.start != self.rows_seen:
-            logger.error(
-                "request %s: hidden-state rows start at %d, expected %d",
-                self.rid,
-                chunk.start,
-                self.rows_seen,
-            )
-        self.rows_seen = chunk.start + len(chunk.rows)
+        (send them on), else held for `add_request` (None).
+
+        Rows carry the absolute position the worker captured them at: rows that do not
+        continue at `rows_seen` (a gap or an overlap) raise HiddenStatesOutOfOrder (logged),
+        as every later row would be given the wrong position; the caller ends the request's
+        speech with that error."""
+        self.rows_seen = check_next(self.rid, chunk, self.rows_seen)
         if chunk.prompt_positions is not None:
             self.positions = chunk.prompt_positions
         if self.submitted:

@@ -43,6 +43,7 @@ def load_speech_modules(
     max_len: int | None,
     kv_cache_tokens: int | None,
     max_codes: int,
+    enforce_eager: bool = False,
 ) -> tuple[Talker, Token2Wav]:
     """The talker and Token2Wav of a checkpoint, on `device`, in `dtypes` (omni_vllm.memory.speech_dtypes).
 
@@ -84,6 +85,7 @@ def load_speech_modules(
         max_codes=max_codes,
         max_len=min(max_len or limit, limit),
         kv_cache_tokens=kv_cache_tokens,
+        enforce_eager=enforce_eager,
     )
     token2wav_kwargs = dict(
         device=device, dtype=dtypes["token2wav"], vocoder_dtype=dtypes["vocoder"]
@@ -135,6 +137,7 @@ def load_speech_path(
             max_len=config.talker_max_len,
             kv_cache_tokens=config.kv_cache_tokens,
             max_codes=config.max_codes,
+            enforce_eager=config.enforce_eager,
         )
         return talker, token2wav, None
     except SpeechUnavailable as e:

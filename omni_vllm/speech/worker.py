@@ -132,6 +132,8 @@ class WorkerStats(WorkerTotals):
     """Gauges as of the end of an iteration, and the counters."""
 
     talker_slots_used: int = 0
+    talker_kv_usage: float = 0.0
+    talker_preemptions: int = 0
     stream_states: int = 0
     queued_windows: int = 0
     worker_requests: int = 0
@@ -313,8 +315,7 @@ class SpeechWorker(threading.Thread):
             rows is None or rid not in self.talker
         ):  # the talker may already have stopped
             return
-        for row in rows:
-            self.talker.add_thinker_token(rid, row[0], row[1])
+        self.talker.add_thinker_rows(rid, rows)
 
     def _drop(self, rid: str) -> None:
         self.talker.remove(rid)
@@ -467,6 +468,8 @@ class SpeechWorker(threading.Thread):
         return WorkerStats(
             **vars(self.totals),  # flat counters (asdict's deep copy, every iteration)
             talker_slots_used=self.talker.max_slots - self.talker.num_free_slots,
+            talker_kv_usage=getattr(self.talker, "kv_usage", 0.0),
+            talker_preemptions=getattr(self.talker, "preemptions", 0),
             stream_states=len(self.streamer.streams),
             queued_windows=self.scheduler.queued,
             worker_requests=len(self.speakers),
