@@ -65,7 +65,10 @@ def _capture_cuda(
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: only this thread's unsafe CUDA calls break the capture; the speech path
+    # captures Token2Wav window calls on the decoder's thread (omni_vllm.speech.decoder) while
+    # the worker's thread keeps running (and reading back) talker steps on its own stream.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         outputs = fn()
     return graph.replay, outputs
 

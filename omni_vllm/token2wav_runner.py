@@ -22,6 +22,8 @@ runner therefore gives the call static shapes and replays it as one CUDA graph p
   buffers, and the ODE schedule is python floats fixed on the host (token2wav.ode_schedule).
   The host writes each call's inputs with one staged copy per buffer, then
   `GraphCache.run(key, fn)` replays (on CUDA) or runs `fn` (anywhere with a `capture` hook).
+  All of a call's segments go through one BigVGAN call there (`Token2Wav.vocoder_batch`, the
+  CPU's cap on requests per vocoder call, applies to the eager path only).
 * **Eager elsewhere.** On the CPU, or with `enforce_eager` (`--speech-enforce-eager`), a call runs
   as before capture existed: `Token2Wav.code2mel` then `mel2wav` on the unpadded windows (padding
   only costs compute where there are no launches to save). On this project's CPU `torch.compile`
