@@ -22,3 +22,16 @@ def tiny_checkpoint_dir(tmp_path_factory):
     from omni_vllm.testing.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-omni", seed=0)
+
+
+def pytest_report_header(config):
+    """The system programs missing here, said once at the start (the tests that need them skip)."""
+    import system_tools
+
+    missing = [t for t in system_tools.TOOLS if system_tools.find(t) is None]
+    if missing:
+        return (
+            f"system programs not installed: {', '.join(missing)}; the tests that need them "
+            "skip (scripts/setup.sh installs them with apt-get when run as root)"
+        )
+    return None
