@@ -26,6 +26,23 @@ apt_install() {
 }
 can_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
 
+if [ ! -x .venv/bin/pip ]; then
+  # Debian's python3 leaves venv's pip bootstrap (ensurepip) to a package of its own (installed
+  # before the system programs' apt-get below starts, which would hold apt's lock).
+  if ! "$python" -c "import ensurepip, venv" >/dev/null 2>&1; then
+    pkg="python$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
+    if can_apt; then
+      echo "[setup] apt-get install $pkg ($python cannot create a venv without it) ..." >&2
+      apt_install "$pkg"
+    else
+      echo "[setup] error: $python cannot create a venv (no ensurepip): sudo apt-get install $pkg" >&2
+      exit 1
+    fi
+  fi
+  echo "[setup] creating .venv ($device) ..." >&2
+  "$python" -m venv --clear .venv
+fi
+
 # System programs that only the tests use: espeak-ng speaks the phrases the audio-input tests listen
 # to, nginx balances the replicas test, Chromium runs the playground page. As root with apt-get
 # (a fresh Debian or Ubuntu machine, CI) the missing ones are installed here; otherwise one note says
@@ -50,7 +67,12 @@ system_programs() {
   echo "[setup] NOTE: not installed:$missing ($why). The tests that need them will skip;" \
     "to run them: sudo apt-get install$missing" >&2
 }
-if [ "${1:-}" = --test ]; then system_programs; fi
+# In the background, beside pip's downloads (both mostly wait on the network); awaited on exit.
+if [ "${1:-}" = --test ]; then
+  system_programs &
+  programs_pid=$!
+  trap 'wait "$programs_pid" || true' EXIT
+fi
 
 stamp=".venv/.omni-vllm-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $extras"
@@ -58,21 +80,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-echo "[setup] creating .venv ($device) ..." >&2
-if [ ! -x .venv/bin/pip ]; then
-  # Debian's python3 leaves venv's pip bootstrap (ensurepip) to a package of its own.
-  if ! "$python" -c "import ensurepip, venv" >/dev/null 2>&1; then
-    pkg="python$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
-    if can_apt; then
-      echo "[setup] apt-get install $pkg ($python cannot create a venv without it) ..." >&2
-      apt_install "$pkg"
-    else
-      echo "[setup] error: $python cannot create a venv (no ensurepip): sudo apt-get install $pkg" >&2
-      exit 1
-    fi
-  fi
-  "$python" -m venv --clear .venv
-fi
+echo "[setup] installing .[$extras] into .venv ..." >&2
 # Plain pip: torch's CPU build comes from this machine's wheel folder, which pip's own
 # configuration points at (uv and poetry do not look there).
 # (The filter drops pip's warnings about this machine's empty local index folders.)
