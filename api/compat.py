@@ -2,8 +2,9 @@
 
 vLLM's private methods change between releases without notice. Our code calls these wrappers
 only; each says which vLLM name it stands for, and a missing one fails with an error naming it
-(rather than an AttributeError deep in a request). The range we test with is `TESTED`; another
-vLLM version is served with a warning at import.
+(rather than an AttributeError deep in a request). They were checked against the vLLM versions of
+`omni_vllm.vllm_version.SUPPORTED`, which the plugin's start-up check enforces; a vLLM let through
+by its override (OMNI_VLLM_ALLOW_UNTESTED_VLLM) is served with a warning at import.
 """
 
 from __future__ import annotations
@@ -15,31 +16,20 @@ from typing import Any
 import vllm
 from vllm.logger import init_logger
 
+from omni_vllm.vllm_version import SUPPORTED, is_supported
+
 logger = init_logger("omni_vllm.api")
 
-TESTED = (
-    (0, 32),
-    (0, 33),
-)  # vLLM versions [from, to) these wrappers were checked against
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+TESTED = " or ".join(SUPPORTED)  # the vLLM versions these wrappers were checked against
 
 
 def check_version(version: str = vllm.__version__) -> bool:
-    """Whether `version` is in the tested range; warns if not (it may still work)."""
-    low, high = TESTED
-    ok = low <= _version(version)[:2] < high
+    """Whether `version` is one these wrappers were checked against; warns if not (it may still
+    work)."""
+    ok = is_supported(version)
     if not ok:
         warnings.warn(
-            f"omni-vllm is tested with vLLM {low[0]}.{low[1]}.x; this is vLLM {version}: "
+            f"omni-vllm is tested with vLLM {TESTED}; this is vLLM {version}: "
             "its private names used in api/compat.py may have changed",
             RuntimeWarning,
             stacklevel=2,
@@ -62,7 +52,7 @@ def _require(owner: Any, name: str) -> Any:
         )
         raise VLLMCompatError(
             f"vLLM {vllm.__version__} has no {where}.{name}, which omni-vllm uses "
-            f"(tested with vLLM {TESTED[0][0]}.{TESTED[0][1]}); see api/compat.py"
+            f"(tested with vLLM {TESTED}); see api/compat.py"
         ) from None
 
 

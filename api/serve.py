@@ -102,8 +102,20 @@ def vllm_args(argv: list[str], *, cpu: bool, demo_dir: Path | None = None) -> li
     return args
 
 
+def _check_vllm_version() -> None:
+    """An unsupported vLLM is refused in one line, before anything starts (the plugin would
+    refuse it too, but inside vLLM's start-up, under a traceback)."""
+    from omni_vllm import vllm_version
+
+    try:
+        vllm_version.check()
+    except vllm_version.UnsupportedVLLMVersion as e:
+        raise SystemExit(f"[omni-vllm] error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _check_vllm_version()
     demo_dir = None
     no_model = not argv or (argv[0].startswith("-") and not _given(argv, "--model"))
     if no_model and not ("-h" in argv or _given(argv, "--help")):

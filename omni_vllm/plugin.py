@@ -1,10 +1,12 @@
 """vLLM plugin entry point (`vllm.general_plugins`).
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), so it
-must be cheap and idempotent: it records the lazy `"module:Class"` path of our model class for
-the architectures that the Qwen2.5-Omni checkpoints declare, lets our loggers print the way
-vLLM's do, and says so when a CPU install lacks the "vllm" metadata vLLM reads
-(omni_vllm.distribution).
+must be cheap and idempotent: it refuses a vLLM version that omni-vllm was not checked on (one
+error naming the supported versions and the override, omni_vllm.vllm_version: vLLM does not
+catch what a plugin raises, so nothing else may fail first), records the lazy `"module:Class"`
+path of our model class for the architectures that the Qwen2.5-Omni checkpoints declare, lets our
+loggers print the way vLLM's do, says so when a CPU install lacks the "vllm" metadata vLLM reads
+(omni_vllm.distribution), and keeps one of vLLM's per-request warnings to one per process.
 """
 
 from __future__ import annotations
@@ -54,11 +56,46 @@ def _check_vllm_distribution() -> None:
         )
 
 
+class _FirstOnly(logging.Filter):
+    """Lets the first record whose message starts with `prefix` through, and drops the later ones."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+# vLLM's audio loader logs "torchcodec unavailable (...); falling back to soundfile/PyAV." on every
+# audio input it decodes where torchcodec cannot load, which on CPU installs is always (the set-up
+# removes it on purpose: PyPI's build is CUDA's); once per process says it all.
+TORCHCODEC_LOGGER = "vllm.multimodal.media.audio"
+TORCHCODEC_WARNING = "torchcodec unavailable"
+
+
+def _torchcodec_warning_once() -> None:
+    logger = logging.getLogger(TORCHCODEC_LOGGER)
+    if not any(isinstance(f, _FirstOnly) for f in logger.filters):
+        logger.addFilter(_FirstOnly(TORCHCODEC_WARNING))
+
+
 def register() -> None:
-    from vllm import ModelRegistry
+    from omni_vllm import vllm_version
 
     _configure_logging()
+    vllm_version.check(
+        risk="Its patches to vLLM (omni_vllm/patches/) and the private vLLM names its server "
+        "uses (api/compat.py) may no longer fit: speech could fail or be wrong."
+    )
+    from vllm import ModelRegistry
+
     _check_vllm_distribution()
+    _torchcodec_warning_once()
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
 

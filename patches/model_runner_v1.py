@@ -10,6 +10,12 @@ decides as it would without us (a warning says that speech cannot work), and the
 start-up check (`omni_vllm.hidden_states.check_speech_config`) refuses to speak. Other models
 are untouched.
 
+What the pin costs: the one text feature of vLLM 0.32 that only V2 serves and that is asked per
+request, so no start-up config can see it: `prompt_logprob_token_ids` (scoring chosen prompt
+tokens). Under the pin vLLM refuses such a request with a 400 ("prompt_logprob_token_ids requires
+the V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)"); setting that variable gives the engine V2,
+which serves it, and text only (tests/test_model_runner.py). Every other text feature works on V1.
+
 Why: the thinker's hidden states leave the engine through hooks on the V1 runner class
 (`vllm.v1.worker.gpu_model_runner.GPUModelRunner`, patches/runner_hidden_states.py), which
 vLLM's CPU runner subclasses, so the hooks that CPU tests exercise are the ones that run on

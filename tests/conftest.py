@@ -22,3 +22,45 @@ def tiny_checkpoint_dir(tmp_path_factory):
     from omni_vllm.testing.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-omni", seed=0)
+
+
+def pytest_report_header(config):
+    """The system programs missing here, said once at the start (the tests that need them skip)."""
+    import system_tools
+
+    missing = [t for t in system_tools.TOOLS if system_tools.find(t) is None]
+    if missing:
+        return (
+            f"system programs not installed: {', '.join(missing)}; the tests that need them "
+            "skip (scripts/setup.sh installs them with apt-get when run as root)"
+        )
+    return None
+
+
+# The modules that take longest (servers, engines, benchmarks in subprocesses), longest first: they
+# run first, so that two test workers (scripts/test) end together instead of one starting a long
+# module when the other is done. Only the order changes; every other module follows in its own order.
+LONGEST_FIRST = (
+    "test_memory_budget.py",
+    "test_benchmarks.py",
+    "test_realtime.py",
+    "test_queue.py",
+    "test_hidden_states.py",
+    "test_replicas.py",
+    "test_reliability.py",
+    "test_api.py",
+    "test_playground.py",
+    "test_audio_input.py",
+    "test_model_runner.py",
+    "test_vllm_serve.py",
+    "test_serve.py",
+    "test_thinker_parity.py",
+    "test_speech_engine.py",
+    "test_offline.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))

@@ -205,6 +205,9 @@ assert sys.modules["vllm"] is None and not any(m.startswith("vllm.") for m in sy
 """
 
 
+# Slow: the real-size speech path in miniature (every stage, and transformers' reference) in its
+# own interpreter, a minute or more on 2 cores.
+@pytest.mark.slow
 def test_real_size_smoke_runs_without_vllm(tmp_path):
     cmd = [
         sys.executable,

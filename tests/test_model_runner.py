@@ -138,6 +138,24 @@ def test_start_up_refuses_configs_without_rows(
     print(f"{case}: {err.value}")
 
 
+def test_prompt_logprob_token_ids_refused_under_the_pin_naming_the_way_out(
+    triton, monkeypatch, tiny_checkpoint_dir
+):
+    """The one text feature the V1 pin costs (patches/model_runner_v1.py): a per-request V2-only
+    parameter, which vLLM refuses as a 400 naming VLLM_USE_V2_MODEL_RUNNER=1, which serves it."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    config = engine_config(tiny_checkpoint_dir)
+    assert config.use_v2_model_runner is False
+    params = SamplingParams(max_tokens=1, prompt_logprob_token_ids=[[1, 2]])
+    with pytest.raises(VLLMValidationError, match="VLLM_USE_V2_MODEL_RUNNER=1"):
+        InputProcessor(config)._validate_params(params, ("generate",))
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert engine_config(tiny_checkpoint_dir).use_v2_model_runner is True
+
+
 # ---------------------------------------------------------------------------------------------
 # TP > 1 with token ids: the hook's embedding is a collective, run on every rank
 # ---------------------------------------------------------------------------------------------

@@ -3,23 +3,24 @@
 Chromium's fake microphone plays a WAV file once (an espeak-ng phrase, then silence); the page
 streams it to /v1/realtime, the server's VAD ends the turn, and the reply must be played by the
 page's AudioContext and its transcript shown. Debian's `chromium` is driven with the `playwright`
-package (no browser download); neither is optional: a missing one fails the test, saying so.
+package (no browser download). A missing `playwright` (a pip dependency of the test extra) fails
+the test; a missing system program (chromium, espeak-ng) skips it as every such test does
+(tests/system_tools.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+import system_tools
 from api_server import running_server
 
 from omni_vllm.testing import media
 
-CHROMIUM = os.environ.get("OMNI_VLLM_CHROMIUM", "/usr/bin/chromium")
 MIC_SR = (
     48000  # the fake capture device's file; Chromium resamples it to the device rate
 )
@@ -54,11 +55,9 @@ def fake_microphone(path: Path) -> Path:
     second turn on a slow machine would interrupt the first reply before its audio came)."""
     import soundfile as sf
 
+    system_tools.require("espeak-ng")
     phrase = media.spoken_phrase(
         "Hello! Can you hear me? Please tell me a story.", sr=MIC_SR
-    )
-    assert phrase is not None, (
-        "espeak-ng is not installed: apt-get install espeak-ng (.ci/run installs it)"
     )
     phrase = 0.7 * phrase / max(1e-6, float(np.abs(phrase).max()))
     audio = np.concatenate(
@@ -70,11 +69,8 @@ def fake_microphone(path: Path) -> Path:
 
 @pytest.fixture
 def browser(tmp_path):
-    """Headless Debian Chromium with the fake microphone; a missing browser or driver fails, saying so."""
-    assert Path(CHROMIUM).exists() or shutil.which(CHROMIUM), (
-        f"Chromium not found at {CHROMIUM}: apt-get install chromium (.ci/run installs it) "
-        "or set OMNI_VLLM_CHROMIUM"
-    )
+    """Headless Debian Chromium (or OMNI_VLLM_CHROMIUM) with the fake microphone."""
+    chromium = system_tools.require("chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -85,7 +81,7 @@ def browser(tmp_path):
     wav = fake_microphone(tmp_path / "mic.wav")
     with sync_playwright() as p:
         b = p.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium,
             args=[
                 "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import system_tools
 from api_server import ROOT, free_port, running_server
 
 pytestmark = pytest.mark.slow
@@ -35,10 +35,7 @@ AUDIO = dict(modalities=["text", "audio"], extra_body={"ignore_eos": True})
 
 @contextlib.contextmanager
 def nginx(ports: list[int], tmp: Path):
-    nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-    assert os.path.exists(nginx_bin), (
-        "nginx is needed (Debian's package; .ci/run installs it)"
-    )
+    nginx_bin = system_tools.require("nginx")
     listen = free_port()
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     conf = conf.replace("listen LISTEN;", f"listen 127.0.0.1:{listen};").replace(
@@ -120,6 +117,7 @@ def one(client: openai.OpenAI, model: str, kind: str) -> None:
 
 
 def test_replicas_behind_nginx(tiny_checkpoint_dir, tmp_path):
+    system_tools.require("nginx")  # before two servers start for nothing
     with contextlib.ExitStack() as stack:
         a, b = (
             stack.enter_context(
