@@ -58,47 +58,54 @@ class Metrics:
 
         model_name = self.model_name
 
+        # (metric name, stats key, kind, help) of what `speech.stats()` exports
+        exported = (
+            (
+                "omni_vllm:speech_waiting",
+                "waiting",
+                GaugeMetricFamily,
+                "Audio requests waiting for a speaking slot.",
+            ),
+            (
+                "omni_vllm:speech_talker_slots_used",
+                "talker_slots_used",
+                GaugeMetricFamily,
+                "Talker slots (requests a step batches) in use.",
+            ),
+            (
+                "omni_vllm:speech_queued_windows",
+                "queued_windows",
+                GaugeMetricFamily,
+                "Token2Wav windows ready and waiting to be decoded.",
+            ),
+            (
+                "omni_vllm:talker_kv_usage",
+                "talker_kv_usage",
+                GaugeMetricFamily,
+                "Fraction of the talker's KV block pool in use (1 = full).",
+            ),
+            (
+                "omni_vllm:speech_preemptions",
+                "talker_preemptions",
+                CounterMetricFamily,
+                "Talker requests preempted (blocks freed, resumed by recompute) "
+                "because the KV pool was full.",
+            ),
+            (
+                "omni_vllm:speech_runaway",
+                "runaway_capped",
+                CounterMetricFamily,
+                "Replies whose speech the runaway guard cut "
+                "(--max-audio-tokens-per-text-token).",
+            ),
+        )
+
         class _Collector:
             def collect(self):
                 stats = speech.stats()
-                for key, doc in (
-                    ("waiting", "Audio requests waiting for a speaking slot."),
-                    (
-                        "talker_slots_used",
-                        "Talker slots (requests a step batches) in use.",
-                    ),
-                    (
-                        "queued_windows",
-                        "Token2Wav windows ready and waiting to be decoded.",
-                    ),
-                ):
-                    g = GaugeMetricFamily(
-                        f"omni_vllm:speech_{key}", doc, labels=["model_name"]
-                    )
-                    g.add_metric([model_name], float(stats.get(key) or 0))
-                    yield g
-                g = GaugeMetricFamily(
-                    "omni_vllm:talker_kv_usage",
-                    "Fraction of the talker's KV block pool in use (1 = full).",
-                    labels=["model_name"],
-                )
-                g.add_metric([model_name], float(stats.get("talker_kv_usage") or 0))
-                yield g
-                c = CounterMetricFamily(
-                    "omni_vllm:speech_preemptions",
-                    "Talker requests preempted (blocks freed, resumed by recompute) "
-                    "because the KV pool was full.",
-                    labels=["model_name"],
-                )
-                c.add_metric([model_name], float(stats.get("talker_preemptions") or 0))
-                yield c
-                c = CounterMetricFamily(
-                    "omni_vllm:speech_runaway",
-                    "Replies whose speech the runaway guard cut "
-                    "(--max-audio-tokens-per-text-token).",
-                    labels=["model_name"],
-                )
-                c.add_metric([model_name], float(stats.get("runaway_capped") or 0))
-                yield c
+                for name, key, kind, doc in exported:
+                    metric = kind(name, doc, labels=["model_name"])
+                    metric.add_metric([model_name], float(stats.get(key) or 0))
+                    yield metric
 
         REGISTRY.register(_Collector())

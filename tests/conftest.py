@@ -64,3 +64,22 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), order[id(item)]))
+
+
+@pytest.fixture(scope="module")
+def make_talker(tiny_checkpoint_dir):
+    """Talkers of the tiny checkpoint with any settings (`make_talker(max_slots=..., ...)`),
+    its tensors read once."""
+    from transformers import Qwen2_5OmniConfig
+
+    from omni_vllm.checkpoint import load_prefixed
+    from omni_vllm.talker import Talker
+
+    config = Qwen2_5OmniConfig.from_pretrained(tiny_checkpoint_dir)
+    base = Talker.from_pretrained(tiny_checkpoint_dir, max_slots=1, max_len=64)
+    state = load_prefixed(tiny_checkpoint_dir, "talker.")
+
+    def make(**kwargs):
+        return Talker(config, dict(state), base.text_rows, base.voices, **kwargs)
+
+    return make

@@ -224,7 +224,8 @@ def test_real_size_smoke_runs_without_vllm(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     assert (
-        "SMOKE" in proc.stdout and "| transformers, one at a time | off | 1 |" in proc.stdout
+        "SMOKE" in proc.stdout
+        and "| transformers, one at a time | off | 1 |" in proc.stdout
     )
     assert (
         (tmp_path / "real_size.md")

@@ -18,22 +18,6 @@ from omni_vllm.talker import Talker, TalkerSampling
 TEXT_ID = 100  # an ordinary text token of the tiny tokenizer (special tokens are 0..15)
 
 
-@pytest.fixture(scope="module")
-def make_talker(tiny_checkpoint_dir):
-    from transformers import Qwen2_5OmniConfig
-
-    from omni_vllm.checkpoint import load_prefixed
-
-    config = Qwen2_5OmniConfig.from_pretrained(tiny_checkpoint_dir)
-    base = Talker.from_pretrained(tiny_checkpoint_dir, max_slots=1, max_len=64)
-    state = load_prefixed(tiny_checkpoint_dir, "talker.")
-
-    def make(**kwargs):
-        return Talker(config, dict(state), base.text_rows, base.voices, **kwargs)
-
-    return make
-
-
 def _prompt(talker: Talker, n: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     e = talker.model.config.embedding_size

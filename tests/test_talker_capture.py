@@ -43,22 +43,6 @@ class FakeCapture:
         return replay, outputs
 
 
-@pytest.fixture(scope="module")
-def make_talker(tiny_checkpoint_dir):
-    from transformers import Qwen2_5OmniConfig
-
-    from omni_vllm.checkpoint import load_prefixed
-
-    config = Qwen2_5OmniConfig.from_pretrained(tiny_checkpoint_dir)
-    base = Talker.from_pretrained(tiny_checkpoint_dir, max_slots=1, max_len=64)
-    state = load_prefixed(tiny_checkpoint_dir, "talker.")
-
-    def make(**kwargs):
-        return Talker(config, dict(state), base.text_rows, base.voices, **kwargs)
-
-    return make
-
-
 def _run(talker: Talker, lengths: list[int], steps: int) -> tuple[dict, dict]:
     e = talker.model.config.embedding_size
     for i, n in enumerate(lengths):
