@@ -25,7 +25,8 @@ What is counted (bytes on the speech device):
   BigVGAN run one after the other, so the larger of the two per window, plus a fixed working set;
   BigVGAN dominates at the real sizes. Measured on CPU with `testing.device_memory` (the tests
   check the estimate against it): at the 7B's sizes one default window costs 27 MiB in the DiT
-  (24 of it fixed) and 30 MiB in BigVGAN (fp32);
+  (24 of it fixed) and 30 MiB in BigVGAN (fp32). Captured on CUDA, a window call's activations
+  live in the graphs' one shared pool, which the largest bucket sizes: this same peak;
 * a margin: 10 % of the above plus 512 MiB (the API process's CUDA context, allocator slack).
 
 `--max-speaking` is the most requests one talker step batches (the largest captured bucket and
