@@ -372,10 +372,10 @@ class SpeechPlan:
         if self.budget is not None:
             lines.append(f"  {'speech budget':<52} {self.budget / GiB:8.2f} GiB")
         lines.append(
-            f"max_speaking={self.max_speaking} (requests per talker step), "
-            f"talker_max_len={self.talker_max_len}, talker KV pool {self.kv_cache_tokens} "
-            f"positions ({self.memory.typical_voices} typical voices of "
-            f"{TYPICAL_PROMPT} prompt tokens + {TYPICAL_CODES // 50} s of speech)"
+            f"max_speaking={self.max_speaking}, talker_max_len={self.talker_max_len}, "
+            f"talker KV pool {self.kv_cache_tokens} positions ({self.memory.typical_voices} "
+            f"typical voices of {TYPICAL_PROMPT} prompt tokens + {TYPICAL_CODES // 50} s of "
+            "speech); max_speaking: the most requests one talker step batches"
         )
         if self.gpu_memory_utilization is not None:
             lines.append(
