@@ -39,17 +39,19 @@ def pytest_report_header(config):
 
 # The modules that take longest (servers, engines, benchmarks in subprocesses), longest first: they
 # run first, so that two test workers (scripts/test) end together instead of one starting a long
-# module when the other is done. Only the order changes; every other module follows in its own order.
+# module when the other is done. The two load tests (reliability: 16 speakers at once; replicas:
+# 104 requests through nginx) are kept apart, so that they do not run at the same time on two
+# cores. Only the order changes; every other module follows in its own order.
 LONGEST_FIRST = (
+    "test_reliability.py",
     "test_memory_budget.py",
     "test_benchmarks.py",
     "test_realtime.py",
     "test_queue.py",
     "test_hidden_states.py",
-    "test_replicas.py",
-    "test_reliability.py",
     "test_api.py",
     "test_playground.py",
+    "test_replicas.py",
     "test_audio_input.py",
     "test_model_runner.py",
     "test_vllm_serve.py",
