@@ -528,13 +528,19 @@ def pipeline(
 # ---------------------------------------------------------------------------------------------
 
 
-def window_call_streams(t2w, batch: int, codes: int = 84, **streamer_kwargs):
+def window_call_streams(
+    t2w,
+    batch: int,
+    codes: int = 84,
+    config: StreamConfig | None = None,
+    **streamer_kwargs,
+):
     """A StreamingToken2Wav of `batch` streams whose first window is decoded and whose second
     (72 codes: 24 left + 36 + 12 ahead, StreamConfig's defaults) is ready, and `call()`: that
     second window call, repeatable (each call puts the streams back first)."""
     from omni_vllm.streaming import StreamingToken2Wav
 
-    streamer = StreamingToken2Wav(t2w, StreamConfig(), **streamer_kwargs)
+    streamer = StreamingToken2Wav(t2w, config or StreamConfig(), **streamer_kwargs)
     g = torch.Generator().manual_seed(0)
     for i in range(batch):
         streamer.open(i, ("Chelsie", "Ethan")[i % 2], noise=i)

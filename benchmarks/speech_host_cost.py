@@ -99,25 +99,6 @@ def token2wav_sizes(scale: int):
     )
 
 
-def _window_streams(t2w, config, batch: int, codes: int = 84):
-    """`batch` streams each holding its second window (72 codes: 24 left + 36 + 12 ahead) ready,
-    its first already decoded (so the vocoder gets its left context)."""
-    import torch
-
-    from omni_vllm.streaming import StreamingToken2Wav
-
-    streamer = StreamingToken2Wav(t2w, config)
-    g = torch.Generator().manual_seed(0)
-    for i in range(batch):
-        streamer.open(i, ("Chelsie", "Ethan")[i % 2], noise=i)
-        streamer.push(i, torch.randint(0, 8192, (codes,), generator=g).tolist())
-    streamer.step()  # first windows
-    for s in streamer.streams.values():
-        # keep codes and noise so that the same call can be timed again (`_reset`)
-        s._release = lambda *args: None
-    return streamer
-
-
 def _reset(streamer, snapshot):
     """Put every stream back to its state after the first window (to time the same call again)."""
     for rid, (next_chunk, emitted, mel, base) in snapshot.items():
@@ -220,7 +201,9 @@ def token2wav_table(args) -> dict:
     stream = StreamConfig()
     rows = []
     for batch in args.batches:
-        streamer = _window_streams(t2w, stream, batch)
+        from real_size_stages import window_call_streams
+
+        streamer, _ = window_call_streams(t2w, batch, config=stream)
         snapshot = _snapshot(streamer)
         call = _one_call(streamer, snapshot)
         with torch.no_grad():

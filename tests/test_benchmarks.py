@@ -258,3 +258,32 @@ def test_real_size_smoke_runs_without_vllm(tmp_path):
             and row["audio_s"] > 0
         )
     assert report["reference"]["audio_s"] == pytest.approx(24 * 2 * 240 / 24000)
+
+
+def test_speech_host_cost_talker_section_runs(tmp_path):
+    """benchmarks/speech_host_cost.py --section talker (the 7B talker's depth at widths / 16):
+    it runs without vLLM and reports aten ops per decode step that do not grow with the batch."""
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys, runpy; sys.modules['vllm'] = None; "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+        str(ROOT / "benchmarks" / "speech_host_cost.py"),
+        "--section",
+        "talker",
+        "--talker-batches",
+        "1",
+        "4",
+        "--repeat",
+        "1",
+        "--eager-only",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "speech_host_cost.json").read_text())["talker"][
+        "rows"
+    ]
+    ops = {r["batch"]: r["aten_ops"] for r in rows}
+    assert set(ops) == {1, 4} and ops[4] <= 1.1 * ops[1]
