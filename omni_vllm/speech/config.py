@@ -24,8 +24,9 @@ class SpeechConfig:
     """Device of the talker and Token2Wav; unset: cuda if available, else cpu."""
 
     max_speaking: int | None = None
-    """Most requests producing audio at once; more wait for a slot. Unset: as many as the speech
-    memory budget holds (printed at start-up; 32 on CPU)."""
+    """Most requests producing audio at once, the most one talker step batches; more wait for a
+    slot. Not a memory reservation (the talker's KV pool is sized by the budget). Unset: 64 beside
+    vLLM, 256 on a GPU of its own, 32 on CPU, fewer if the pool holds fewer (printed at start-up)."""
 
     max_queued_windows: int = 256
     """While this many decodable Token2Wav windows wait, the talker pauses and no new speaker is
@@ -78,8 +79,8 @@ class SpeechConfig:
 
     gpu_memory_gb: float | None = None
     """GiB the speech path (talker weights and KV, Token2Wav) may use on its device; on the device
-    vLLM uses, taken out of vLLM's share (a lower default --gpu-memory-utilization). Unset: what
-    --max-speaking needs, or on a shared GPU at most 25% of it, on a GPU of its own 90%."""
+    vLLM uses, taken out of vLLM's share (a lower default --gpu-memory-utilization). Unset: 25% of
+    a GPU shared with vLLM, 90% of a GPU of its own; the talker's KV pool gets what is left."""
 
     allow_text_only: bool = False
     """If the speech path cannot load (out of memory, bad tensors), serve text only (logged)
