@@ -43,6 +43,7 @@ from typing import Literal, get_args
 import torch
 
 from omni_vllm.streaming import StreamConfig
+from omni_vllm.talker_kv_cache import BLOCK_SIZE, round_up
 
 __all__ = [
     "DEFAULT_MAX_SPEAKING",
@@ -73,8 +74,8 @@ OWN_DEVICE_FRACTION = 0.9
 # a typical voice turn: a 500-token prompt and 10 s of speech (50 codes/s), + speaker bos, reply[0]
 TYPICAL_PROMPT, TYPICAL_CODES = 500, 500
 TYPICAL_POSITIONS = TYPICAL_PROMPT + TYPICAL_CODES + 2
-# talker KV positions per block (omni_vllm.talker.KV_BLOCK_SIZE)
-KV_BLOCK = 16
+# talker KV positions per block of the pool
+KV_BLOCK = BLOCK_SIZE
 MARGIN_FRACTION, MARGIN_FIXED = 0.10, 512 * MiB
 TOKEN2WAV_FIXED = (
     64 * MiB
@@ -450,7 +451,7 @@ def plan_speech_memory(
     )
     if budget is None:
         pool = max(estimate.max_speaking * TYPICAL_POSITIONS, positions)
-        memory = replace(estimate, pool_tokens=-(-pool // KV_BLOCK) * KV_BLOCK)
+        memory = replace(estimate, pool_tokens=round_up(pool, KV_BLOCK))
     else:
 
         def sized(n: int) -> SpeechMemory:
@@ -470,7 +471,7 @@ def plan_speech_memory(
                 lo, hi = (mid, hi) if holds(sized(mid)) else (lo, mid - 1)
             memory = sized(lo)
         if memory.pool_tokens < positions:
-            longest = replace(memory, pool_tokens=-(-positions // KV_BLOCK) * KV_BLOCK)
+            longest = replace(memory, pool_tokens=round_up(positions, KV_BLOCK))
             raise SpeechMemoryError(
                 f"the speech path needs {longest.total / GiB:.2f} GiB to hold one request of "
                 f"{positions} talker positions with --max-speaking {memory.max_speaking} (weights "

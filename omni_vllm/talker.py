@@ -66,15 +66,14 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 )
 
 from omni_vllm.checkpoint import load_embedding_rows, load_prefixed
-from omni_vllm.talker_kv_cache import TalkerKVPool, round_up
+from omni_vllm.talker_kv_cache import BLOCK_SIZE, TalkerKVPool, round_up
 from omni_vllm.talker_runner import DecodeRow, PrefillRow, TalkerModelRunner
 from omni_vllm.talker_sampler import CodecSampler, TalkerSampling
 from omni_vllm.voices import load_speakers, resolve_voice
 
 __all__ = ["Talker", "TalkerSampling", "TalkerOutput", "TalkerFull"]
 
-# talker KV positions per block of the pool (vLLM's default block size)
-KV_BLOCK_SIZE = 16
+KV_BLOCK_SIZE = BLOCK_SIZE
 # KV positions per slot of a default pool (no plan: offline use, tests)
 DEFAULT_POSITIONS_PER_SLOT = 2048
 # free fraction of the pool a new request must leave (vLLM's scheduler watermark)
@@ -442,13 +441,15 @@ class Talker:
         tail = self.text_end if len(req.codes) == req.num_rows else self.text_pad
         return self.text_rows[tail]
 
-    def _reply_host(self, req: _Request, count: int) -> torch.Tensor:
-        """reply[0:count] on the host, (count, E)."""
-        rows = (
-            torch.cat(req.rows)[:count]
-            if req.rows
-            else self._text_host[self.text_pad][:0]
-        )
+    def _host_rows(self, req: _Request) -> torch.Tensor:
+        """All of the request's thinker rows on the host, (num_rows, E), kept as one chunk."""
+        if len(req.rows) > 1:
+            req.rows[:] = [torch.cat(req.rows)]
+        return req.rows[0] if req.rows else self._text_host[self.text_pad][:0]
+
+    def _reply_host(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        """reply[0:count] on the host, (count, E), from the request's thinker `rows`."""
+        rows = rows[:count]
         extra = count - len(rows)
         if extra > 0:
             tail = [self._text_host[self.text_end]] + [
@@ -580,7 +581,8 @@ class Talker:
         start; n > 0 is the recompute of a preempted request)."""
         req = self.requests[rid]
         n = len(req.codes)
-        inputs = torch.cat([req.prefill, self._reply_host(req, n + 1)]).to(
+        rows = self._host_rows(req)
+        inputs = torch.cat([req.prefill, self._reply_host(rows, n + 1)]).to(
             self.device, non_blocking=True
         )
         fed = torch.tensor([self.codec_bos, *req.codes], device=self.device)
@@ -592,7 +594,7 @@ class Talker:
             positions = torch.cat([positions, extra.expand(3, n)], 1)
         req.state = "running"
         if req.num_rows > n + 1:
-            self._upload(req, torch.cat(req.rows)[n + 1 :])
+            self._upload(req, rows[n + 1 :])
         return PrefillRow(
             inputs=inputs,
             positions=positions.to(self.device, non_blocking=True),

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TalkerKVPool", "round_up", "blocks_for"]
+__all__ = ["BLOCK_SIZE", "TalkerKVPool", "round_up", "blocks_for"]
 
 NULL_BLOCK = 0
+# positions per block (vLLM's default block size)
+BLOCK_SIZE = 16
 
 
 def round_up(n: int, block: int) -> int:
@@ -47,7 +49,7 @@ class TalkerKVPool:
         device: torch.device,
         dtype: torch.dtype,
         max_tokens: int,
-        block_size: int = 16,
+        block_size: int = BLOCK_SIZE,
     ):
         if max_tokens < block_size:
             raise ValueError(
