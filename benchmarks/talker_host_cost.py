@@ -11,6 +11,8 @@ on CPU), measured after its compile.
     python benchmarks/talker_host_cost.py                  # batches 1, 4, 16, 64
     python benchmarks/talker_host_cost.py --compiled       # also torch.compile (minutes to compile)
 
+Before/after side by side: `benchmarks/speech_host_cost.py --section talker --checkout OLD_TREE`.
+
 Imports neither vLLM nor anything beyond torch and transformers.
 """
 
@@ -27,10 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from talker_batching import admit, random_talker, talker_config  # noqa: E402
-
-# What the issue measured before the paged pool (per-request KV buffers and attention),
-# the same proxy: {batch: (ms per step, aten ops per step)}.
-BEFORE = {1: (14, 4943), 4: (22, 7870), 16: (46, 18070), 64: (146, 58870)}
 
 
 def step_cost(talker, rids: list[str], steps: int) -> tuple[float, int]:
@@ -94,25 +92,13 @@ def print_talker_table(rows: list[dict], scale: int = 16) -> None:
         f"\nTalker decode step, the 7B's depth at widths / {scale}, CPU, 1 thread "
         "(aten ops ~ kernel launches on a GPU; real time is one step per 20 ms)"
     )
-    print(
-        "| mode | batch | ms / step | aten ops / step | ops vs batch 1 | "
-        "before: ms / step | before: aten ops / step |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| mode | batch | ms / step | aten ops / step | ops vs batch 1 |")
+    print("|---|---:|---:|---:|---:|")
     for r in rows:
-        base = next(
-            x
-            for x in rows
-            if x["mode"] == r["mode"] and x["batch"] == min(y["batch"] for y in rows)
-        )
-        before = BEFORE.get(r["batch"], ("", ""))
+        first = next(x for x in rows if x["mode"] == r["mode"])
         print(
             f"| {r['mode']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['aten_ops']:,} | "
-            f"{r['aten_ops'] / base['aten_ops']:.2f} | {before[0]} | "
-            f"{before[1]:,} |"
-            if before[1]
-            else f"| {r['mode']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['aten_ops']:,} | "
-            f"{r['aten_ops'] / base['aten_ops']:.2f} | | |"
+            f"{r['aten_ops'] / first['aten_ops']:.2f} |"
         )
 
 
